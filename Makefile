@@ -1,0 +1,46 @@
+# make test   build, then every test: C++ and reference on CPU, Triton kernels under TRITON_INTERPRET=1
+# make bench  build, then the benchmark suite; prints the ratio table, writes bench/results/
+#
+# The venv sees system site-packages so that a machine that already has torch (a GPU box with its
+# own CUDA build) keeps it; otherwise torch==$(TORCH_VERSION) is installed (the CPU build here).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.trajops-installed
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: all install build test test-cpp test-triton test-reference bench clean
+
+all: test
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q ninja "setuptools>=64" wheel
+	TRAJOPS_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,triton]"
+	@touch $@
+
+install: $(STAMP)
+
+# Incremental (ninja) build of trajops._C next to the sources; the editable install finds it there.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(MAKE) --no-print-directory test-cpp test-reference test-triton
+
+test-cpp:
+	TRAJOPS_REQUIRE_EXT=1 $(PYTEST) tests
+
+test-reference:
+	TRAJOPS_BACKEND=reference $(PYTEST) -m "not slow" tests/test_trajectory_flow.py
+
+test-triton:
+	TRAJOPS_BACKEND=triton TRITON_INTERPRET=1 $(PYTEST) -m "not slow" tests/test_trajectory_flow.py
+
+bench: build
+	$(PY) bench/run.py
+
+clean:
+	rm -rf build trajops/_C*.so *.egg-info

@@ -1,0 +1,19 @@
+// trajops._C: the op schemas (the single C++ definition of every op's signature) and a Python
+// module stub so that `import trajops._C` loads this library and runs its registrations.
+// trajops/_library.py holds the same schema strings for builds without this extension; a test
+// checks that both agree.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// No Python API is exposed: the ops are reached through torch.ops.trajops.*.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(trajops, m) {
+  m.def("trajectory_flow(Tensor x, int window=8, float eps=1e-06) -> Tensor");
+  m.def("trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps) -> Tensor");
+}

@@ -1,0 +1,12 @@
+"""trajops: fused, differentiable torch.library ops for trajectory-guided models.
+
+Every op is reachable as ``trajops.<name>`` and ``torch.ops.trajops.<name>``; it runs C++ on CPU,
+Triton on CUDA and the pure-PyTorch reference (``trajops.reference``) anywhere else.
+``trajops.backends()`` says which one each device runs.
+"""
+from ._library import BACKEND, HAS_EXTENSION, HAS_TRITON, backends
+from . import reference
+from .ops.trajectory_flow import trajectory_flow
+
+__version__ = "0.1.0"
+__all__ = ["BACKEND", "HAS_EXTENSION", "HAS_TRITON", "backends", "reference", "trajectory_flow"]

@@ -1,0 +1,85 @@
+"""Loads trajops._C, defines the op schemas when it is absent, and registers kernels by device.
+
+Backends (TRAJOPS_BACKEND, read once at import):
+  auto       CPU -> C++ (trajops._C) or the reference if it is not built; CUDA -> Triton, or the
+             reference if triton is not installed; any other device -> the reference.
+  reference  every device runs the pure-PyTorch reference (debugging; _C is not loaded).
+  triton     CUDA -> Triton, and CPU tensors too when TRITON_INTERPRET=1 (the Triton interpreter;
+             this is how the Triton kernels are tested on a machine without a GPU).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Callable, Dict
+
+import torch
+
+__all__ = ["BACKEND", "HAS_EXTENSION", "HAS_TRITON", "SCHEMAS", "backends", "register_kernels"]
+
+# The C++ TORCH_LIBRARY block in csrc/trajops.cpp defines the same strings; tests compare them.
+SCHEMAS: Dict[str, str] = {
+    "trajectory_flow": "trajectory_flow(Tensor x, int window=8, float eps=1e-06) -> Tensor",
+    "trajectory_flow_backward": "trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps) -> Tensor",
+}
+
+_CHOICES = ("auto", "reference", "triton")
+BACKEND = os.environ.get("TRAJOPS_BACKEND", "auto").strip().lower() or "auto"
+if BACKEND not in _CHOICES:
+    raise ValueError(f"TRAJOPS_BACKEND must be one of {_CHOICES}, got {BACKEND!r}")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load_extension() -> bool:
+    if BACKEND != "auto":
+        return False
+    try:
+        from trajops import _C  # noqa: F401  (importing runs the C++ registrations)
+    except ImportError as exc:
+        warnings.warn(
+            f"trajops: the C++ extension trajops._C could not be loaded ({exc}); CPU ops run the "
+            "pure-PyTorch reference. Build it with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+HAS_EXTENSION = _load_extension()
+
+if not HAS_EXTENSION:
+    _lib = torch.library.Library("trajops", "DEF")  # kept alive for the life of the process
+    for _schema in SCHEMAS.values():
+        _lib.define(_schema)
+
+
+def backends() -> Dict[str, str]:
+    """What each device runs: e.g. {"cpu": "cpp", "cuda": "triton", "other": "reference"}."""
+    if BACKEND == "reference":
+        return {"cpu": "reference", "cuda": "reference", "other": "reference"}
+    if BACKEND == "triton":
+        return {"cpu": "triton-interpreter" if _INTERPRET else "reference", "cuda": "triton", "other": "reference"}
+    return {
+        "cpu": "cpp" if HAS_EXTENSION else "reference",
+        "cuda": "triton" if HAS_TRITON else "reference",
+        "other": "reference",
+    }
+
+
+def register_kernels(op: str, reference: Callable, triton: Callable) -> None:
+    """Registers `reference` for every device without a kernel and `triton` where BACKEND says.
+
+    The C++ CPU kernel needs no registration here: trajops._C registers it when it is loaded.
+    """
+    qualname = f"trajops::{op}"
+    torch.library.register_kernel(qualname, None, reference)  # CompositeExplicitAutograd
+    chosen = backends()
+    for device in ("cpu", "cuda"):
+        if chosen[device].startswith("triton"):
+            torch.library.register_kernel(qualname, device, triton)
+        elif chosen[device] == "reference":
+            torch.library.register_kernel(qualname, device, reference)

@@ -1,0 +1,1 @@
+"""One module per op: validation, fake impl, autograd and kernels by device."""

@@ -1,0 +1,153 @@
+"""trajops::trajectory_flow — the windowed trajectory flow of the trajectory-guided MoE router.
+
+This module registers the op's fake impl, its autograd formula (the backward is its own op,
+trajops::trajectory_flow_backward) and its kernels by device, and exposes the public function.
+The CPU C++ kernels live in csrc/cpu/trajectory_flow.cpp, the Triton ones in
+triton_kernels/trajectory_flow.py, the semantics in trajops/reference.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._library import register_kernels
+
+__all__ = ["trajectory_flow"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check(x: Tensor, window: int, eps: float) -> None:
+    # Messages match csrc/cpu/trajectory_flow.cpp so every backend fails the same way.
+    torch._check_value(
+        x.dim() in (2, 3),
+        lambda: f"trajectory_flow: x must have shape (B, T, D) or (T, D), got shape {list(x.shape)}",
+    )
+    torch._check_type(
+        x.dtype in _DTYPES,
+        lambda: f"trajectory_flow: x must be float32, float64, float16 or bfloat16, got {x.dtype}",
+    )
+    torch._check_value(window >= 1, lambda: f"trajectory_flow: window must be >= 1, got {window}")
+    torch._check_value(
+        math.isfinite(eps) and eps >= 0.0,
+        lambda: f"trajectory_flow: eps must be a finite number >= 0, got {eps}",
+    )
+
+
+def _check_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> None:
+    _check(x, window, eps)
+    torch._check_value(
+        grad_out.shape == x.shape,
+        lambda: f"trajectory_flow_backward: grad_out must have the shape of x {list(x.shape)}, "
+        f"got {list(grad_out.shape)}",
+    )
+    torch._check_type(
+        grad_out.dtype == x.dtype,
+        lambda: f"trajectory_flow_backward: grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}",
+    )
+    torch._check(
+        grad_out.device == x.device,
+        lambda: f"trajectory_flow_backward: grad_out and x must be on one device, got {grad_out.device} and {x.device}",
+    )
+
+
+# ---------------------------------------------------------------- fake (meta) impls
+# Python impls repeat the schema's defaults: the dispatcher may drop trailing default arguments.
+@torch.library.register_fake("trajops::trajectory_flow")
+def _flow_fake(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+    _check(x, window, eps)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("trajops::trajectory_flow_backward")
+def _flow_backward_fake(grad_out: Tensor, x: Tensor, window: int, eps: float) -> Tensor:
+    _check_backward(grad_out, x, window, eps)
+    return x.new_empty(x.shape)
+
+
+# ---------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output) -> None:
+    x, window, eps = inputs
+    ctx.window, ctx.eps = window, eps
+    # Only x is needed: the backward recomputes the step norms instead of keeping a (B, T) buffer.
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, grad: Tensor):
+    (x,) = ctx.saved_tensors
+    return torch.ops.trajops.trajectory_flow_backward(grad, x, ctx.window, ctx.eps), None, None
+
+
+torch.library.register_autograd("trajops::trajectory_flow", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- kernels
+def _reference_forward(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+    _check(x, window, eps)
+    return reference.trajectory_flow(x, window, eps).contiguous()
+
+
+def _reference_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> Tensor:
+    _check_backward(grad_out, x, window, eps)
+    return reference.trajectory_flow_backward(grad_out, x, window, eps).contiguous()
+
+
+def _as_3d(t: Tensor) -> Tensor:
+    return (t.unsqueeze(0) if t.dim() == 2 else t).contiguous()
+
+
+def _triton_forward(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+    _check(x, window, eps)
+    if x.numel() == 0:
+        return x.new_empty(x.shape)
+    from ..triton_kernels import trajectory_flow as kernels
+
+    return kernels.trajectory_flow_fwd(_as_3d(x), window, eps).view(x.shape)
+
+
+def _triton_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> Tensor:
+    _check_backward(grad_out, x, window, eps)
+    if x.numel() == 0:
+        return x.new_empty(x.shape)
+    from ..triton_kernels import trajectory_flow as kernels
+
+    return kernels.trajectory_flow_bwd(_as_3d(grad_out), _as_3d(x), window, eps).view(x.shape)
+
+
+register_kernels("trajectory_flow", _reference_forward, _triton_forward)
+register_kernels("trajectory_flow_backward", _reference_backward, _triton_backward)
+
+
+# ---------------------------------------------------------------- public function
+def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+    """Windowed trajectory flow: the recency- and magnitude-weighted mean direction of recent steps.
+
+    For every sequence and position p, with ws = min(window, p) and the steps
+    d_i = x[i+1] - x[i], n_i = ||d_i||_2 for i = p-ws .. p-1::
+
+        w_i    = ((i - (p - ws) + 1) / ws) * tanh(n_i)      (only steps with n_i > eps count)
+        out[p] = sum_i w_i * d_i / n_i  /  sum_i w_i          (0 where no step counts, always at p = 0)
+
+    This is ``TrajectoryGuidedMoERouter.compute_trajectory_context`` of the seed (before its
+    projector) for every position at once. Same as ``torch.ops.trajops.trajectory_flow``.
+
+    Args:
+        x: (B, T, D) or (T, D) hidden states; float32, float64, float16 or bfloat16; any strides.
+        window: how many steps back each position looks (>= 1; may exceed T).
+        eps: steps with norm <= eps are ignored (finite, >= 0).
+
+    Returns:
+        Tensor of x's shape and dtype (contiguous). Each nonzero row is a convex combination of
+        unit vectors, so its norm is at most 1. Computed in fp32 (fp64 for fp64 inputs).
+
+    Differentiable in x (backward: ``torch.ops.trajops.trajectory_flow_backward``); not twice.
+
+    NaN / Inf: a step touching a NaN row has a NaN norm, which fails ``n > eps``, so it is skipped
+    like a zero step and the output stays finite (the seed's comparison does the same). A step with
+    an infinite component counts with weight tanh(inf) = 1 but has direction inf / inf = NaN, so
+    every output whose window holds it is NaN in those components (0 in the finite ones).
+    """
+    return torch.ops.trajops.trajectory_flow(x, window, eps)

@@ -1,0 +1,125 @@
+"""Pure-PyTorch references: the definition of every trajops op's semantics.
+
+Every kernel (C++, Triton) is tested against these functions. They are vectorized (no Python loop
+over the sequence), differentiable through plain autograd, and compute in fp32 (fp64 for fp64
+inputs) before casting back to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["trajectory_flow", "trajectory_flow_backward"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _recency_weights(T: int, window: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """r[k-1, p]: recency weight of the step d_{p-k} inside out[p], for k = 1..min(window, T-1).
+
+    With ws = min(window, p) the step d_i, i = p-k, has weight (i - (p - ws) + 1) / ws
+    = (ws - k + 1) / ws when k <= ws, and is outside the window otherwise.
+    """
+    K = min(window, T - 1)
+    p = torch.arange(T, device=device)
+    ws = p.clamp(max=window)
+    k = torch.arange(1, K + 1, device=device).unsqueeze(1)
+    r = (ws - k + 1).to(dtype) / ws.clamp(min=1).to(dtype)
+    return torch.where(k <= ws, r, torch.zeros((), device=device, dtype=dtype))
+
+
+def _steps(xc: Tensor, eps: float):
+    """Unit steps u_i, their norms n_i, and the mask n_i > eps (False for NaN norms)."""
+    d = xc[:, 1:] - xc[:, :-1]
+    n = torch.linalg.vector_norm(d, dim=-1)
+    m = n > eps
+    # where() instead of d / n so that masked steps carry no NaN into autograd.
+    n_safe = torch.where(m, n, torch.ones_like(n))
+    u = torch.where(m.unsqueeze(-1), d / n_safe.unsqueeze(-1), torch.zeros_like(d))
+    return u, n, n_safe, m
+
+
+def _shift_sum(r: Tensor, v: Tensor, T: int, forward: bool) -> Tensor:
+    """Windowed weighted sums along dim 1.
+
+    forward=True:  out[p] = sum_k r[k-1, p] * v[p-k]   (v indexed by step i, length T-1; out length T)
+    forward=False: out[i] = sum_k r[k-1, i+k] * v[i+k] (v indexed by position p, length T; out T-1)
+    """
+    extra = v.dim() - 2
+    total = None
+    for k in range(1, r.shape[0] + 1):
+        if forward:
+            w = r[k - 1, k:].reshape((1, T - k) + (1,) * extra)
+            term = torch.nn.functional.pad(w * v[:, : T - k], (0, 0) * extra + (k, 0))
+        else:
+            w = r[k - 1, k:].reshape((1, T - k) + (1,) * extra)
+            term = torch.nn.functional.pad(w * v[:, k:], (0, 0) * extra + (0, k - 1))
+        total = term if total is None else total + term
+    return total
+
+
+def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+    """Reference windowed trajectory flow (see :func:`trajops.trajectory_flow` for the contract).
+
+    out[p] = sum_i w_i d_i / n_i / sum_i w_i over the steps d_i = x[i+1] - x[i] with
+    i in [p - ws, p - 1], ws = min(window, p), w_i = ((i - (p - ws) + 1) / ws) * tanh(n_i),
+    counting only steps with n_i > eps; out[p] = 0 where no step counts.
+    """
+    squeeze = x.dim() == 2
+    xb = x.unsqueeze(0) if squeeze else x
+    B, T, D = xb.shape
+    cdt = _compute_dtype(x.dtype)
+    xc = xb.to(cdt)
+    if T < 2:
+        # No step exists; where() keeps the zeros attached to x so autograd still works.
+        out = torch.where(torch.zeros_like(xc, dtype=torch.bool), xc, torch.zeros_like(xc))
+    else:
+        u, n, _, m = _steps(xc, eps)
+        w = torch.where(m, torch.tanh(n), torch.zeros_like(n))
+        r = _recency_weights(T, window, x.device, cdt)
+        num = _shift_sum(r, w.unsqueeze(-1) * u, T, forward=True)
+        S = _shift_sum(r, w, T, forward=True)
+        pos = S > 0
+        S_safe = torch.where(pos, S, torch.ones_like(S))
+        out = torch.where(pos.unsqueeze(-1), num / S_safe.unsqueeze(-1), torch.zeros_like(num))
+    out = out.to(x.dtype)
+    return out.squeeze(0) if squeeze else out
+
+
+def trajectory_flow_backward(grad_out: Tensor, x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+    """Analytic dL/dx of :func:`trajectory_flow` given dL/dout, vectorized.
+
+    With a_p = 1 / S_p (0 where S_p = 0), q_p = a_p (g_p . out_p), t_i = tanh(n_i):
+      V_i = sum_p r_i(p) a_p g_p,  Q_i = sum_p r_i(p) q_p   over p in [i+1, i+window]
+      dd_i = [n_i > eps] * ((t_i / n_i) (V_i - (V_i . u_i) u_i) + (1 - t_i^2) (V_i . u_i - Q_i) u_i)
+      dx_j = dd_{j-1} - dd_j
+    """
+    squeeze = x.dim() == 2
+    xb = x.unsqueeze(0) if squeeze else x
+    gb = grad_out.unsqueeze(0) if squeeze else grad_out
+    B, T, D = xb.shape
+    cdt = _compute_dtype(x.dtype)
+    if T < 2:
+        dx = torch.zeros((B, T, D), device=x.device, dtype=cdt)
+    else:
+        xc, g = xb.to(cdt), gb.to(cdt)
+        u, n, n_safe, m = _steps(xc, eps)
+        t = torch.tanh(n)
+        w = torch.where(m, t, torch.zeros_like(n))
+        r = _recency_weights(T, window, x.device, cdt)
+        num = _shift_sum(r, w.unsqueeze(-1) * u, T, forward=True)
+        S = _shift_sum(r, w, T, forward=True)
+        a = torch.where(S > 0, 1.0 / torch.where(S > 0, S, torch.ones_like(S)), torch.zeros_like(S))
+        out = a.unsqueeze(-1) * num
+        q = a * (g * out).sum(-1)
+        V = _shift_sum(r, a.unsqueeze(-1) * g, T, forward=False)
+        Q = _shift_sum(r, q, T, forward=False)
+        vu = (V * u).sum(-1, keepdim=True)
+        dd = (t / n_safe).unsqueeze(-1) * (V - vu * u) + (1 - t * t).unsqueeze(-1) * (vu - Q.unsqueeze(-1)) * u
+        dd = torch.where(m.unsqueeze(-1), dd, torch.zeros_like(dd))
+        pad = torch.nn.functional.pad
+        dx = pad(dd, (0, 0, 1, 0)) - pad(dd, (0, 0, 0, 1))
+    dx = dx.to(x.dtype)
+    return dx.squeeze(0) if squeeze else dx
