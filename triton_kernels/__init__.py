@@ -1,0 +1,1 @@
+"""Triton kernels and their host launchers (no torch.library registration here: see trajops/ops/)."""
