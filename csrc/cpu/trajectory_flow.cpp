@@ -215,7 +215,11 @@ template <typename Fn>
 void for_each_chunk(const Shape& s, int64_t window, const Fn& fn) {
   const int64_t rows = chunk_rows(s.T, window);
   const int64_t per_seq = (s.T + rows - 1) / rows;
-  at::parallel_for(0, s.B * per_seq, 1, [&](int64_t begin, int64_t end) {
+  // Small problems run inline: waking an OpenMP team costs more than they take (and far more when
+  // the other cores are busy).
+  const int64_t task_work = rows * std::max<int64_t>(s.D, 1) * (std::min(window, s.T) + 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(task_work, 1));
+  at::parallel_for(0, s.B * per_seq, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / per_seq;
       const int64_t r0 = (task % per_seq) * rows;
