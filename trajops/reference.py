@@ -50,14 +50,24 @@ def _shift_sum(r: Tensor, v: Tensor, T: int, forward: bool) -> Tensor:
     extra = v.dim() - 2
     total = None
     for k in range(1, r.shape[0] + 1):
+        w = r[k - 1, k:].reshape((1, T - k) + (1,) * extra)
         if forward:
-            w = r[k - 1, k:].reshape((1, T - k) + (1,) * extra)
             term = torch.nn.functional.pad(w * v[:, : T - k], (0, 0) * extra + (k, 0))
         else:
-            w = r[k - 1, k:].reshape((1, T - k) + (1,) * extra)
             term = torch.nn.functional.pad(w * v[:, k:], (0, 0) * extra + (0, k - 1))
         total = term if total is None else total + term
     return total
+
+
+def _flow_terms(xc: Tensor, window: int, eps: float):
+    """(u, n, n_safe, mask, r, num, S) for x in the compute dtype, T >= 2: out = num / S where S > 0."""
+    T = xc.shape[1]
+    u, n, n_safe, m = _steps(xc, eps)
+    w = torch.where(m, torch.tanh(n), torch.zeros_like(n))
+    r = _recency_weights(T, window, xc.device, xc.dtype)
+    num = _shift_sum(r, w.unsqueeze(-1) * u, T, forward=True)
+    S = _shift_sum(r, w, T, forward=True)
+    return u, n, n_safe, m, r, num, S
 
 
 def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
@@ -76,11 +86,7 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
         # No step exists; where() keeps the zeros attached to x so autograd still works.
         out = torch.where(torch.zeros_like(xc, dtype=torch.bool), xc, torch.zeros_like(xc))
     else:
-        u, n, _, m = _steps(xc, eps)
-        w = torch.where(m, torch.tanh(n), torch.zeros_like(n))
-        r = _recency_weights(T, window, x.device, cdt)
-        num = _shift_sum(r, w.unsqueeze(-1) * u, T, forward=True)
-        S = _shift_sum(r, w, T, forward=True)
+        _, _, _, _, _, num, S = _flow_terms(xc, window, eps)
         pos = S > 0
         S_safe = torch.where(pos, S, torch.ones_like(S))
         out = torch.where(pos.unsqueeze(-1), num / S_safe.unsqueeze(-1), torch.zeros_like(num))
@@ -105,12 +111,8 @@ def trajectory_flow_backward(grad_out: Tensor, x: Tensor, window: int = 8, eps: 
         dx = torch.zeros((B, T, D), device=x.device, dtype=cdt)
     else:
         xc, g = xb.to(cdt), gb.to(cdt)
-        u, n, n_safe, m = _steps(xc, eps)
+        u, n, n_safe, m, r, num, S = _flow_terms(xc, window, eps)
         t = torch.tanh(n)
-        w = torch.where(m, t, torch.zeros_like(n))
-        r = _recency_weights(T, window, x.device, cdt)
-        num = _shift_sum(r, w.unsqueeze(-1) * u, T, forward=True)
-        S = _shift_sum(r, w, T, forward=True)
         a = torch.where(S > 0, 1.0 / torch.where(S > 0, S, torch.ones_like(S)), torch.zeros_like(S))
         out = a.unsqueeze(-1) * num
         q = a * (g * out).sum(-1)
