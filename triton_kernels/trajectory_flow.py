@@ -100,6 +100,19 @@ def _load_rows(ptr, row0, rows, D, cols, mask):
 
 
 @triton.jit
+def _tile_coords(T, n_t_tiles, n_d_tiles, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(rows, cols, row0) of this program's (BLOCK_T, BLOCK_D) tile on a grid of
+    B * n_t_tiles * n_d_tiles programs, D tiles fastest; row0 = b * T as int64."""
+    pid = tl.program_id(0)
+    pid_d = pid % n_d_tiles
+    pid_bt = pid // n_d_tiles
+    b = pid_bt // n_t_tiles
+    rows = (pid_bt % n_t_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    return rows, cols, b.to(tl.int64) * T
+
+
+@triton.jit
 def _flow_tile(x_ptr, n_ptr, th_ptr, row0, p, p_ok, scale, window, K, D, cols, c_ok, x_p,
                eps, CDT: tl.constexpr):
     """scale_p * sum_k r(p, k) (t/n)_{p-k} d_{p-k} over counted steps, for a tile of rows p.
@@ -195,13 +208,7 @@ def _fwd_kernel(x_ptr, n_ptr, th_ptr, s_ptr, out_ptr, T, D, window, K, n_t_tiles
     Grid: B * n_t_tiles * n_d_tiles programs on axis 0 (D tiles fastest, so programs running
     together cover whole rows and share the window's halo rows through L2).
     """
-    pid = tl.program_id(0)
-    pid_d = pid % n_d_tiles
-    pid_bt = pid // n_d_tiles
-    b = pid_bt // n_t_tiles
-    p = (pid_bt % n_t_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row0 = b.to(tl.int64) * T
+    p, cols, row0 = _tile_coords(T, n_t_tiles, n_d_tiles, BLOCK_T, BLOCK_D)
     p_ok = p < T
     c_ok = cols < D
     m = p_ok[:, None] & c_ok[None, :]
@@ -293,13 +300,7 @@ def _bwd_dx_kernel(x_ptr, g_ptr, n_ptr, th_ptr, a_ptr, q_ptr, s_ptr, dx_ptr,
     Grid as in ``_fwd_kernel``. V_{j-1} and V_j share the grad rows j..j+K: row j+m enters
     V_{j-1} at lag m+1 and V_j at lag m.
     """
-    pid = tl.program_id(0)
-    pid_d = pid % n_d_tiles
-    pid_bt = pid // n_d_tiles
-    b = pid_bt // n_t_tiles
-    j = (pid_bt % n_t_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row0 = b.to(tl.int64) * T
+    j, cols, row0 = _tile_coords(T, n_t_tiles, n_d_tiles, BLOCK_T, BLOCK_D)
     j_ok = j < T
     c_ok = cols < D
     eps = tl.full([], EPS, CDT)
@@ -351,37 +352,40 @@ def _compute_dtypes(dtype: torch.dtype):
     return torch.float32, tl.float32
 
 
-def _tile_elems(cdt: torch.dtype) -> int:
-    # 2048 fp32 (1024 fp64) values per register tile: with 8 warps that is 8 fp32 per thread per
-    # tile, leaving room for the ~8 live tiles of the backward kernels without spilling.
-    return 1024 if cdt == torch.float64 else 2048
+def _tile_elems(elem_size: int) -> int:
+    # One 16-byte vector of x per thread per tile at 8 warps (2048 bf16, 1024 fp32, 512 fp64
+    # values): a single vector load per row tile, and (for D % 16 == 0, when Triton knows the
+    # rows are aligned) 40-64 registers per thread on sm_90 in every kernel (86 for fp64), so
+    # 4 programs share an SM. Wider tiles doubled the registers of the backward kernels.
+    return 4096 // elem_size
 
 
-def _num_warps(tile: int) -> int:
-    return max(1, min(8, tile // 256))
+def _num_warps(elems: int, elem_size: int) -> int:
+    """Warps for a tile of `elems` values of `elem_size` bytes: one 16-byte vector per thread."""
+    return max(1, min(8, elems * elem_size // (32 * 16)))
 
 
-def _chunked_blocks(T: int, D: int, K: int, cdt: torch.dtype):
+def _chunked_blocks(T: int, D: int, K: int, elem_size: int):
     """(BLOCK_T, BLOCK_D) for the kernels with a grid over (rows, D tiles).
 
     Taller tiles amortize the K halo rows that each tile re-reads (BLOCK_T + K rows loaded per
     BLOCK_T outputs); with K = 8 a 32-row tile reads 1.25x its rows.
     """
-    tile = _tile_elems(cdt)
+    tile = _tile_elems(elem_size)
     block_t = min(64, max(16, triton.next_power_of_2(4 * K)), tile)
     block_d = min(triton.next_power_of_2(D), tile // block_t)
     block_t = max(1, min(tile // block_d, triton.next_power_of_2(T)))
     return block_t, block_d
 
 
-def _looped_blocks(B: int, T: int, D: int, cdt: torch.dtype):
+def _looped_blocks(B: int, T: int, D: int, elem_size: int):
     """(BLOCK_T, BLOCK_D) for the kernels that loop over all of D (one program per row tile).
 
     Rows fill the tile that D leaves free, then shrink until there are enough programs to keep
     every SM busy (these grids have no D axis); columns then take back the room rows gave up, so
     a program with few rows walks a wide D in fewer, wider steps.
     """
-    tile = _tile_elems(cdt)
+    tile = _tile_elems(elem_size)
     block_d = min(triton.next_power_of_2(D), tile // 16)
     block_t = min(tile // block_d, triton.next_power_of_2(T))
     while block_t > 1 and B * triton.cdiv(T, block_t) < _MIN_PROGRAMS:
@@ -400,10 +404,10 @@ def _step_stats(x: torch.Tensor, window: int, eps: float, cdt: torch.dtype, tcdt
     n = torch.empty((B, T), device=x.device, dtype=cdt)
     th = torch.empty_like(n)
     sa = torch.empty_like(n)
-    bt, bd = _looped_blocks(B, T, D, cdt)
+    bt, bd = _looped_blocks(B, T, D, x.element_size())
     nt = triton.cdiv(T, bt)
     _steps_kernel[(B * nt,)](x, n, th, T, D, nt, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                             num_warps=_num_warps(bt * bd))
+                             num_warps=_num_warps(bt * bd, x.element_size()))
     bt = min(1024, triton.next_power_of_2(T))
     nt = triton.cdiv(T, bt)
     _scale_kernel[(B * nt,)](n, th, sa, T, window, K, nt, EPS=eps, INVERT=invert, CDT=tcdt,
@@ -426,11 +430,11 @@ def trajectory_flow_fwd(x: torch.Tensor, window: int, eps: float) -> torch.Tenso
     K = min(window, T - 1)
     n, th, S = _step_stats(x, window, eps, cdt, tcdt, invert=False)
     out = torch.empty_like(x)
-    bt, bd = _chunked_blocks(T, D, K, cdt)
+    bt, bd = _chunked_blocks(T, D, K, x.element_size())
     nt, nd = triton.cdiv(T, bt), triton.cdiv(D, bd)
     _fwd_kernel[(B * nt * nd,)](x, n, th, S, out, T, D, window, K, nt, nd,
                                 EPS=eps, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                                num_warps=_num_warps(bt * bd))
+                                num_warps=_num_warps(bt * bd, x.element_size()))
     return out
 
 
@@ -450,15 +454,15 @@ def trajectory_flow_bwd(grad_out: torch.Tensor, x: torch.Tensor, window: int, ep
     n, th, a = _step_stats(x, window, eps, cdt, tcdt, invert=True)
     q = torch.empty_like(n)
     s = torch.empty_like(n)
-    bt, bd = _looped_blocks(B, T, D, cdt)
+    bt, bd = _looped_blocks(B, T, D, x.element_size())
     nt = triton.cdiv(T, bt)
     _bwd_dots_kernel[(B * nt,)](x, grad_out, n, th, a, q, s, T, D, window, K, nt,
                                 EPS=eps, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                                num_warps=_num_warps(bt * bd))
+                                num_warps=_num_warps(bt * bd, x.element_size()))
     dx = torch.empty_like(x)
-    bt, bd = _chunked_blocks(T, D, K, cdt)
+    bt, bd = _chunked_blocks(T, D, K, x.element_size())
     nt, nd = triton.cdiv(T, bt), triton.cdiv(D, bd)
     _bwd_dx_kernel[(B * nt * nd,)](x, grad_out, n, th, a, q, s, dx, T, D, window, K, nt, nd,
                                    EPS=eps, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                                   num_warps=_num_warps(bt * bd))
+                                   num_warps=_num_warps(bt * bd, x.element_size()))
     return dx
