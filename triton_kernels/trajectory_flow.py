@@ -343,7 +343,8 @@ def _bwd_dx_kernel(x_ptr, g_ptr, n_ptr, th_ptr, a_ptr, q_ptr, s_ptr, dx_ptr,
 # Programs wanted, when rows allow, for the kernels whose grid has no D axis (~4 per H100 SM). The
 # Triton interpreter (TRITON_INTERPRET=1) runs programs one by one in Python, where fewer, larger
 # programs are much faster and occupancy means nothing.
-_MIN_PROGRAMS = 1 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 512
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MIN_PROGRAMS = 1 if _INTERPRET else 512
 
 
 def _compute_dtypes(dtype: torch.dtype):
@@ -352,17 +353,25 @@ def _compute_dtypes(dtype: torch.dtype):
     return torch.float32, tl.float32
 
 
-def _tile_elems(elem_size: int) -> int:
-    # One 16-byte vector of x per thread per tile at 8 warps (2048 bf16, 1024 fp32, 512 fp64
-    # values): a single vector load per row tile, and (for D % 16 == 0, when Triton knows the
-    # rows are aligned) 40-64 registers per thread on sm_90 in every kernel (86 for fp64), so
-    # 4 programs share an SM. Wider tiles doubled the registers of the backward kernels.
-    return 4096 // elem_size
+def _per_thread(D: int, elem_size: int) -> int:
+    """x values per thread per register tile.
+
+    One 16-byte vector when Triton can prove the rows 16-byte aligned (it specializes D % 16 == 0),
+    else 2 scalar loads. Compiled for sm_90 this keeps every kernel at 40-64 registers per thread
+    (80-122 for fp64) and spill-free, so 4 programs of 8 warps share an SM; twice as many values
+    per thread doubled the backward kernels' registers (>200 with unaligned rows).
+    """
+    return 16 // elem_size if D % 16 == 0 else 2
 
 
-def _num_warps(elems: int, elem_size: int) -> int:
-    """Warps for a tile of `elems` values of `elem_size` bytes: one 16-byte vector per thread."""
-    return max(1, min(8, elems * elem_size // (32 * 16)))
+def _tile_elems(D: int, elem_size: int) -> int:
+    if _INTERPRET:  # no registers to save there; each tile op costs a Python-level numpy call
+        return 2048
+    return 256 * _per_thread(D, elem_size)  # 8 warps
+
+
+def _num_warps(elems: int, D: int, elem_size: int) -> int:
+    return max(1, min(8, elems // (32 * _per_thread(D, elem_size))))
 
 
 def _chunked_blocks(T: int, D: int, K: int, elem_size: int):
@@ -371,7 +380,7 @@ def _chunked_blocks(T: int, D: int, K: int, elem_size: int):
     Taller tiles amortize the K halo rows that each tile re-reads (BLOCK_T + K rows loaded per
     BLOCK_T outputs); with K = 8 a 32-row tile reads 1.25x its rows.
     """
-    tile = _tile_elems(elem_size)
+    tile = _tile_elems(D, elem_size)
     block_t = min(64, max(16, triton.next_power_of_2(4 * K)), tile)
     block_d = min(triton.next_power_of_2(D), tile // block_t)
     block_t = max(1, min(tile // block_d, triton.next_power_of_2(T)))
@@ -385,7 +394,7 @@ def _looped_blocks(B: int, T: int, D: int, elem_size: int):
     every SM busy (these grids have no D axis); columns then take back the room rows gave up, so
     a program with few rows walks a wide D in fewer, wider steps.
     """
-    tile = _tile_elems(elem_size)
+    tile = _tile_elems(D, elem_size)
     block_d = min(triton.next_power_of_2(D), tile // 16)
     block_t = min(tile // block_d, triton.next_power_of_2(T))
     while block_t > 1 and B * triton.cdiv(T, block_t) < _MIN_PROGRAMS:
@@ -407,8 +416,9 @@ def _step_stats(x: torch.Tensor, window: int, eps: float, cdt: torch.dtype, tcdt
     bt, bd = _looped_blocks(B, T, D, x.element_size())
     nt = triton.cdiv(T, bt)
     _steps_kernel[(B * nt,)](x, n, th, T, D, nt, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                             num_warps=_num_warps(bt * bd, x.element_size()))
-    bt = min(1024, triton.next_power_of_2(T))
+                             num_warps=_num_warps(bt * bd, D, x.element_size()))
+    # Small blocks: the loop over the window is latency-bound, so many programs beat wide ones.
+    bt = min(256, triton.next_power_of_2(T))
     nt = triton.cdiv(T, bt)
     _scale_kernel[(B * nt,)](n, th, sa, T, window, K, nt, EPS=eps, INVERT=invert, CDT=tcdt,
                              BLOCK_T=bt, num_warps=4)
@@ -434,7 +444,7 @@ def trajectory_flow_fwd(x: torch.Tensor, window: int, eps: float) -> torch.Tenso
     nt, nd = triton.cdiv(T, bt), triton.cdiv(D, bd)
     _fwd_kernel[(B * nt * nd,)](x, n, th, S, out, T, D, window, K, nt, nd,
                                 EPS=eps, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                                num_warps=_num_warps(bt * bd, x.element_size()))
+                                num_warps=_num_warps(bt * bd, D, x.element_size()))
     return out
 
 
@@ -458,11 +468,11 @@ def trajectory_flow_bwd(grad_out: torch.Tensor, x: torch.Tensor, window: int, ep
     nt = triton.cdiv(T, bt)
     _bwd_dots_kernel[(B * nt,)](x, grad_out, n, th, a, q, s, T, D, window, K, nt,
                                 EPS=eps, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                                num_warps=_num_warps(bt * bd, x.element_size()))
+                                num_warps=_num_warps(bt * bd, D, x.element_size()))
     dx = torch.empty_like(x)
     bt, bd = _chunked_blocks(T, D, K, x.element_size())
     nt, nd = triton.cdiv(T, bt), triton.cdiv(D, bd)
     _bwd_dx_kernel[(B * nt * nd,)](x, grad_out, n, th, a, q, s, dx, T, D, window, K, nt, nd,
                                    EPS=eps, CDT=tcdt, BLOCK_T=bt, BLOCK_D=bd,
-                                   num_warps=_num_warps(bt * bd, x.element_size()))
+                                   num_warps=_num_warps(bt * bd, D, x.element_size()))
     return dx
