@@ -403,13 +403,15 @@ def _looped_blocks(B: int, T: int, D: int, elem_size: int):
     return block_t, block_d
 
 
-def _step_stats(x: torch.Tensor, window: int, eps: float, cdt: torch.dtype, tcdt, invert: bool):
-    """Launch the norm/tanh and the S kernels.
+def _step_stats(x: torch.Tensor, window: int, eps: float, invert: bool):
+    """Launch the norm/tanh and the S kernels (x: (B, T, D), T >= 2).
 
-    Returns (n, t, S) or, with invert, (n, t, a = 1/S); each (B, T) of dtype cdt.
+    Returns (n, t, S, K, tcdt) or, with invert, (n, t, a = 1/S, K, tcdt): three (B, T) buffers in
+    the compute dtype, K = min(window, T - 1) and the compute dtype as a Triton type.
     """
     B, T, D = x.shape
     K = min(window, T - 1)
+    cdt, tcdt = _compute_dtypes(x.dtype)
     n = torch.empty((B, T), device=x.device, dtype=cdt)
     th = torch.empty_like(n)
     sa = torch.empty_like(n)
@@ -422,7 +424,7 @@ def _step_stats(x: torch.Tensor, window: int, eps: float, cdt: torch.dtype, tcdt
     nt = triton.cdiv(T, bt)
     _scale_kernel[(B * nt,)](n, th, sa, T, window, K, nt, EPS=eps, INVERT=invert, CDT=tcdt,
                              BLOCK_T=bt, num_warps=4)
-    return n, th, sa
+    return n, th, sa, K, tcdt
 
 
 def trajectory_flow_fwd(x: torch.Tensor, window: int, eps: float) -> torch.Tensor:
@@ -432,13 +434,10 @@ def trajectory_flow_fwd(x: torch.Tensor, window: int, eps: float) -> torch.Tenso
     compared in the compute dtype, exactly like the reference), so each new eps value compiles once.
     """
     B, T, D = x.shape
-    window = int(window)
-    eps = float(eps)
     if T < 2 or x.numel() == 0:
         return torch.zeros_like(x)
-    cdt, tcdt = _compute_dtypes(x.dtype)
-    K = min(window, T - 1)
-    n, th, S = _step_stats(x, window, eps, cdt, tcdt, invert=False)
+    window, eps = int(window), float(eps)
+    n, th, S, K, tcdt = _step_stats(x, window, eps, invert=False)
     out = torch.empty_like(x)
     bt, bd = _chunked_blocks(T, D, K, x.element_size())
     nt, nd = triton.cdiv(T, bt), triton.cdiv(D, bd)
@@ -455,13 +454,10 @@ def trajectory_flow_bwd(grad_out: torch.Tensor, x: torch.Tensor, window: int, ep
     :func:`trajops.reference.trajectory_flow_backward`.
     """
     B, T, D = x.shape
-    window = int(window)
-    eps = float(eps)
     if T < 2 or x.numel() == 0:
         return torch.zeros_like(x)
-    cdt, tcdt = _compute_dtypes(x.dtype)
-    K = min(window, T - 1)
-    n, th, a = _step_stats(x, window, eps, cdt, tcdt, invert=True)
+    window, eps = int(window), float(eps)
+    n, th, a, K, tcdt = _step_stats(x, window, eps, invert=True)
     q = torch.empty_like(n)
     s = torch.empty_like(n)
     bt, bd = _looped_blocks(B, T, D, x.element_size())
