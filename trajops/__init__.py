@@ -6,7 +6,20 @@ Triton on CUDA and the pure-PyTorch reference (``trajops.reference``) anywhere e
 """
 from ._library import BACKEND, HAS_EXTENSION, HAS_TRITON, backends
 from . import reference
+from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
 from .ops.trajectory_flow import trajectory_flow
+from . import nn  # noqa: E402  (after the ops it uses)
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND", "HAS_EXTENSION", "HAS_TRITON", "backends", "reference", "trajectory_flow"]
+__all__ = [
+    "BACKEND",
+    "HAS_EXTENSION",
+    "HAS_TRITON",
+    "backends",
+    "nn",
+    "reference",
+    "sample_stp_triples",
+    "stp_loss",
+    "stp_loss_dense",
+    "trajectory_flow",
+]

@@ -1,19 +1,16 @@
-"""Pure-PyTorch references: the definition of every trajops op's semantics.
+"""Reference of trajectory_flow (the windowed trajectory flow of the trajectory-guided MoE router).
 
-Every kernel (C++, Triton) is tested against these functions. They are vectorized (no Python loop
-over the sequence), differentiable through plain autograd, and compute in fp32 (fp64 for fp64
-inputs) before casting back to the input dtype.
+Vectorized (no Python loop over the sequence), differentiable through plain autograd, computed in fp32
+(fp64 for fp64 inputs) before casting back to the input dtype.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ._common import compute_dtype as _compute_dtype
+
 __all__ = ["trajectory_flow", "trajectory_flow_backward"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _recency_weights(T: int, window: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -1,0 +1,472 @@
+"""trajops::stp_loss and trajops::stp_loss_dense — the STP trajectory-straightness loss.
+
+This module registers the ops' fake impls, autograd formulas (the backwards are their own ops) and
+kernels by device, and exposes the public functions ``sample_stp_triples``, ``stp_loss`` and
+``stp_loss_dense``. The CPU C++ kernels live in csrc/cpu/stp_loss.cpp, the Triton ones in
+triton_kernels/stp_loss.py, the semantics in trajops/reference/stp_loss.py.
+
+The ops return per-triple losses plus small ``stats`` (norms and dot products per triple) that the
+backward reuses, so that neither backward recomputes a reduction over D: the backward of the sampled
+loss is then one pass over the touched rows, the dense backward one pass over h.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._library import register_kernels
+
+__all__ = ["sample_stp_triples", "stp_loss", "stp_loss_dense"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+Hidden = Union[Tensor, Sequence[Tensor]]
+
+
+# ---------------------------------------------------------------- input checks
+# Messages match csrc/cpu/stp_loss.cpp so every backend fails the same way.
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_hidden(op: str, hidden: Sequence[Tensor]) -> None:
+    torch._check_value(len(hidden) >= 1, lambda: f"{op}: hidden must hold at least one (B, T, D) tensor, got none")
+    h0 = hidden[0]
+    torch._check_value(
+        h0.dim() == 3, lambda: f"{op}: hidden[0] must have shape (B, T, D), got shape {list(h0.shape)}"
+    )
+    torch._check_type(
+        h0.dtype in _DTYPES, lambda: f"{op}: hidden must be float32, float64, float16 or bfloat16, got {h0.dtype}"
+    )
+    for i, h in enumerate(hidden[1:], 1):
+        torch._check_value(
+            h.shape == h0.shape,
+            lambda: f"{op}: every layer must have the shape of hidden[0] {list(h0.shape)}, "
+            f"got {list(h.shape)} for hidden[{i}]",
+        )
+        torch._check_type(
+            h.dtype == h0.dtype,
+            lambda: f"{op}: every layer must have the dtype of hidden[0] ({h0.dtype}), got {h.dtype} for hidden[{i}]",
+        )
+        torch._check(
+            h.device == h0.device,
+            lambda: f"{op}: every layer must be on the device of hidden[0] ({h0.device}), "
+            f"got {h.device} for hidden[{i}]",
+        )
+
+
+def _check_index(op: str, name: str, t: Tensor, shape: Tuple[int, ...], spec: str, h0: Tensor) -> None:
+    torch._check_type(t.dtype == torch.int64, lambda: f"{op}: {name} must be int64, got {t.dtype}")
+    torch._check_value(
+        tuple(t.shape) == shape, lambda: f"{op}: {name} must have shape {spec}, got shape {list(t.shape)}"
+    )
+    torch._check(
+        t.device == h0.device, lambda: f"{op}: {name} must be on the device of hidden ({h0.device}), got {t.device}"
+    )
+
+
+def _check_lengths(op: str, lengths: Optional[Tensor], h0: Tensor) -> None:
+    if lengths is not None:
+        B = h0.shape[0]
+        _check_index(op, "lengths", lengths, (B,), f"(B,) = ({B},)", h0)
+
+
+def _check_triples(op: str, triples: Tensor, h0: Tensor) -> None:
+    B = h0.shape[0]
+    S = triples.shape[0] if triples.dim() == 3 else 0
+    torch._check_value(
+        triples.dim() == 3 and S >= 1,
+        lambda: f"{op}: triples must have shape (n_spans, B, 3) with n_spans >= 1, got shape {list(triples.shape)}",
+    )
+    _check_index(op, "triples", triples, (S, B, 3), f"(n_spans, B, 3) = ({S}, {B}, 3)", h0)
+
+
+def _check_grad(op: str, name: str, t: Tensor, shape: Tuple[int, ...], h0: Tensor) -> None:
+    acc = _acc_dtype(h0.dtype)
+    torch._check_type(t.dtype == acc, lambda: f"{op}: {name} must be {acc}, got {t.dtype}")
+    torch._check_value(
+        tuple(t.shape) == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}"
+    )
+    torch._check(t.device == h0.device, lambda: f"{op}: {name} must be on the device of hidden ({h0.device})")
+
+
+def _check_sampled(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor]) -> None:
+    _check_hidden("stp_loss", hidden)
+    _check_triples("stp_loss", triples, hidden[0])
+    _check_lengths("stp_loss", lengths, hidden[0])
+
+
+def _check_sampled_backward(grad_loss, stats, hidden, triples, lengths) -> None:
+    _check_sampled(hidden, triples, lengths)
+    L, S, B = len(hidden), triples.shape[0], hidden[0].shape[0]
+    _check_grad("stp_loss_backward", "grad_loss", grad_loss, (L, S, B), hidden[0])
+    _check_grad("stp_loss_backward", "stats", stats, (L, S, B, 3), hidden[0])
+
+
+def _dense_shapes(hidden: Sequence[Tensor]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    B, T, _ = hidden[0].shape
+    L = len(hidden)
+    return (L, B, max(T - 2, 0)), (L, B, max(T - 1, 0), 2)
+
+
+def _check_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor]) -> None:
+    _check_hidden("stp_loss_dense", hidden)
+    _check_lengths("stp_loss_dense", lengths, hidden[0])
+
+
+def _check_dense_backward(grad_loss, stats, hidden, lengths) -> None:
+    _check_dense(hidden, lengths)
+    loss_shape, stats_shape = _dense_shapes(hidden)
+    _check_grad("stp_loss_dense_backward", "grad_loss", grad_loss, loss_shape, hidden[0])
+    _check_grad("stp_loss_dense_backward", "stats", stats, stats_shape, hidden[0])
+
+
+def _check_values(op: str, T: int, triples: Optional[Tensor], lengths: Optional[Tensor]) -> None:
+    """Range checks of index *values*. They read the tensors, so on CUDA they would cost a host sync:
+    the reference and the CPU kernels run them; the CUDA kernels write NaN losses instead."""
+    if lengths is not None:
+        bad = (lengths < 0) | (lengths > T)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: lengths must be in [0, T] = [0, {T}], got {int(lengths[b])} for row {b}")
+    if triples is None:
+        return
+    active = triples.new_full((triples.shape[1],), T >= 3, dtype=torch.bool) if lengths is None else lengths >= 3
+    limit = torch.full_like(triples[0, :, 0], T) if lengths is None else lengths
+    s, r, t = triples.unbind(-1)
+    bad = active & ~((0 <= s) & (s < r) & (r < t) & (t < limit))
+    if bool(bad.any()):
+        i, b = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"{op}: triples must satisfy 0 <= s < r < t < length for every row of length >= 3; got "
+            f"(s, r, t) = {tuple(int(v) for v in triples[i, b])} for span {i}, row {b} (length {int(limit[b])})"
+        )
+
+
+# ---------------------------------------------------------------- fake (meta) impls
+@torch.library.register_fake("trajops::stp_loss")
+def _stp_fake(hidden: List[Tensor], triples: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    _check_sampled(hidden, triples, lengths)
+    L, S, B = len(hidden), triples.shape[0], hidden[0].shape[0]
+    acc = _acc_dtype(hidden[0].dtype)
+    return hidden[0].new_empty((L, S, B), dtype=acc), hidden[0].new_empty((L, S, B, 3), dtype=acc)
+
+
+@torch.library.register_fake("trajops::stp_loss_backward")
+def _stp_backward_fake(grad_loss, stats, hidden, triples, lengths) -> List[Tensor]:
+    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths)
+    return [h.new_empty(h.shape) for h in hidden]
+
+
+@torch.library.register_fake("trajops::stp_loss_dense")
+def _dense_fake(hidden: List[Tensor], lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    _check_dense(hidden, lengths)
+    loss_shape, stats_shape = _dense_shapes(hidden)
+    acc = _acc_dtype(hidden[0].dtype)
+    return hidden[0].new_empty(loss_shape, dtype=acc), hidden[0].new_empty(stats_shape, dtype=acc)
+
+
+@torch.library.register_fake("trajops::stp_loss_dense_backward")
+def _dense_backward_fake(grad_loss, stats, hidden, lengths) -> List[Tensor]:
+    _check_dense_backward(grad_loss, stats, hidden, lengths)
+    return [h.new_empty(h.shape) for h in hidden]
+
+
+# ---------------------------------------------------------------- autograd
+def _stp_setup(ctx, inputs, output) -> None:
+    hidden, triples, lengths = inputs
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(stats, triples, lengths, *hidden)
+
+
+def _grads(ctx, grads):
+    # The dispatcher drops trailing arguments equal to their schema default (lengths=None) before
+    # autograd sees them, and Tensor[] ops must return exactly one gradient per argument passed.
+    return (grads,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+def _stp_backward(ctx, grad_loss: Tensor, _grad_stats):
+    stats, triples, lengths, *hidden = ctx.saved_tensors
+    if grad_loss is None or not any(ctx.needs_input_grad[0]):
+        return _grads(ctx, None)
+    grads = torch.ops.trajops.stp_loss_backward(grad_loss.contiguous(), stats, hidden, triples, lengths)
+    return _grads(ctx, list(grads))
+
+
+def _dense_setup(ctx, inputs, output) -> None:
+    hidden, lengths = inputs
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(stats, lengths, *hidden)
+
+
+def _dense_backward(ctx, grad_loss: Tensor, _grad_stats):
+    stats, lengths, *hidden = ctx.saved_tensors
+    if grad_loss is None or not any(ctx.needs_input_grad[0]):
+        return _grads(ctx, None)
+    grads = torch.ops.trajops.stp_loss_dense_backward(grad_loss.contiguous(), stats, hidden, lengths)
+    return _grads(ctx, list(grads))
+
+
+torch.library.register_autograd("trajops::stp_loss", _stp_backward, setup_context=_stp_setup)
+torch.library.register_autograd("trajops::stp_loss_dense", _dense_backward, setup_context=_dense_setup)
+
+
+# ---------------------------------------------------------------- kernels
+def _reference_stp(hidden, triples, lengths=None):
+    _check_sampled(hidden, triples, lengths)
+    _check_values("stp_loss", hidden[0].shape[1], triples, lengths)
+    return tuple(t.contiguous() for t in reference.stp_loss(hidden, triples, lengths))
+
+
+def _reference_stp_backward(grad_loss, stats, hidden, triples, lengths):
+    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths)
+    _check_values("stp_loss_backward", hidden[0].shape[1], triples, lengths)
+    return reference.stp_loss_backward(grad_loss, stats, hidden, triples, lengths)
+
+
+def _reference_dense(hidden, lengths=None):
+    _check_dense(hidden, lengths)
+    _check_values("stp_loss_dense", hidden[0].shape[1], None, lengths)
+    return tuple(t.contiguous() for t in reference.stp_loss_dense(hidden, lengths))
+
+
+def _reference_dense_backward(grad_loss, stats, hidden, lengths):
+    _check_dense_backward(grad_loss, stats, hidden, lengths)
+    _check_values("stp_loss_dense_backward", hidden[0].shape[1], None, lengths)
+    return reference.stp_loss_dense_backward(grad_loss, stats, hidden, lengths)
+
+
+def _contig(ts: Sequence[Tensor]) -> List[Tensor]:
+    return [t.contiguous() for t in ts]
+
+
+def _opt_contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _host_checks(op: str, hidden, triples, lengths) -> None:
+    # Value checks are free on CPU tensors (the Triton interpreter); on CUDA the kernels flag bad
+    # indices with NaN losses instead of paying a host sync.
+    if hidden[0].device.type == "cpu":
+        _check_values(op, hidden[0].shape[1], triples, lengths)
+
+
+def _triton_stp(hidden, triples, lengths=None):
+    _check_sampled(hidden, triples, lengths)
+    _host_checks("stp_loss", hidden, triples, lengths)
+    from ..triton_kernels import stp_loss as kernels
+
+    return kernels.stp_fwd(_contig(hidden), triples.contiguous(), _opt_contig(lengths))
+
+
+def _triton_stp_backward(grad_loss, stats, hidden, triples, lengths):
+    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths)
+    _host_checks("stp_loss_backward", hidden, triples, lengths)
+    from ..triton_kernels import stp_loss as kernels
+
+    return kernels.stp_bwd(
+        grad_loss.contiguous(), stats.contiguous(), _contig(hidden), triples.contiguous(), _opt_contig(lengths)
+    )
+
+
+def _triton_dense(hidden, lengths=None):
+    _check_dense(hidden, lengths)
+    _host_checks("stp_loss_dense", hidden, None, lengths)
+    from ..triton_kernels import stp_loss as kernels
+
+    return kernels.stp_dense_fwd(_contig(hidden), _opt_contig(lengths))
+
+
+def _triton_dense_backward(grad_loss, stats, hidden, lengths):
+    _check_dense_backward(grad_loss, stats, hidden, lengths)
+    _host_checks("stp_loss_dense_backward", hidden, None, lengths)
+    from ..triton_kernels import stp_loss as kernels
+
+    return kernels.stp_dense_bwd(grad_loss.contiguous(), stats.contiguous(), _contig(hidden), _opt_contig(lengths))
+
+
+register_kernels("stp_loss", _reference_stp, _triton_stp)
+register_kernels("stp_loss_backward", _reference_stp_backward, _triton_stp_backward)
+register_kernels("stp_loss_dense", _reference_dense, _triton_dense)
+register_kernels("stp_loss_dense_backward", _reference_dense_backward, _triton_dense_backward)
+
+
+# ---------------------------------------------------------------- public functions
+def sample_stp_triples(
+    batch: int,
+    seq_len: int,
+    n_spans: int,
+    *,
+    lengths: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[torch.device, str]] = None,
+) -> Tensor:
+    """Samples ordered position triples s < r < t for the STP loss, vectorized, without a host sync.
+
+    Without ``lengths`` this is the seed's sampler: per span and row, 3 integers drawn uniformly
+    from [0, T-2), sorted, plus (0, 1, 2), clamped to T-1 (one ``torch.randint`` call of shape
+    (n_spans, batch, 3): on CPU it draws the same numbers as the seed's per-span loop). With
+    ``lengths`` (B,), row b's draws come from [0, lengths[b]-2) instead, so its triples stay inside
+    its valid prefix.
+
+    Rows shorter than 3 tokens (all rows when seq_len < 3) get placeholder triples inside [0, T-1]
+    that the losses ignore: such rows contribute nothing and are excluded from the mean.
+
+    Args:
+        batch: B >= 0.
+        seq_len: T >= 0.
+        n_spans: triples per row, >= 1.
+        lengths: optional (B,) integer tensor, values in [0, T].
+        generator: optional torch.Generator on ``device`` (for reproducible draws).
+        device: where to sample; defaults to lengths' device, else the generator's, else CPU.
+
+    Returns:
+        int64 tensor (n_spans, batch, 3).
+    """
+    if isinstance(n_spans, bool) or not isinstance(n_spans, int) or n_spans < 1:
+        raise ValueError(f"sample_stp_triples: n_spans must be an int >= 1, got {n_spans!r}")
+    if batch < 0 or seq_len < 0:
+        raise ValueError(f"sample_stp_triples: batch and seq_len must be >= 0, got {batch} and {seq_len}")
+    if device is None:
+        device = lengths.device if lengths is not None else (generator.device if generator is not None else "cpu")
+    device = torch.device(device)
+    shape = (n_spans, batch, 3)
+    offsets = torch.arange(3, device=device)
+    if lengths is None:
+        if seq_len >= 3:
+            base = torch.randint(0, seq_len - 2, shape, generator=generator, device=device)
+        else:
+            base = torch.zeros(shape, dtype=torch.int64, device=device)
+    else:
+        lengths = torch.as_tensor(lengths, device=device)
+        if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise ValueError(
+                f"sample_stp_triples: lengths must be an integer tensor of shape (batch,) = ({batch},), "
+                f"got {lengths.dtype} of shape {list(lengths.shape)}"
+            )
+        high = (lengths.to(torch.int64).clamp(0, seq_len) - 2).clamp_min(1)
+        # One uniform int64 draw reduced modulo each row's range: per-row bounds without a loop
+        # (the modulo bias is below 2**-31 for any realistic length).
+        base = torch.randint(0, 2**62, shape, generator=generator, device=device) % high[None, :, None]
+    triples = base.sort(dim=-1).values + offsets
+    return triples.clamp_(max=max(seq_len - 1, 0))
+
+
+def _as_layers(op: str, hidden: Hidden) -> List[Tensor]:
+    if isinstance(hidden, Tensor):
+        return [hidden]
+    if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, Tensor) for h in hidden):
+        raise TypeError(f"{op}: hidden must be a (B, T, D) tensor or a list of them, got {type(hidden).__name__}")
+    if len(hidden) == 0:
+        raise ValueError(f"{op}: hidden must hold at least one (B, T, D) tensor, got none")
+    # Plain raises (not torch._check): this runs under dynamo; the ops check everything else.
+    if hidden[0].dim() != 3:
+        raise ValueError(f"{op}: hidden[0] must have shape (B, T, D), got shape {list(hidden[0].shape)}")
+    return list(hidden)
+
+
+def _as_lengths(op: str, lengths, h0: Tensor) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, device=h0.device)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{op}: lengths must be an integer tensor, got {lengths.dtype}")
+    return lengths.to(torch.int64)
+
+
+def _reduce(op: str, losses: Tensor, count: Tensor, n_layers: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    # Every layer has the same valid triples: the mean over layers of per-layer means is one division.
+    return total / (count.clamp_min(1) * n_layers).to(total.dtype)
+
+
+def _check_reduction(op: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def stp_loss(
+    hidden: Hidden,
+    n_spans: int = 4,
+    *,
+    triples: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """STP trajectory-straightness loss on sampled triples: mean of 1 - cos(h[t] - h[r], h[r] - h[s]).
+
+    Penalizes the curvature of hidden-state trajectories (seed 003; arXiv 2602.22617). For every
+    layer, span i and row b with its triple (s, r, t)::
+
+        loss[l, i, b] = 1 - cosine_similarity(h_l[b, t] - h_l[b, r], h_l[b, r] - h_l[b, s], eps=1e-8)
+
+    One kernel launch computes every layer and span; the backward writes gradient only into the
+    touched rows and accumulates repeated positions deterministically.
+
+    Args:
+        hidden: (B, T, D) tensor, or a list/tuple of L such tensors (layers; one shape, dtype and
+            device; never stacked). float32, float64, float16 or bfloat16.
+        n_spans: triples sampled per row (>= 1); ignored when ``triples`` is given.
+        triples: optional int64 (n_spans, B, 3) positions with 0 <= s < r < t < length for rows of
+            length >= 3 (e.g. from :func:`sample_stp_triples`); every layer uses the same triples.
+            On CPU an invalid triple raises ValueError; on CUDA (no host sync) it gives a NaN loss.
+        lengths: optional (B,) integer valid lengths (padding at the end). Rows shorter than 3
+            contribute nothing and are excluded from the mean.
+        generator: optional torch.Generator for the sampling.
+        reduction: "mean" (mean over layers of the mean over spans and active rows; 0 when no row
+            is active), "sum", or "none" -> (L, n_spans, B) with zeros for inactive rows (L = 1
+            for a single tensor).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs), in [0, 2].
+
+    Same as ``torch.ops.trajops.stp_loss(hidden, triples, lengths)[0]`` plus the sampling and the
+    reduction (the op's second output holds per-triple norms and dots reused by its backward).
+    """
+    op = "stp_loss"
+    _check_reduction(op, reduction)
+    layers = _as_layers(op, hidden)
+    h0 = layers[0]
+    B, T, _ = h0.shape
+    lens = _as_lengths(op, lengths, h0)
+    if triples is None:
+        triples = sample_stp_triples(B, T, n_spans, lengths=lens, generator=generator, device=h0.device)
+    losses, _ = torch.ops.trajops.stp_loss(layers, triples, lens)
+    count = reference.stp_active_rows(B, T, lens, h0.device).sum() * triples.shape[0]
+    return _reduce(op, losses, count, len(layers), reduction)
+
+
+def stp_loss_dense(hidden: Hidden, *, lengths: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Dense local-curvature STP loss: every consecutive triple (p, p+1, p+2) of every row.
+
+    loss[l, b, p] = 1 - cosine_similarity(d[p+1], d[p], eps=1e-8) with steps d[q] = h_l[b, q+1] - h_l[b, q],
+    for p + 2 < lengths[b]. Forward and backward are each one pass over h.
+
+    Args:
+        hidden: (B, T, D) tensor or a list/tuple of L such tensors (see :func:`stp_loss`).
+        lengths: optional (B,) integer valid lengths; triples reaching past them are excluded.
+        reduction: "mean" (mean over layers of the mean over valid triples; 0 if there are none),
+            "sum", or "none" -> (L, B, max(T-2, 0)) with zeros for excluded triples.
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs).
+    """
+    op = "stp_loss_dense"
+    _check_reduction(op, reduction)
+    layers = _as_layers(op, hidden)
+    h0 = layers[0]
+    B, T, _ = h0.shape
+    lens = _as_lengths(op, lengths, h0)
+    losses, _ = torch.ops.trajops.stp_loss_dense(layers, lens)
+    count = reference.stp_dense_valid(B, T, lens, h0.device).sum()
+    return _reduce(op, losses, count, len(layers), reduction)

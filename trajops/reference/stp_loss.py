@@ -1,0 +1,174 @@
+"""Reference of the STP (trajectory-straightness) loss: 1 - cos(h[t] - h[r], h[r] - h[s]).
+
+For a triple s < r < t of positions of one sequence, with a = h[r] - h[s] and b = h[t] - h[r]:
+
+    loss = 1 - cos(b, a),   cos(b, a) = a.b / (max(|a|, eps) * max(|b|, eps)),   eps = 1e-8
+
+exactly as ``torch.nn.functional.cosine_similarity(b, a, dim=-1, eps=1e-8)``, including its gradient
+when a norm is below eps (the clamped norm divides, the unclamped norm is differentiated).
+
+Row validity: with lengths (B,) (default: all T), row b is *active* iff lengths[b] >= 3. Triples of
+inactive rows are ignored: their loss, stats and gradient are 0. A dense triple (p, p+1, p+2) is
+valid iff p + 2 < lengths[b].
+
+Every function takes a list of layers (L tensors of one shape (B, T, D)) and computes in fp32 (fp64
+for fp64 inputs). ``stats`` are what the backward needs from the forward, per triple: for sampled
+triples (L, S, B, 3) = (|a|, |b|, a.b); for the dense loss (L, B, T-1, 2) = (|d_q|, d_q.d_{q+1}) per
+step d_q = h[q+1] - h[q] (the last dot, and everything beyond a row's length, is 0).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import compute_dtype
+
+__all__ = [
+    "STP_EPS",
+    "stp_active_rows",
+    "stp_dense_valid",
+    "stp_loss",
+    "stp_loss_backward",
+    "stp_loss_dense",
+    "stp_loss_dense_backward",
+]
+
+STP_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
+
+
+def stp_active_rows(B: int, T: int, lengths: Optional[Tensor], device: torch.device) -> Tensor:
+    """(B,) bool: rows with at least 3 valid tokens."""
+    if lengths is None:
+        return torch.full((B,), T >= 3, dtype=torch.bool, device=device)
+    return lengths >= 3
+
+
+def stp_dense_valid(B: int, T: int, lengths: Optional[Tensor], device: torch.device) -> Tensor:
+    """(B, max(T-2, 0)) bool: dense triples (p, p+1, p+2) inside their row's length."""
+    p = torch.arange(max(T - 2, 0), device=device)
+    if lengths is None:
+        return (p + 2 < T).expand(B, -1)
+    return p.unsqueeze(0) + 2 < lengths.unsqueeze(1)
+
+
+def _cos_grads(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, dot: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """w * d cos(b, a) / da and w * d cos(b, a) / db, with cosine_similarity's eps semantics."""
+    Na, Nb = na.clamp_min(STP_EPS), nb.clamp_min(STP_EPS)
+    cos = dot / (Na * Nb)
+    # The norm's own gradient a / |a| is 0 at a = 0 (as linalg.vector_norm's backward).
+    inv_na = torch.where(na > 0, 1.0 / torch.where(na > 0, na, torch.ones_like(na)), torch.zeros_like(na))
+    inv_nb = torch.where(nb > 0, 1.0 / torch.where(nb > 0, nb, torch.ones_like(nb)), torch.zeros_like(nb))
+    wa, wb = (w / Na).unsqueeze(-1), (w / Nb).unsqueeze(-1)
+    ga = wa * (b / Nb.unsqueeze(-1) - (cos * inv_na).unsqueeze(-1) * a)
+    gb = wb * (a / Na.unsqueeze(-1) - (cos * inv_nb).unsqueeze(-1) * b)
+    return ga, gb
+
+
+def _gather(h: Tensor, triples: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """h[b, triples[s, b, k]] for k = 0, 1, 2, each (S, B, D) in the accumulation dtype."""
+    B = h.shape[0]
+    rows = torch.arange(B, device=h.device).unsqueeze(0)
+    return tuple(h[rows, triples[..., k]].to(acc) for k in range(3))
+
+
+def stp_loss(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-triple STP loss of sampled triples.
+
+    Args:
+        hidden: L tensors (B, T, D).
+        triples: (S, B, 3) int64 positions s < r < t < lengths[b] (for active rows).
+        lengths: optional (B,) int64 valid prefix lengths.
+
+    Returns:
+        loss (L, S, B) and stats (L, S, B, 3) = (|a|, |b|, a.b), 0 for inactive rows.
+    """
+    B, T, _ = hidden[0].shape
+    acc = compute_dtype(hidden[0].dtype)
+    active = stp_active_rows(B, T, lengths, hidden[0].device).unsqueeze(0)  # (1, B)
+    idx = torch.where(active.unsqueeze(-1), triples, torch.zeros_like(triples))  # inactive rows: any index
+    losses, stats = [], []
+    for h in hidden:
+        hs, hr, ht = _gather(h, idx, acc)
+        a, b = hr - hs, ht - hr
+        loss = 1.0 - F.cosine_similarity(b, a, dim=-1, eps=STP_EPS)
+        st = torch.stack(
+            [torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(b, dim=-1), (a * b).sum(-1)], -1
+        )
+        losses.append(torch.where(active, loss, torch.zeros_like(loss)))
+        stats.append(torch.where(active.unsqueeze(-1), st, torch.zeros_like(st)))
+    return torch.stack(losses), torch.stack(stats)
+
+
+def stp_loss_backward(
+    grad_loss: Tensor, stats: Tensor, hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor] = None
+) -> List[Tensor]:
+    """Gradient of ``sum(grad_loss * stp_loss(hidden, triples, lengths)[0])`` w.r.t. each layer.
+
+    Repeated positions accumulate (index_add_). Returns L tensors of the layers' shape and dtype.
+    """
+    B, T, D = hidden[0].shape
+    acc = compute_dtype(hidden[0].dtype)
+    active = stp_active_rows(B, T, lengths, hidden[0].device).unsqueeze(0)
+    idx = torch.where(active.unsqueeze(-1), triples, torch.zeros_like(triples))
+    flat = (torch.arange(B, device=idx.device).unsqueeze(0) * T).unsqueeze(-1) + idx  # (S, B, 3) rows of (B*T, D)
+    grads = []
+    for layer, h in enumerate(hidden):
+        hs, hr, ht = _gather(h, idx, acc)
+        a, b = hr - hs, ht - hr
+        st = stats[layer].to(acc)
+        w = torch.where(active, -grad_loss[layer].to(acc), torch.zeros((), dtype=acc, device=h.device))
+        ga, gb = _cos_grads(a, b, st[..., 0], st[..., 1], st[..., 2], w)
+        contrib = torch.stack([-ga, ga - gb, gb], dim=2)  # (S, B, 3, D)
+        g = torch.zeros(B * T, D, dtype=acc, device=h.device)
+        g.index_add_(0, flat.reshape(-1), contrib.reshape(-1, D))
+        grads.append(g.view(B, T, D).to(h.dtype))
+    return grads
+
+
+def stp_loss_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-triple STP loss of every consecutive triple (p, p+1, p+2).
+
+    Returns loss (L, B, max(T-2, 0)) (0 where p + 2 >= lengths[b]) and stats (L, B, max(T-1, 0), 2).
+    """
+    B, T, _ = hidden[0].shape
+    acc = compute_dtype(hidden[0].dtype)
+    dev = hidden[0].device
+    valid = stp_dense_valid(B, T, lengths, dev)  # (B, T-2)
+    q = torch.arange(max(T - 1, 0), device=dev)
+    step_ok = (q + 1 < T).expand(B, -1) if lengths is None else q.unsqueeze(0) + 1 < lengths.unsqueeze(1)
+    losses, stats = [], []
+    for h in hidden:
+        hc = h.to(acc)
+        d = hc[:, 1:] - hc[:, :-1]  # (B, T-1, D)
+        loss = 1.0 - F.cosine_similarity(d[:, 1:], d[:, :-1], dim=-1, eps=STP_EPS)
+        losses.append(torch.where(valid, loss, torch.zeros_like(loss)))
+        n = torch.where(step_ok, torch.linalg.vector_norm(d, dim=-1), torch.zeros((), dtype=acc, device=dev))
+        dot = F.pad(torch.where(valid, (d[:, 1:] * d[:, :-1]).sum(-1), torch.zeros((), dtype=acc, device=dev)), (0, 1))
+        stats.append(torch.stack([n, dot[:, : n.shape[1]]], -1))
+    return torch.stack(losses), torch.stack(stats)
+
+
+def stp_loss_dense_backward(
+    grad_loss: Tensor, stats: Tensor, hidden: Sequence[Tensor], lengths: Optional[Tensor] = None
+) -> List[Tensor]:
+    """Gradient of ``sum(grad_loss * stp_loss_dense(hidden, lengths)[0])`` w.r.t. each layer."""
+    B, T, D = hidden[0].shape
+    acc = compute_dtype(hidden[0].dtype)
+    dev = hidden[0].device
+    if T < 3:
+        return [torch.zeros_like(h) for h in hidden]
+    valid = stp_dense_valid(B, T, lengths, dev)
+    grads = []
+    for layer, h in enumerate(hidden):
+        hc = h.to(acc)
+        d = hc[:, 1:] - hc[:, :-1]
+        n, dot = stats[layer, :, :, 0].to(acc), stats[layer, :, :, 1].to(acc)
+        w = torch.where(valid, -grad_loss[layer].to(acc), torch.zeros((), dtype=acc, device=dev))
+        ga, gb = _cos_grads(d[:, :-1], d[:, 1:], n[:, :-1], n[:, 1:], dot[:, :-1], w)
+        gd = F.pad(ga, (0, 0, 0, 1)) + F.pad(gb, (0, 0, 1, 0))  # (B, T-1, D): d(loss)/d(step q)
+        g = F.pad(gd, (0, 0, 1, 0)) - F.pad(gd, (0, 0, 0, 1))  # dh[p] = gd[p-1] - gd[p]
+        grads.append(g.to(h.dtype))
+    return grads
