@@ -1,0 +1,524 @@
+// CPU kernels of trajops::stp_loss, trajops::stp_loss_dense and their backwards.
+//
+// Semantics: trajops/reference/stp_loss.py. For a triple with a = h[r] - h[s], b = h[t] - h[r]:
+// loss = 1 - a.b / (max(|a|, eps) max(|b|, eps)). The forwards write per-triple stats (|a|, |b|,
+// a.b) so that the backwards never redo a reduction over D. All sums are in fp32 (fp64 for fp64).
+//
+// Determinism without atomics: every gradient row is written by exactly one task, once. The
+// sampled backward sorts each sequence's (position, span, role) entries, so repeated positions
+// are summed in a fixed order in a work row; rows no triple touches are zero-filled by the same
+// task. The dense backward computes dh[p] = gd[p-1] - gd[p] from a rolling window of steps.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace trajops {
+namespace {
+
+constexpr double kEps = 1e-8;  // torch.nn.functional.cosine_similarity's default
+
+// ---------------------------------------------------------------- checks
+// Messages match trajops/ops/stp_loss.py so every backend fails the same way.
+void check_hidden(const char* op, at::TensorList hidden) {
+  TORCH_CHECK_VALUE(!hidden.empty(), op, ": hidden must hold at least one (B, T, D) tensor, got none");
+  const auto& h0 = hidden[0];
+  TORCH_CHECK_VALUE(h0.dim() == 3, op, ": hidden[0] must have shape (B, T, D), got shape ", h0.sizes());
+  const auto st = h0.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+                   ": hidden must be float32, float64, float16 or bfloat16, got ", st);
+  for (size_t i = 1; i < hidden.size(); ++i) {
+    const auto& h = hidden[i];
+    TORCH_CHECK_VALUE(h.sizes() == h0.sizes(), op, ": every layer must have the shape of hidden[0] ", h0.sizes(),
+                      ", got ", h.sizes(), " for hidden[", i, "]");
+    TORCH_CHECK_TYPE(h.scalar_type() == st, op, ": every layer must have the dtype of hidden[0] (", st, "), got ",
+                     h.scalar_type(), " for hidden[", i, "]");
+    TORCH_CHECK(h.device() == h0.device(), op, ": every layer must be on the device of hidden[0] (", h0.device(),
+                "), got ", h.device(), " for hidden[", i, "]");
+  }
+}
+
+void check_index(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& h0) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got shape ", t.sizes());
+  TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), "), got ",
+              t.device());
+}
+
+void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, const at::Tensor& h0) {
+  if (!lengths.has_value()) return;
+  const int64_t B = h0.size(0), T = h0.size(1);
+  check_index(op, "lengths", *lengths, {B}, h0);
+  const auto len = lengths->contiguous();
+  const int64_t* l = len.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= T, op, ": lengths must be in [0, T] = [0, ", T, "], got ", l[b],
+                      " for row ", b);
+  }
+}
+
+void check_triples(const char* op, const at::Tensor& triples, const c10::optional<at::Tensor>& lengths,
+                   const at::Tensor& h0) {
+  const int64_t B = h0.size(0), T = h0.size(1);
+  TORCH_CHECK_VALUE(triples.dim() == 3 && triples.size(0) >= 1, op,
+                    ": triples must have shape (n_spans, B, 3) with n_spans >= 1, got shape ", triples.sizes());
+  check_index(op, "triples", triples, {triples.size(0), B, 3}, h0);
+  const auto tri = triples.contiguous();
+  const int64_t* p = tri.data_ptr<int64_t>();
+  at::Tensor len;
+  const int64_t* l = nullptr;
+  if (lengths.has_value()) {
+    len = lengths->contiguous();
+    l = len.data_ptr<int64_t>();
+  }
+  for (int64_t i = 0; i < triples.size(0); ++i) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = l ? l[b] : T;
+      if (n < 3) continue;
+      const int64_t* q = p + (i * B + b) * 3;
+      TORCH_CHECK_VALUE(0 <= q[0] && q[0] < q[1] && q[1] < q[2] && q[2] < n, op,
+                        ": triples must satisfy 0 <= s < r < t < length for every row of length >= 3; got (s, r, t) = (",
+                        q[0], ", ", q[1], ", ", q[2], ") for span ", i, ", row ", b, " (length ", n, ")");
+    }
+  }
+}
+
+void check_grad(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& h0) {
+  const auto acc = h0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), ")");
+}
+
+// ---------------------------------------------------------------- helpers
+std::vector<int64_t> row_lengths(const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
+  std::vector<int64_t> out(B, T);
+  if (lengths.has_value()) {
+    const auto len = lengths->contiguous();
+    std::copy(len.data_ptr<int64_t>(), len.data_ptr<int64_t>() + B, out.begin());
+  }
+  return out;
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+at::ScalarType acc_type(const at::Tensor& h) { return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Zeroes `bytes` bytes. Large spans use streaming stores: the gradient is write-only here, and
+// ordinary stores would first read every cache line they fill (a hidden second pass over memory).
+void zero_bytes(void* dst, size_t bytes) {
+#if defined(__SSE2__)
+  if (bytes >= (size_t{1} << 14)) {
+    char* p = static_cast<char*>(dst);
+    const size_t head = (16 - (reinterpret_cast<uintptr_t>(p) & 15)) & 15;
+    std::memset(p, 0, head);
+    p += head;
+    bytes -= head;
+    const __m128i z = _mm_setzero_si128();
+    const size_t n = bytes / 16;
+    for (size_t i = 0; i < n; ++i) _mm_stream_si128(reinterpret_cast<__m128i*>(p) + i, z);
+    std::memset(p + n * 16, 0, bytes - n * 16);
+    _mm_sfence();
+    return;
+  }
+#endif
+  std::memset(dst, 0, bytes);
+}
+
+// A gradient buffer shaped like h. Large ones are fresh anonymous mappings: the kernel hands out
+// zero pages lazily (calloc semantics, as numpy.zeros), so a gradient that is zero except for a
+// few touched rows costs page faults for those rows only, where at::zeros would fault in and then
+// write every page. `hugepages` asks for 2 MiB pages for outputs that are written in full (one
+// fault per 2 MiB instead of per 4 KiB). Returns whether the buffer is known to be zero.
+// Such buffers bypass the c10 CPU allocator, so torch.profiler's memory events do not see them.
+std::pair<at::Tensor, bool> grad_buffer(const at::Tensor& h, bool hugepages) {
+#if defined(__linux__)
+  const size_t bytes = static_cast<size_t>(h.numel()) * h.element_size();
+  if (bytes >= (size_t{4} << 20)) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+#if defined(MADV_HUGEPAGE)
+      if (hugepages) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+      auto t = at::from_blob(p, h.sizes(), [bytes](void* q) { munmap(q, bytes); }, h.options());
+      return {t, true};
+    }
+  }
+#endif
+  return {at::empty_like(h, at::MemoryFormat::Contiguous), false};
+}
+
+// Coefficients of d cos(b, a) with cosine_similarity's eps semantics, scaled by w = -grad_loss:
+// d/da = caa * a + cab * b, d/db = cba * a + cbb * b.
+template <typename acc_t>
+struct CosGrad {
+  acc_t caa = 0, cab = 0, cba = 0, cbb = 0;
+
+  CosGrad() = default;
+  CosGrad(acc_t na, acc_t nb, acc_t dot, acc_t w) {
+    const acc_t eps = static_cast<acc_t>(kEps);
+    const acc_t Na = std::max(na, eps), Nb = std::max(nb, eps);
+    const acc_t cos = dot / (Na * Nb);
+    // The norm's own gradient a / |a| is 0 at a = 0 (as linalg.vector_norm's backward).
+    const acc_t inv_na = na > 0 ? acc_t(1) / na : acc_t(0);
+    const acc_t inv_nb = nb > 0 ? acc_t(1) / nb : acc_t(0);
+    cab = w / (Na * Nb);
+    cba = cab;
+    caa = -w * cos * inv_na / Na;
+    cbb = -w * cos * inv_nb / Nb;
+  }
+  bool zero() const { return caa == 0 && cab == 0 && cba == 0 && cbb == 0; }
+};
+
+template <typename acc_t>
+inline acc_t cos_loss(acc_t na, acc_t nb, acc_t dot) {
+  const acc_t eps = static_cast<acc_t>(kEps);
+  return acc_t(1) - dot / (std::max(na, eps) * std::max(nb, eps));
+}
+
+// |a|^2, |b|^2, a.b of a = x1 - x0, b = x2 - x1.
+template <typename acc_t, typename scalar_t>
+inline void triple_sums(const scalar_t* x0, const scalar_t* x1, const scalar_t* x2, int64_t D, acc_t& aa, acc_t& bb,
+                        acc_t& ab) {
+  acc_t s_aa = 0, s_bb = 0, s_ab = 0;
+#pragma omp simd reduction(+ : s_aa, s_bb, s_ab)
+  for (int64_t k = 0; k < D; ++k) {
+    const acc_t v1 = static_cast<acc_t>(x1[k]);
+    const acc_t a = v1 - static_cast<acc_t>(x0[k]);
+    const acc_t b = static_cast<acc_t>(x2[k]) - v1;
+    s_aa += a * a;
+    s_bb += b * b;
+    s_ab += a * b;
+  }
+  aa = s_aa;
+  bb = s_bb;
+  ab = s_ab;
+}
+
+template <typename acc_t, typename scalar_t>
+inline acc_t step_sq(const scalar_t* x0, const scalar_t* x1, int64_t D) {  // |x1 - x0|^2
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < D; ++k) {
+    const acc_t d = static_cast<acc_t>(x1[k]) - static_cast<acc_t>(x0[k]);
+    s += d * d;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- sampled triples
+template <typename scalar_t>
+void sampled_forward(const std::vector<at::Tensor>& hidden, const int64_t* tri, const std::vector<int64_t>& len,
+                     int64_t S, at::Tensor& loss, at::Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
+  std::vector<const scalar_t*> base(L);
+  for (int64_t l = 0; l < L; ++l) base[l] = hidden[l].data_ptr<scalar_t>();
+  acc_t* lo = loss.data_ptr<acc_t>();
+  acc_t* st = stats.data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, L * S * B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t l = i / (S * B), sb = i % (S * B), b = sb % B;
+      if (len[b] < 3) continue;
+      const int64_t* q = tri + sb * 3;
+      const scalar_t* row = base[l] + b * T * D;
+      acc_t aa, bb, ab;
+      triple_sums<acc_t>(row + q[0] * D, row + q[1] * D, row + q[2] * D, D, aa, bb, ab);
+      const acc_t na = std::sqrt(aa), nb = std::sqrt(bb);
+      lo[i] = cos_loss(na, nb, ab);
+      st[3 * i] = na;
+      st[3 * i + 1] = nb;
+      st[3 * i + 2] = ab;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> stp_loss_cpu(at::TensorList hidden_in, const at::Tensor& triples_in,
+                                                const c10::optional<at::Tensor>& lengths) {
+  const char* op = "stp_loss";
+  check_hidden(op, hidden_in);
+  check_lengths(op, lengths, hidden_in[0]);
+  check_triples(op, triples_in, lengths, hidden_in[0]);
+  const auto hidden = contiguous_all(hidden_in);
+  const auto triples = triples_in.contiguous();
+  const int64_t L = hidden.size(), S = triples.size(0), B = hidden[0].size(0), T = hidden[0].size(1);
+  const auto opts = hidden[0].options().dtype(acc_type(hidden[0]));
+  auto loss = at::zeros({L, S, B}, opts);
+  auto stats = at::zeros({L, S, B, 3}, opts);
+  const auto len = row_lengths(lengths, B, T);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_cpu", [&] {
+    sampled_forward<scalar_t>(hidden, triples.data_ptr<int64_t>(), len, S, loss, stats);
+  });
+  return {loss, stats};
+}
+
+// One gradient contribution: span `span` touches position `pos` in role 0 (s), 1 (r) or 2 (t).
+struct Entry {
+  int64_t pos, span, role;
+  bool operator<(const Entry& o) const {
+    return pos != o.pos ? pos < o.pos : (span != o.span ? span < o.span : role < o.role);
+  }
+};
+
+// work += fa * (x1 - x0) + fb * (x2 - x1), i.e. fa * a + fb * b of the triple (x0, x1, x2).
+template <typename acc_t, typename scalar_t>
+inline void add_ab(acc_t* work, const scalar_t* x0, const scalar_t* x1, const scalar_t* x2, acc_t fa, acc_t fb,
+                   int64_t D) {
+#pragma omp simd
+  for (int64_t k = 0; k < D; ++k) {
+    const acc_t v1 = static_cast<acc_t>(x1[k]);
+    work[k] += fa * (v1 - static_cast<acc_t>(x0[k])) + fb * (static_cast<acc_t>(x2[k]) - v1);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_row(scalar_t* out, const acc_t* a, const acc_t* b, int64_t D) {  // out = a - b
+#pragma omp simd
+  for (int64_t k = 0; k < D; ++k) out[k] = static_cast<scalar_t>(a[k] - b[k]);
+}
+
+template <typename scalar_t>
+void sampled_backward(const std::vector<at::Tensor>& hidden, const int64_t* tri, const std::vector<int64_t>& len,
+                      int64_t S, const at::Tensor& grad_loss, const at::Tensor& stats,
+                      std::vector<at::Tensor>& grads, const std::vector<bool>& zeroed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
+  // Per row b: its 3S entries sorted by position (shared by all layers); inactive rows get none.
+  std::vector<std::vector<Entry>> entries(B);
+  for (int64_t b = 0; b < B; ++b) {
+    if (len[b] < 3) continue;
+    auto& e = entries[b];
+    e.reserve(3 * S);
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t k = 0; k < 3; ++k) e.push_back({tri[(i * B + b) * 3 + k], i, k});
+    std::sort(e.begin(), e.end());
+  }
+  // Coefficients of every (layer, span, row): the only math that needs the stats.
+  std::vector<CosGrad<acc_t>> coef(L * S * B);
+  const acc_t* gl = grad_loss.data_ptr<acc_t>();
+  const acc_t* st = stats.data_ptr<acc_t>();
+  for (int64_t i = 0; i < L * S * B; ++i) {
+    if (len[i % B] >= 3) coef[i] = CosGrad<acc_t>(st[3 * i], st[3 * i + 1], st[3 * i + 2], -gl[i]);
+  }
+  // Tasks: (layer, row, chunk of positions). Each writes its chunk of gradient rows exactly once.
+  const int64_t chunk = 64;
+  const int64_t per_seq = (T + chunk - 1) / chunk;
+  at::parallel_for(0, L * B * per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> work(D), zeros(D, acc_t(0));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t l = task / (B * per_seq), b = (task / per_seq) % B, c = task % per_seq;
+      const int64_t p0 = c * chunk, p1 = std::min(T, p0 + chunk);
+      const scalar_t* hrow = hidden[l].data_ptr<scalar_t>() + b * T * D;
+      scalar_t* grow = grads[l].data_ptr<scalar_t>() + b * T * D;
+      const auto& e = entries[b];
+      auto it = std::lower_bound(e.begin(), e.end(), Entry{p0, -1, -1});
+      int64_t p = p0;  // first row of the chunk not yet written
+      while (it != e.end() && it->pos < p1) {
+        const int64_t pos = it->pos;
+        if (pos > p && !zeroed[l]) zero_bytes(grow + p * D, (pos - p) * D * sizeof(scalar_t));
+        std::fill(work.begin(), work.end(), acc_t(0));
+        for (; it != e.end() && it->pos == pos; ++it) {
+          const int64_t* q = tri + (it->span * B + b) * 3;
+          const auto& cg = coef[(l * S + it->span) * B + b];
+          // d/dh[s] = -d/da, d/dh[r] = d/da - d/db, d/dh[t] = d/db.
+          const acc_t fa = it->role == 0 ? -cg.caa : (it->role == 1 ? cg.caa - cg.cba : cg.cba);
+          const acc_t fb = it->role == 0 ? -cg.cab : (it->role == 1 ? cg.cab - cg.cbb : cg.cbb);
+          add_ab(work.data(), hrow + q[0] * D, hrow + q[1] * D, hrow + q[2] * D, fa, fb, D);
+        }
+        store_row(grow + pos * D, work.data(), zeros.data(), D);
+        p = pos + 1;
+      }
+      if (p1 > p && !zeroed[l]) zero_bytes(grow + p * D, (p1 - p) * D * sizeof(scalar_t));
+    }
+  });
+}
+
+std::vector<at::Tensor> stp_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& stats_in,
+                                              at::TensorList hidden_in, const at::Tensor& triples_in,
+                                              const c10::optional<at::Tensor>& lengths) {
+  const char* op = "stp_loss_backward";
+  check_hidden(op, hidden_in);
+  check_lengths(op, lengths, hidden_in[0]);
+  check_triples(op, triples_in, lengths, hidden_in[0]);
+  const int64_t L = hidden_in.size(), S = triples_in.size(0), B = hidden_in[0].size(0), T = hidden_in[0].size(1),
+                D = hidden_in[0].size(2);
+  check_grad(op, "grad_loss", grad_loss_in, {L, S, B}, hidden_in[0]);
+  check_grad(op, "stats", stats_in, {L, S, B, 3}, hidden_in[0]);
+  const auto hidden = contiguous_all(hidden_in);
+  const auto triples = triples_in.contiguous();
+  const auto len = row_lengths(lengths, B, T);
+  std::vector<at::Tensor> grads;
+  std::vector<bool> zeroed;
+  for (const auto& h : hidden) {
+    auto buf = grad_buffer(h, /*hugepages=*/false);  // mostly untouched: keep 4 KiB pages
+    grads.push_back(buf.first);
+    zeroed.push_back(buf.second);
+  }
+  if (B * T * D == 0) return grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_backward_cpu", [&] {
+    sampled_backward<scalar_t>(hidden, triples.data_ptr<int64_t>(), len, S, grad_loss_in.contiguous(),
+                               stats_in.contiguous(), grads, zeroed);
+  });
+  return grads;
+}
+
+// ---------------------------------------------------------------- dense (every consecutive triple)
+template <typename scalar_t>
+void dense_forward(const std::vector<at::Tensor>& hidden, const std::vector<int64_t>& len, at::Tensor& loss,
+                   at::Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
+  const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
+  acc_t* lo = loss.data_ptr<acc_t>();
+  acc_t* st = stats.data_ptr<acc_t>();
+  const int64_t chunk = 64;
+  const int64_t per_seq = (Q + chunk - 1) / chunk;
+  at::parallel_for(0, L * B * per_seq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t l = task / (B * per_seq), b = (task / per_seq) % B, c = task % per_seq;
+      const int64_t nq = std::max<int64_t>(len[b] - 1, 0);  // valid steps q: q + 1 < len
+      const int64_t q0 = c * chunk, q1 = std::min(nq, q0 + chunk);
+      const scalar_t* x = hidden[l].data_ptr<scalar_t>() + b * T * D;
+      acc_t* s = st + (l * B + b) * Q * 2;
+      acc_t* lrow = lo + (l * B + b) * P;
+      // Triple q supplies |d_q| and d_q.d_{q+1}; the last valid step has no triple of its own.
+      for (int64_t q = q0; q < q1; ++q) {
+        if (q + 1 < nq) {
+          acc_t aa, bb, ab;
+          triple_sums<acc_t>(x + q * D, x + (q + 1) * D, x + (q + 2) * D, D, aa, bb, ab);
+          const acc_t na = std::sqrt(aa), nb = std::sqrt(bb);
+          s[2 * q] = na;
+          s[2 * q + 1] = ab;
+          lrow[q] = cos_loss(na, nb, ab);
+        } else {
+          s[2 * q] = std::sqrt(step_sq<acc_t>(x + q * D, x + (q + 1) * D, D));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> stp_loss_dense_cpu(at::TensorList hidden_in,
+                                                      const c10::optional<at::Tensor>& lengths) {
+  const char* op = "stp_loss_dense";
+  check_hidden(op, hidden_in);
+  check_lengths(op, lengths, hidden_in[0]);
+  const auto hidden = contiguous_all(hidden_in);
+  const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1);
+  const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
+  const auto opts = hidden[0].options().dtype(acc_type(hidden[0]));
+  auto loss = at::zeros({L, B, P}, opts);
+  auto stats = at::zeros({L, B, Q, 2}, opts);
+  const auto len = row_lengths(lengths, B, T);
+  if (L * B * Q == 0) return {loss, stats};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_dense_cpu", [&] {
+    dense_forward<scalar_t>(hidden, len, loss, stats);
+  });
+  return {loss, stats};
+}
+
+template <typename scalar_t>
+void dense_backward(const std::vector<at::Tensor>& hidden, const std::vector<int64_t>& len,
+                    const at::Tensor& grad_loss, const at::Tensor& stats, std::vector<at::Tensor>& grads) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
+  const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
+  const acc_t* gl = grad_loss.data_ptr<acc_t>();
+  const acc_t* st = stats.data_ptr<acc_t>();
+  const int64_t chunk = 64;
+  const int64_t per_seq = (T + chunk - 1) / chunk;
+  at::parallel_for(0, L * B * per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gprev(D), gcur(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t l = task / (B * per_seq), b = (task / per_seq) % B, c = task % per_seq;
+      const int64_t np = std::max<int64_t>(len[b] - 2, 0);  // valid triples p < np
+      const int64_t p0 = c * chunk, p1 = std::min(T, p0 + chunk);
+      const scalar_t* x = hidden[l].data_ptr<scalar_t>() + b * T * D;
+      scalar_t* g = grads[l].data_ptr<scalar_t>() + b * T * D;
+      const acc_t* s = st + (l * B + b) * Q * 2;
+      const acc_t* glr = gl + (l * B + b) * P;
+      auto coef = [&](int64_t p) {  // triple p: a = d_p, b = d_{p+1}
+        if (p < 0 || p >= np) return CosGrad<acc_t>();
+        return CosGrad<acc_t>(s[2 * p], s[2 * p + 2], s[2 * p + 1], -glr[p]);
+      };
+      // gd[q] = d loss / d step q = (caa_q d_q + cab_q d_{q+1}) + (cba_{q-1} d_{q-1} + cbb_{q-1} d_q),
+      // nonzero only for q <= np; dh[p] = gd[p-1] - gd[p]. Zero coefficients are skipped, so
+      // padding past a row's length is never read (a NaN there cannot leak in as 0 * NaN).
+      auto step_grad = [&](int64_t q, acc_t* out) {
+        std::fill(out, out + D, acc_t(0));
+        const auto ca = coef(q), cb = coef(q - 1);
+        if (!ca.zero()) add_ab(out, x + q * D, x + (q + 1) * D, x + (q + 2) * D, ca.caa, ca.cab, D);
+        if (!cb.zero()) add_ab(out, x + (q - 1) * D, x + q * D, x + (q + 1) * D, cb.cba, cb.cbb, D);
+      };
+      const int64_t pend = std::min(p1, np + 2);  // rows from np + 2 on get no gradient
+      if (p0 < pend) {
+        if (p0 > 0) {
+          step_grad(p0 - 1, gprev.data());
+        } else {
+          std::fill(gprev.begin(), gprev.end(), acc_t(0));
+        }
+        for (int64_t p = p0; p < pend; ++p) {
+          step_grad(p, gcur.data());
+          store_row(g + p * D, gprev.data(), gcur.data(), D);
+          std::swap(gprev, gcur);
+        }
+      }
+      const int64_t z0 = std::max(p0, pend);
+      if (p1 > z0) zero_bytes(g + z0 * D, (p1 - z0) * D * sizeof(scalar_t));
+    }
+  });
+}
+
+std::vector<at::Tensor> stp_loss_dense_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& stats_in,
+                                                    at::TensorList hidden_in,
+                                                    const c10::optional<at::Tensor>& lengths) {
+  const char* op = "stp_loss_dense_backward";
+  check_hidden(op, hidden_in);
+  check_lengths(op, lengths, hidden_in[0]);
+  const int64_t L = hidden_in.size(), B = hidden_in[0].size(0), T = hidden_in[0].size(1), D = hidden_in[0].size(2);
+  const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
+  check_grad(op, "grad_loss", grad_loss_in, {L, B, P}, hidden_in[0]);
+  check_grad(op, "stats", stats_in, {L, B, Q, 2}, hidden_in[0]);
+  const auto hidden = contiguous_all(hidden_in);
+  const auto len = row_lengths(lengths, B, T);
+  std::vector<at::Tensor> grads;
+  for (const auto& h : hidden) grads.push_back(grad_buffer(h, /*hugepages=*/true).first);  // written in full
+  if (B * T * D == 0) return grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_dense_backward_cpu",
+                                  [&] { dense_backward<scalar_t>(hidden, len, grad_loss_in.contiguous(),
+                                                                 stats_in.contiguous(), grads); });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trajops, CPU, m) {
+  m.impl("stp_loss", &stp_loss_cpu);
+  m.impl("stp_loss_backward", &stp_loss_backward_cpu);
+  m.impl("stp_loss_dense", &stp_loss_dense_cpu);
+  m.impl("stp_loss_dense_backward", &stp_loss_dense_backward_cpu);
+}
+
+}  // namespace trajops
