@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.trajops-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+# Op-level tests: they run again on the reference and on the Triton kernels (interpreter).
+OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_stp_loss.py
 
 .PHONY: all install build test test-cpp test-triton test-reference bench clean
 
@@ -34,10 +36,10 @@ test-cpp:
 	TRAJOPS_REQUIRE_EXT=1 $(PYTEST) tests
 
 test-reference:
-	TRAJOPS_BACKEND=reference $(PYTEST) -m "not slow" tests/test_trajectory_flow.py
+	TRAJOPS_BACKEND=reference $(PYTEST) -m "not slow" $(OP_TESTS)
 
 test-triton:
-	TRAJOPS_BACKEND=triton TRITON_INTERPRET=1 $(PYTEST) -m "not slow" tests/test_trajectory_flow.py
+	TRAJOPS_BACKEND=triton TRITON_INTERPRET=1 $(PYTEST) -m "not slow" $(OP_TESTS)
 
 bench: build
 	$(PY) bench/run.py

@@ -54,8 +54,13 @@ def stp_dense_valid(B: int, T: int, lengths: Optional[Tensor], device: torch.dev
     return p.unsqueeze(0) + 2 < lengths.unsqueeze(1)
 
 
-def _cos_grads(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, dot: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
-    """w * d cos(b, a) / da and w * d cos(b, a) / db, with cosine_similarity's eps semantics."""
+def _cos_grads(
+    a: Tensor, b: Tensor, na: Tensor, nb: Tensor, dot: Tensor, w: Tensor, mask: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """w * d cos(b, a) / da and w * d cos(b, a) / db, with cosine_similarity's eps semantics.
+
+    Zero where ``mask`` is False, even if a or b hold NaN there (padding is never read into a gradient).
+    """
     Na, Nb = na.clamp_min(STP_EPS), nb.clamp_min(STP_EPS)
     cos = dot / (Na * Nb)
     # The norm's own gradient a / |a| is 0 at a = 0 (as linalg.vector_norm's backward).
@@ -64,7 +69,8 @@ def _cos_grads(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, dot: Tensor, w: Ten
     wa, wb = (w / Na).unsqueeze(-1), (w / Nb).unsqueeze(-1)
     ga = wa * (b / Nb.unsqueeze(-1) - (cos * inv_na).unsqueeze(-1) * a)
     gb = wb * (a / Na.unsqueeze(-1) - (cos * inv_nb).unsqueeze(-1) * b)
-    return ga, gb
+    m = mask.unsqueeze(-1)
+    return torch.where(m, ga, torch.zeros_like(ga)), torch.where(m, gb, torch.zeros_like(gb))
 
 
 def _gather(h: Tensor, triples: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
@@ -120,7 +126,7 @@ def stp_loss_backward(
         a, b = hr - hs, ht - hr
         st = stats[layer].to(acc)
         w = torch.where(active, -grad_loss[layer].to(acc), torch.zeros((), dtype=acc, device=h.device))
-        ga, gb = _cos_grads(a, b, st[..., 0], st[..., 1], st[..., 2], w)
+        ga, gb = _cos_grads(a, b, st[..., 0], st[..., 1], st[..., 2], w, active.expand_as(w))
         contrib = torch.stack([-ga, ga - gb, gb], dim=2)  # (S, B, 3, D)
         g = torch.zeros(B * T, D, dtype=acc, device=h.device)
         g.index_add_(0, flat.reshape(-1), contrib.reshape(-1, D))
@@ -167,7 +173,7 @@ def stp_loss_dense_backward(
         d = hc[:, 1:] - hc[:, :-1]
         n, dot = stats[layer, :, :, 0].to(acc), stats[layer, :, :, 1].to(acc)
         w = torch.where(valid, -grad_loss[layer].to(acc), torch.zeros((), dtype=acc, device=dev))
-        ga, gb = _cos_grads(d[:, :-1], d[:, 1:], n[:, :-1], n[:, 1:], dot[:, :-1], w)
+        ga, gb = _cos_grads(d[:, :-1], d[:, 1:], n[:, :-1], n[:, 1:], dot[:, :-1], w, valid)
         gd = F.pad(ga, (0, 0, 0, 1)) + F.pad(gb, (0, 0, 1, 0))  # (B, T-1, D): d(loss)/d(step q)
         g = F.pad(gd, (0, 0, 1, 0)) - F.pad(gd, (0, 0, 0, 1))  # dh[p] = gd[p-1] - gd[p]
         grads.append(g.to(h.dtype))
