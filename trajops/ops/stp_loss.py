@@ -321,7 +321,7 @@ def sample_stp_triples(
         batch: B >= 0.
         seq_len: T >= 0.
         n_spans: triples per row, >= 1.
-        lengths: optional (B,) integer tensor, values in [0, T].
+        lengths: optional (B,) integer tensor (or list), values in [0, T].
         generator: optional torch.Generator on ``device`` (for reproducible draws).
         device: where to sample; defaults to lengths' device, else the generator's, else CPU.
 
@@ -333,7 +333,10 @@ def sample_stp_triples(
     if batch < 0 or seq_len < 0:
         raise ValueError(f"sample_stp_triples: batch and seq_len must be >= 0, got {batch} and {seq_len}")
     if device is None:
-        device = lengths.device if lengths is not None else (generator.device if generator is not None else "cpu")
+        if isinstance(lengths, Tensor):
+            device = lengths.device
+        else:
+            device = generator.device if generator is not None else "cpu"
     device = torch.device(device)
     shape = (n_spans, batch, 3)
     offsets = torch.arange(3, device=device)
@@ -359,7 +362,7 @@ def sample_stp_triples(
 
 def _as_layers(op: str, hidden: Hidden) -> List[Tensor]:
     if isinstance(hidden, Tensor):
-        return [hidden]
+        hidden = [hidden]
     if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, Tensor) for h in hidden):
         raise TypeError(f"{op}: hidden must be a (B, T, D) tensor or a list of them, got {type(hidden).__name__}")
     if len(hidden) == 0:
@@ -428,7 +431,8 @@ def stp_loss(
             for a single tensor).
 
     Returns:
-        The loss, float32 (float64 for float64 inputs), in [0, 2].
+        The loss, float32 (float64 for float64 inputs), in [0, 2] up to rounding (a straight line
+        can give -1e-7 in fp32).
 
     Same as ``torch.ops.trajops.stp_loss(hidden, triples, lengths)[0]`` plus the sampling and the
     reduction (the op's second output holds per-triple norms and dots reused by its backward).

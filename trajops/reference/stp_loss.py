@@ -93,6 +93,10 @@ def stp_loss(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor
     """
     B, T, _ = hidden[0].shape
     acc = compute_dtype(hidden[0].dtype)
+    if T < 3:  # no row can be active (and with T = 0 there is no row to gather)
+        S = triples.shape[0]
+        z = hidden[0].new_zeros((len(hidden), S, B), dtype=acc)
+        return z, hidden[0].new_zeros((len(hidden), S, B, 3), dtype=acc)
     active = stp_active_rows(B, T, lengths, hidden[0].device).unsqueeze(0)  # (1, B)
     idx = torch.where(active.unsqueeze(-1), triples, torch.zeros_like(triples))  # inactive rows: any index
     losses, stats = [], []
@@ -117,6 +121,8 @@ def stp_loss_backward(
     """
     B, T, D = hidden[0].shape
     acc = compute_dtype(hidden[0].dtype)
+    if T < 3:
+        return [torch.zeros_like(h) for h in hidden]
     active = stp_active_rows(B, T, lengths, hidden[0].device).unsqueeze(0)
     idx = torch.where(active.unsqueeze(-1), triples, torch.zeros_like(triples))
     flat = (torch.arange(B, device=idx.device).unsqueeze(0) * T).unsqueeze(-1) + idx  # (S, B, 3) rows of (B*T, D)
@@ -129,7 +135,7 @@ def stp_loss_backward(
         ga, gb = _cos_grads(a, b, st[..., 0], st[..., 1], st[..., 2], w, active.expand_as(w))
         contrib = torch.stack([-ga, ga - gb, gb], dim=2)  # (S, B, 3, D)
         g = torch.zeros(B * T, D, dtype=acc, device=h.device)
-        g.index_add_(0, flat.reshape(-1), contrib.reshape(-1, D))
+        g.index_add_(0, flat.reshape(-1), contrib.reshape(flat.numel(), D))
         grads.append(g.view(B, T, D).to(h.dtype))
     return grads
 
