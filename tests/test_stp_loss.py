@@ -1049,3 +1049,22 @@ def test_bad_n_spans_and_sampler_arguments():
         trajops.stp_loss(_h(), triples=torch.tensor([[[0, 1, 2], [2, 1, 0]]]))
     with pytest.raises(TypeError, match="triples must be int64"):
         trajops.stp_loss(_h(), triples=_tr().int())
+
+
+@pytest.mark.skipif(INTERPRETER, reason="large shapes; the C++ kernels map their gradient buffers at >= 4 MiB")
+def test_large_gradients_from_mapped_buffers():
+    # 8 MiB per layer: the C++ backwards take lazily zeroed pages from the OS instead of at::zeros.
+    hidden = make_hidden(2, 2, 1024, 1024, torch.float32, seed=5)
+    triples = make_triples(6, 2, 1024, None, seed=5)
+    loss, stats = op(hidden, triples, None)
+    g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(5))
+    got = op_backward(g, stats, hidden, triples, None)
+    want = reference.stp_loss_backward(g, stats, hidden, triples, None)
+    for a, e in zip(got, want):
+        assert_close_rows(a, e)
+        a.add_(1.0)  # an ordinary, writable tensor
+        assert_close_rows(a, e + 1.0)
+    dl, ds = dense(hidden, None)
+    gd = torch.randn(dl.shape, generator=torch.Generator().manual_seed(6))
+    for a, e in zip(dense_backward(gd, ds, hidden, None), reference.stp_loss_dense_backward(gd, ds, hidden, None)):
+        assert_close_rows(a, e)
