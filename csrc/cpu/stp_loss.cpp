@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -36,27 +37,52 @@ constexpr double kEps = 1e-8;  // torch.nn.functional.cosine_similarity's defaul
 
 // ---------------------------------------------------------------- checks
 // Messages match trajops/ops/stp_loss.py so every backend fails the same way.
+// Python's spelling of a dtype (torch.float32), so that messages match trajops/ops/stp_loss.py.
+std::string dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(st);
+  }
+}
+
+std::string shape_str(at::IntArrayRef s) {  // (2, 3) as Python prints a tuple
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
 void check_hidden(const char* op, at::TensorList hidden) {
   TORCH_CHECK_VALUE(!hidden.empty(), op, ": hidden must hold at least one (B, T, D) tensor, got none");
   const auto& h0 = hidden[0];
   TORCH_CHECK_VALUE(h0.dim() == 3, op, ": hidden[0] must have shape (B, T, D), got shape ", h0.sizes());
   const auto st = h0.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-                   ": hidden must be float32, float64, float16 or bfloat16, got ", st);
+                   ": hidden must be float32, float64, float16 or bfloat16, got ", dtype_name(st));
   for (size_t i = 1; i < hidden.size(); ++i) {
     const auto& h = hidden[i];
     TORCH_CHECK_VALUE(h.sizes() == h0.sizes(), op, ": every layer must have the shape of hidden[0] ", h0.sizes(),
                       ", got ", h.sizes(), " for hidden[", i, "]");
-    TORCH_CHECK_TYPE(h.scalar_type() == st, op, ": every layer must have the dtype of hidden[0] (", st, "), got ",
-                     h.scalar_type(), " for hidden[", i, "]");
+    TORCH_CHECK_TYPE(h.scalar_type() == st, op, ": every layer must have the dtype of hidden[0] (", dtype_name(st),
+                     "), got ", dtype_name(h.scalar_type()), " for hidden[", i, "]");
     TORCH_CHECK(h.device() == h0.device(), op, ": every layer must be on the device of hidden[0] (", h0.device(),
                 "), got ", h.device(), " for hidden[", i, "]");
   }
 }
 
-void check_index(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& h0) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got shape ", t.sizes());
+void check_index(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const char* spec,
+                 const at::Tensor& h0) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", spec, " = ", shape_str(shape),
+                    ", got shape ", t.sizes());
   TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), "), got ",
               t.device());
 }
@@ -64,7 +90,7 @@ void check_index(const char* op, const char* name, const at::Tensor& t, at::IntA
 void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, const at::Tensor& h0) {
   if (!lengths.has_value()) return;
   const int64_t B = h0.size(0), T = h0.size(1);
-  check_index(op, "lengths", *lengths, {B}, h0);
+  check_index(op, "lengths", *lengths, {B}, "(B,)", h0);
   const auto len = lengths->contiguous();
   const int64_t* l = len.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -78,7 +104,7 @@ void check_triples(const char* op, const at::Tensor& triples, const c10::optiona
   const int64_t B = h0.size(0), T = h0.size(1);
   TORCH_CHECK_VALUE(triples.dim() == 3 && triples.size(0) >= 1, op,
                     ": triples must have shape (n_spans, B, 3) with n_spans >= 1, got shape ", triples.sizes());
-  check_index(op, "triples", triples, {triples.size(0), B, 3}, h0);
+  check_index(op, "triples", triples, {triples.size(0), B, 3}, "(n_spans, B, 3)", h0);
   const auto tri = triples.contiguous();
   const int64_t* p = tri.data_ptr<int64_t>();
   at::Tensor len;
@@ -101,7 +127,8 @@ void check_triples(const char* op, const at::Tensor& triples, const c10::optiona
 
 void check_grad(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& h0) {
   const auto acc = h0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", dtype_name(acc), ", got ",
+                   dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), ")");
 }
