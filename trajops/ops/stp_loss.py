@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from .._library import register_kernels
+from ..reference._common import compute_dtype as _acc_dtype
 
 __all__ = ["sample_stp_triples", "stp_loss", "stp_loss_dense"]
 
@@ -28,10 +29,6 @@ Hidden = Union[Tensor, Sequence[Tensor]]
 
 # ---------------------------------------------------------------- input checks
 # Messages match csrc/cpu/stp_loss.cpp so every backend fails the same way.
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_hidden(op: str, hidden: Sequence[Tensor]) -> None:
     torch._check_value(len(hidden) >= 1, lambda: f"{op}: hidden must hold at least one (B, T, D) tensor, got none")
     h0 = hidden[0]
