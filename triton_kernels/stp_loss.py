@@ -149,6 +149,15 @@ def _norm_finish(s, IS_D1: tl.constexpr):
 
 
 @triton.jit
+def _triple_finish(s_aa, s_bb, s_ab, IS_D1: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr):
+    """|a|, |b|, a.b and cos(b, a) of a tile of triples from their per-column partial sums."""
+    na = _norm_finish(tl.sum(s_aa, axis=1), IS_D1)
+    nb = _norm_finish(tl.sum(s_bb, axis=1), IS_D1)
+    dot = tl.sum(s_ab, axis=1)
+    return na, nb, dot, dot / (_clamp_eps(na, EPS, CDT) * _clamp_eps(nb, EPS, CDT))
+
+
+@triton.jit
 def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, loss_ptr, stats_ptr,
                     N, SB, B, T, D,
                     HAS_LEN: tl.constexpr, MULTI: tl.constexpr, OFF_ALIGNED: tl.constexpr,
@@ -193,10 +202,7 @@ def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, loss_ptr, stats_ptr,
         sa += _norm_term(a, IS_D1)
         sb2 += _norm_term(bb, IS_D1)
         sd += a * bb
-    na = _norm_finish(tl.sum(sa, axis=1), IS_D1)
-    nb = _norm_finish(tl.sum(sb2, axis=1), IS_D1)
-    dot = tl.sum(sd, axis=1)
-    cos = dot / (_clamp_eps(na, EPS, CDT) * _clamp_eps(nb, EPS, CDT))
+    na, nb, dot, cos = _triple_finish(sa, sb2, sd, IS_D1, EPS, CDT)
     nan = tl.full([], float("nan"), CDT)
     loss = tl.where(flag, nan, tl.where(use, 1.0 - cos, 0.0))
     na = tl.where(flag, nan, tl.where(use, na, 0.0))
@@ -350,10 +356,7 @@ def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, loss_ptr, stats_ptr,
         s0 += _norm_term(d0v, IS_D1)
         s1 += _norm_term(d1v, IS_D1)
         sd += d0v * d1v
-    n0 = _norm_finish(tl.sum(s0, axis=1), IS_D1)
-    n1 = _norm_finish(tl.sum(s1, axis=1), IS_D1)
-    dot = tl.sum(sd, axis=1)
-    cos = dot / (_clamp_eps(n0, EPS, CDT) * _clamp_eps(n1, EPS, CDT))
+    n0, _, dot, cos = _triple_finish(s0, s1, sd, IS_D1, EPS, CDT)
     nan = tl.full([], float("nan"), CDT)
     loss = tl.where(bad_len, nan, tl.where(tri_ok, 1.0 - cos, 0.0))
     n0 = tl.where(bad_len, nan, tl.where(step_ok, n0, 0.0))

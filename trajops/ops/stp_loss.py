@@ -379,7 +379,7 @@ def _as_lengths(op: str, lengths, h0: Tensor) -> Optional[Tensor]:
     return lengths.to(torch.int64)
 
 
-def _reduce(op: str, losses: Tensor, count: Tensor, n_layers: int, reduction: str) -> Tensor:
+def _reduce(losses: Tensor, count: Tensor, n_layers: int, reduction: str) -> Tensor:
     if reduction == "none":
         return losses
     total = losses.sum()
@@ -389,9 +389,12 @@ def _reduce(op: str, losses: Tensor, count: Tensor, n_layers: int, reduction: st
     return total / (count.clamp_min(1) * n_layers).to(total.dtype)
 
 
-def _check_reduction(op: str, reduction: str) -> None:
+def _prepare(op: str, hidden: Hidden, lengths, reduction: str) -> Tuple[List[Tensor], Optional[Tensor]]:
+    """The public functions' argument handling: (layers, int64 lengths or None)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    layers = _as_layers(op, hidden)
+    return layers, _as_lengths(op, lengths, layers[0])
 
 
 def stp_loss(
@@ -434,17 +437,14 @@ def stp_loss(
     Same as ``torch.ops.trajops.stp_loss(hidden, triples, lengths)[0]`` plus the sampling and the
     reduction (the op's second output holds per-triple norms and dots reused by its backward).
     """
-    op = "stp_loss"
-    _check_reduction(op, reduction)
-    layers = _as_layers(op, hidden)
+    layers, lens = _prepare("stp_loss", hidden, lengths, reduction)
     h0 = layers[0]
     B, T, _ = h0.shape
-    lens = _as_lengths(op, lengths, h0)
     if triples is None:
         triples = sample_stp_triples(B, T, n_spans, lengths=lens, generator=generator, device=h0.device)
     losses, _ = torch.ops.trajops.stp_loss(layers, triples, lens)
     count = reference.stp_active_rows(B, T, lens, h0.device).sum() * triples.shape[0]
-    return _reduce(op, losses, count, len(layers), reduction)
+    return _reduce(losses, count, len(layers), reduction)
 
 
 def stp_loss_dense(hidden: Hidden, *, lengths: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
@@ -462,12 +462,9 @@ def stp_loss_dense(hidden: Hidden, *, lengths: Optional[Tensor] = None, reductio
     Returns:
         The loss, float32 (float64 for float64 inputs).
     """
-    op = "stp_loss_dense"
-    _check_reduction(op, reduction)
-    layers = _as_layers(op, hidden)
+    layers, lens = _prepare("stp_loss_dense", hidden, lengths, reduction)
     h0 = layers[0]
     B, T, _ = h0.shape
-    lens = _as_lengths(op, lengths, h0)
     losses, _ = torch.ops.trajops.stp_loss_dense(layers, lens)
     count = reference.stp_dense_valid(B, T, lens, h0.device).sum()
-    return _reduce(op, losses, count, len(layers), reduction)
+    return _reduce(losses, count, len(layers), reduction)

@@ -4,25 +4,9 @@ Every kernel (C++, Triton) is tested against these functions. They are vectorize
 over the sequence or the samples), differentiable through plain autograd, and compute in fp32 (fp64
 for fp64 inputs). One module per op.
 """
-from .stp_loss import (
-    STP_EPS,
-    stp_active_rows,
-    stp_dense_valid,
-    stp_loss,
-    stp_loss_backward,
-    stp_loss_dense,
-    stp_loss_dense_backward,
-)
-from .trajectory_flow import trajectory_flow, trajectory_flow_backward
+from . import stp_loss as _stp_loss
+from . import trajectory_flow as _trajectory_flow
+from .stp_loss import *  # noqa: F401,F403
+from .trajectory_flow import *  # noqa: F401,F403
 
-__all__ = [
-    "STP_EPS",
-    "stp_active_rows",
-    "stp_dense_valid",
-    "stp_loss",
-    "stp_loss_backward",
-    "stp_loss_dense",
-    "stp_loss_dense_backward",
-    "trajectory_flow",
-    "trajectory_flow_backward",
-]
+__all__ = sorted(_stp_loss.__all__ + _trajectory_flow.__all__)
