@@ -24,4 +24,11 @@ TORCH_LIBRARY(trajops, m) {
   m.def(
       "stp_loss_dense_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, "
       "Tensor? lengths) -> Tensor[]");
+  m.def(
+      "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
+      "bool causal=False, float? scale=None) -> (Tensor, Tensor)");
+  m.def(
+      "temperature_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor tau, Tensor? attn_mask, bool causal, float? scale, Tensor out, Tensor lse) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }

@@ -7,6 +7,7 @@ Triton on CUDA and the pure-PyTorch reference (``trajops.reference``) anywhere e
 from ._library import BACKEND, HAS_EXTENSION, HAS_TRITON, backends
 from . import reference
 from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
+from .ops.temperature_attention import temperature_attention
 from .ops.trajectory_flow import trajectory_flow
 from . import nn  # noqa: E402  (after the ops it uses)
 
@@ -21,5 +22,6 @@ __all__ = [
     "sample_stp_triples",
     "stp_loss",
     "stp_loss_dense",
+    "temperature_attention",
     "trajectory_flow",
 ]

@@ -28,6 +28,11 @@ SCHEMAS: Dict[str, str] = {
     "stp_loss_dense": "stp_loss_dense(Tensor[] hidden, Tensor? lengths=None) -> (Tensor, Tensor)",
     "stp_loss_dense_backward": "stp_loss_dense_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, "
     "Tensor? lengths) -> Tensor[]",
+    "temperature_attention": "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
+    "bool causal=False, float? scale=None) -> (Tensor, Tensor)",
+    "temperature_attention_backward": "temperature_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, "
+    "Tensor k, Tensor v, Tensor tau, Tensor? attn_mask, bool causal, float? scale, Tensor out, Tensor lse) -> "
+    "(Tensor, Tensor, Tensor, Tensor)",
 }
 
 _CHOICES = ("auto", "reference", "triton")

@@ -15,6 +15,8 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,29 +39,6 @@ constexpr double kEps = 1e-8;  // torch.nn.functional.cosine_similarity's defaul
 
 // ---------------------------------------------------------------- checks
 // Messages match trajops/ops/stp_loss.py so every backend fails the same way.
-// Python's spelling of a dtype (torch.float32), so that messages match trajops/ops/stp_loss.py.
-std::string dtype_name(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(st);
-  }
-}
-
-std::string shape_str(at::IntArrayRef s) {  // (2, 3) as Python prints a tuple
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + (s.size() == 1 ? ",)" : ")");
-}
-
 void check_hidden(const char* op, at::TensorList hidden) {
   TORCH_CHECK_VALUE(!hidden.empty(), op, ": hidden must hold at least one (B, T, D) tensor, got none");
   const auto& h0 = hidden[0];

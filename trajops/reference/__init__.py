@@ -5,8 +5,10 @@ over the sequence or the samples), differentiable through plain autograd, and co
 for fp64 inputs). One module per op.
 """
 from . import stp_loss as _stp_loss
+from . import temperature_attention as _temperature_attention
 from . import trajectory_flow as _trajectory_flow
 from .stp_loss import *  # noqa: F401,F403
+from .temperature_attention import *  # noqa: F401,F403
 from .trajectory_flow import *  # noqa: F401,F403
 
-__all__ = sorted(_stp_loss.__all__ + _trajectory_flow.__all__)
+__all__ = sorted(_stp_loss.__all__ + _temperature_attention.__all__ + _trajectory_flow.__all__)

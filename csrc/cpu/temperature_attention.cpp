@@ -1,0 +1,218 @@
+// CPU kernels of trajops::temperature_attention and its backward.
+//
+// Semantics: trajops/reference/temperature_attention.py. With c = scale / tau per query row,
+// softmax(c q k^T) v is flash attention on the pre-scaled queries q' = c q with scale 1, so the CPU
+// kernel is ATen's own fused flash kernel (_scaled_dot_product_flash_attention_for_cpu: blocked,
+// online softmax, BLAS GEMM tiles, never materializes the (Tq, Tk) scores) called on q'. Its
+// backward gives dq'; then dq = c dq' and dtau = -(q . dq) / tau, an epilogue over (B, Hq, Tq) rows.
+// Why not our own C++ kernel: that kernel is the one F.scaled_dot_product_attention runs on CPU, so
+// this path is by construction as fast as the SDPA composite (the target); the benchmark
+// (bench/bench_temperature_attention.py) also measures it against a GEMM of equal FLOPs, which
+// bounds what any hand-written kernel could gain.
+//
+// What the ATen kernel lacks, and how it is bridged:
+//   - bool masks and bottom-right causal: turned into one additive (0 / -inf) mask of the mask's
+//     own broadcast shape; plain is_causal when Tq = Tk and there is no mask;
+//   - rows with no allowed key: ATen returns out 0 and lse 0; we return lse -inf, and zero c there
+//     so that a bad tau on an empty row cannot put NaN into the gradients;
+//   - Dv != D: zero columns pad the smaller head size (they change no logit and no output);
+//   - the gradient of lse: ATen's backward uses out only through delta = rowsum(dO * O). One extra
+//     head column with v = 0, dO = 1 and O = -grad_lse turns delta into delta - grad_lse, which is
+//     exactly the lse term of dS = P * (dP - delta + grad_lse), and changes nothing else.
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "common.h"
+
+namespace trajops {
+namespace {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+constexpr const char* kOp = "temperature_attention";
+
+bool broadcastable(at::IntArrayRef shape, at::IntArrayRef target) {
+  if (shape.size() > target.size()) return false;
+  for (size_t i = 1; i <= shape.size(); ++i) {
+    const auto s = shape[shape.size() - i], t = target[target.size() - i];
+    if (s != 1 && s != t) return false;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- checks
+// Messages match trajops/ops/temperature_attention.py so every backend fails the same way.
+void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau, const OptTensor& mask,
+           c10::optional<double> scale) {
+  const std::pair<const char*, const Tensor*> qkv[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, t] : qkv)
+    TORCH_CHECK_VALUE(t->dim() == 4, kOp, ": ", name, " must have shape (B, H, T, D), got shape ", t->sizes());
+  const auto st = q.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, kOp,
+                   ": q must be float32, float64, float16 or bfloat16, got ", dtype_name(st));
+  TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, kOp, ": q, k and v must have one dtype, got ",
+                   dtype_name(st), ", ", dtype_name(k.scalar_type()), " and ", dtype_name(v.scalar_type()));
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && tau.device() == q.device(), kOp,
+              ": q, k, v and tau must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device(),
+              " and ", tau.device());
+  const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const auto Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, kOp, ": q, k and v must have one batch size, got ", B, ", ",
+                    k.size(0), " and ", v.size(0));
+  TORCH_CHECK_VALUE(Hkv >= 1 && v.size(1) == Hkv && Hq % Hkv == 0, kOp,
+                    ": k and v must have the same number of heads Hkv >= 1 dividing q's Hq, got Hq=", Hq, ", k ",
+                    k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(v.size(2) == Tk, kOp, ": k and v must have one length Tk, got k ", k.sizes(), " and v ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(k.size(3) == D && D >= 1, kOp, ": q and k must have one head size D >= 1, got q ", q.sizes(),
+                    " and k ", k.sizes());
+  TORCH_CHECK_VALUE(v.size(3) >= 1, kOp, ": v must have a head size >= 1, got ", v.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(tau.scalar_type()), kOp, ": tau must be a floating-point tensor, got ",
+                   dtype_name(tau.scalar_type()));
+  const std::vector<int64_t> rows{B, Hq, Tq};
+  TORCH_CHECK_VALUE(broadcastable(tau.sizes(), rows), kOp, ": tau must be broadcastable to (B, Hq, Tq) = ",
+                    shape_str(rows), ", got shape ", tau.sizes());
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, kOp, ": attn_mask must be bool (True = attend), got ",
+                     dtype_name(m.scalar_type()));
+    TORCH_CHECK(m.device() == q.device(), kOp, ": attn_mask must be on q's device (", q.device(), "), got ",
+                m.device());
+    const std::vector<int64_t> full{B, Hq, Tq, Tk};
+    TORCH_CHECK_VALUE(m.dim() == 4 && broadcastable(m.sizes(), full), kOp,
+                      ": attn_mask must have rank 4 and be broadcastable to (B, Hq, Tq, Tk) = ", shape_str(full),
+                      ", got shape ", m.sizes());
+  }
+  if (scale.has_value())
+    TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, kOp, ": scale must be a finite number > 0, got ", *scale);
+}
+
+void check_like(const char* name, const Tensor& t, at::IntArrayRef shape, c10::optional<at::ScalarType> dtype,
+                const Tensor& q) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, kOp, "_backward: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(!dtype.has_value() || t.scalar_type() == *dtype, kOp, "_backward: ", name, " must be ",
+                   dtype_name(*dtype), ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device() == q.device(), kOp, "_backward: ", name, " must be on ", q.device(), ", got ", t.device());
+}
+
+at::ScalarType compute_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ---------------------------------------------------------------- the ATen flash call, prepared
+struct Plan {
+  Tensor c;                 // (B, Hq, Tq) scale / tau in the compute dtype; NaN for bad tau, 0 on empty rows
+  OptTensor bias;           // additive 0 / -inf mask for ATen, in q's dtype; none when not needed
+  OptTensor nonempty;       // rows with at least one allowed key (broadcastable to (B, Hq, Tq)); none = all
+  bool is_causal = false;   // ATen's top-left causal, used when Tq = Tk and there is no mask
+  double scale = 1.0;
+};
+
+Plan plan(const Tensor& q, const Tensor& k, const Tensor& tau, const OptTensor& mask, bool causal,
+          c10::optional<double> scale) {
+  const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), Tk = k.size(2);
+  const auto cd = compute_dtype(q.scalar_type());
+  Plan p;
+  p.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  // With Tq = 1 the bottom-right causal row sees every key: nothing to mask.
+  const bool causal_mask = causal && Tq > 1;
+  OptTensor allowed;
+  if (causal_mask && Tq == Tk && !mask.has_value()) {
+    p.is_causal = true;
+  } else if (causal_mask || mask.has_value()) {
+    if (causal_mask) {
+      auto i = at::arange(Tq, q.options().dtype(at::kLong)).unsqueeze(1);
+      auto j = at::arange(Tk, q.options().dtype(at::kLong)).unsqueeze(0);
+      allowed = j.le(i + (Tk - Tq)).view({1, 1, Tq, Tk});
+    }
+    if (mask.has_value()) allowed = allowed.has_value() ? at::logical_and(*allowed, *mask) : *mask;
+    p.bias = at::zeros({}, q.options()).masked_fill(allowed->logical_not(), -std::numeric_limits<double>::infinity());
+    p.nonempty = allowed->any(-1);
+  }
+  auto t = tau.to(cd);
+  auto valid = at::logical_and(t.gt(0), at::isfinite(t));
+  auto c = at::where(valid, p.scale / t, at::scalar_tensor(std::nan(""), t.options()));
+  if (p.nonempty.has_value()) c = at::where(*p.nonempty, c, at::zeros({}, t.options()));
+  p.c = c.expand({B, Hq, Tq}).contiguous();
+  return p;
+}
+
+Tensor pad_head(const Tensor& t, int64_t size) {
+  const auto d = t.size(3);
+  return d == size ? t : at::constant_pad_nd(t, {0, size - d});
+}
+
+Tensor prescaled_q(const Tensor& q, const Plan& p) {
+  return (q.to(p.c.scalar_type()) * p.c.unsqueeze(-1)).to(q.scalar_type());
+}
+
+// ---------------------------------------------------------------- kernels
+std::tuple<Tensor, Tensor> temperature_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const Tensor& tau, const OptTensor& attn_mask, bool causal,
+                                                     c10::optional<double> scale) {
+  check(q, k, v, tau, attn_mask, scale);
+  const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2), Dv = v.size(3);
+  const auto cd = compute_dtype(q.scalar_type());
+  if (B * Hq * Tq == 0 || Tk == 0)
+    return {at::zeros({B, Hq, Tq, Dv}, q.options()),
+            at::full({B, Hq, Tq}, -std::numeric_limits<double>::infinity(), q.options().dtype(cd))};
+  const Plan p = plan(q, k, tau, attn_mask, causal, scale);
+  const auto Dm = std::max(D, Dv);
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      pad_head(prescaled_q(q, p), Dm), pad_head(k, Dm), pad_head(v, Dm), 0.0, p.is_causal, p.bias, 1.0);
+  if (Dm != Dv) out = out.narrow(3, 0, Dv).contiguous();
+  if (p.nonempty.has_value())
+    lse = at::where(*p.nonempty, lse, at::scalar_tensor(-std::numeric_limits<double>::infinity(), lse.options()));
+  return {out, lse.expand({B, Hq, Tq}).contiguous()};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_backward_cpu(
+    const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& tau, const OptTensor& attn_mask, bool causal, c10::optional<double> scale, const Tensor& out,
+    const Tensor& lse) {
+  check(q, k, v, tau, attn_mask, scale);
+  const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2), Dv = v.size(3);
+  const auto cd = compute_dtype(q.scalar_type());
+  const std::vector<int64_t> out_shape{B, Hq, Tq, Dv}, rows{B, Hq, Tq};
+  check_like("grad_out", grad_out, out_shape, q.scalar_type(), q);
+  check_like("out", out, out_shape, q.scalar_type(), q);
+  check_like("lse", lse, rows, cd, q);
+  if (grad_lse.has_value()) check_like("grad_lse", *grad_lse, rows, c10::nullopt, q);
+  if (B * Hq * Tq == 0 || Tk == 0)
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(tau)};
+
+  const Plan p = plan(q, k, tau, attn_mask, causal, scale);
+  const bool with_lse = grad_lse.has_value();
+  const auto Dm = std::max(D, Dv) + (with_lse ? 1 : 0);
+  auto go = pad_head(grad_out, Dm), o = pad_head(out, Dm);
+  if (with_lse) {  // the extra column: v = 0 (padding), dO = 1, O = -grad_lse (see the file comment)
+    go = go.clone();
+    go.select(3, Dm - 1).fill_(1);
+    o = o.clone();
+    o.select(3, Dm - 1).copy_(grad_lse->neg());
+  }
+  // ATen's backward expects its own lse, which is 0 on rows without an allowed key.
+  auto lse_aten = at::where(lse.isneginf(), at::zeros({}, lse.options()), lse);
+  auto [dqs, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      go, pad_head(prescaled_q(q, p), Dm), pad_head(k, Dm), pad_head(v, Dm), o, lse_aten, 0.0, p.is_causal,
+      p.bias, 1.0);
+  auto dq = dqs.narrow(3, 0, D).to(cd) * p.c.unsqueeze(-1);
+  auto rowdot = (q.to(cd) * dq).sum(-1);
+  auto dtau = at::sum_to(rowdot.neg() * (p.c / p.scale), tau.sizes()).to(tau.scalar_type());
+  if (Dm != D) dk = dk.narrow(3, 0, D).contiguous();
+  if (Dm != Dv) dv = dv.narrow(3, 0, Dv).contiguous();
+  return {dq.to(q.scalar_type()), dk, dv, dtau};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trajops, CPU, m) {
+  m.impl("temperature_attention", &temperature_attention_cpu);
+  m.impl("temperature_attention_backward", &temperature_attention_backward_cpu);
+}
+
+}  // namespace trajops

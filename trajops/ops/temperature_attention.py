@@ -1,0 +1,296 @@
+"""trajops::temperature_attention — attention whose logits are divided by a learned temperature.
+
+This module registers the op's fake impl, its autograd formula (the backward is its own op,
+trajops::temperature_attention_backward) and its kernels by device, and exposes the public
+function. The CPU kernel lives in csrc/cpu/temperature_attention.cpp (ATen's flash attention on a
+pre-scaled q, see there why), the Triton kernels in triton_kernels/temperature_attention.py, the
+semantics in trajops/reference/temperature_attention.py.
+
+Canonical op arguments (the public function maps friendlier forms onto them):
+  q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), Hq % Hkv == 0, one float dtype;
+  tau: any float dtype, rank <= 3, broadcastable to (B, Hq, Tq);
+  attn_mask: None or bool of rank 4 broadcastable to (B, Hq, Tq, Tk), True = attend;
+  scale: None (1/sqrt(D)) or a finite float > 0.
+Outputs: out (B, Hq, Tq, Dv) in q's dtype and lse (B, Hq, Tq) in fp32 (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._library import register_kernels
+from ..reference._common import compute_dtype
+
+__all__ = ["temperature_attention"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_OP = "temperature_attention"
+
+
+# ---------------------------------------------------------------- input checks
+# Messages match csrc/cpu/temperature_attention.cpp so every backend fails the same way.
+def _broadcastable(shape, target) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, attn_mask: Optional[Tensor], scale: Optional[float]) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check_value(
+            t.dim() == 4,
+            lambda: f"{_OP}: {name} must have shape (B, H, T, D), got shape {list(t.shape)}",
+        )
+    torch._check_type(
+        q.dtype in _DTYPES, lambda: f"{_OP}: q must be float32, float64, float16 or bfloat16, got {q.dtype}"
+    )
+    torch._check_type(
+        k.dtype == q.dtype and v.dtype == q.dtype,
+        lambda: f"{_OP}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}",
+    )
+    torch._check(
+        k.device == q.device and v.device == q.device and tau.device == q.device,
+        lambda: f"{_OP}: q, k, v and tau must be on one device, got {q.device}, {k.device}, {v.device} and "
+        f"{tau.device}",
+    )
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    torch._check_value(
+        k.shape[0] == B and v.shape[0] == B,
+        lambda: f"{_OP}: q, k and v must have one batch size, got {B}, {k.shape[0]} and {v.shape[0]}",
+    )
+    torch._check_value(
+        Hkv >= 1 and v.shape[1] == Hkv and Hq % Hkv == 0,
+        lambda: f"{_OP}: k and v must have the same number of heads Hkv >= 1 dividing q's Hq, got Hq={Hq}, "
+        f"k {list(k.shape)} and v {list(v.shape)}",
+    )
+    torch._check_value(
+        v.shape[2] == Tk, lambda: f"{_OP}: k and v must have one length Tk, got k {list(k.shape)} and v {list(v.shape)}"
+    )
+    torch._check_value(
+        k.shape[3] == D and D >= 1,
+        lambda: f"{_OP}: q and k must have one head size D >= 1, got q {list(q.shape)} and k {list(k.shape)}",
+    )
+    torch._check_value(v.shape[3] >= 1, lambda: f"{_OP}: v must have a head size >= 1, got {list(v.shape)}")
+    torch._check_type(
+        tau.is_floating_point(), lambda: f"{_OP}: tau must be a floating-point tensor, got {tau.dtype}"
+    )
+    torch._check_value(
+        _broadcastable(tau.shape, (B, Hq, Tq)),
+        lambda: f"{_OP}: tau must be broadcastable to (B, Hq, Tq) = ({B}, {Hq}, {Tq}), got shape {list(tau.shape)}",
+    )
+    if attn_mask is not None:
+        torch._check_type(
+            attn_mask.dtype == torch.bool, lambda: f"{_OP}: attn_mask must be bool (True = attend), got {attn_mask.dtype}"
+        )
+        torch._check(
+            attn_mask.device == q.device,
+            lambda: f"{_OP}: attn_mask must be on q's device ({q.device}), got {attn_mask.device}",
+        )
+        torch._check_value(
+            attn_mask.dim() == 4 and _broadcastable(attn_mask.shape, (B, Hq, Tq, Tk)),
+            lambda: f"{_OP}: attn_mask must have rank 4 and be broadcastable to (B, Hq, Tq, Tk) = "
+            f"({B}, {Hq}, {Tq}, {Tk}), got shape {list(attn_mask.shape)}",
+        )
+    if scale is not None:
+        torch._check_value(
+            math.isfinite(scale) and scale > 0, lambda: f"{_OP}: scale must be a finite number > 0, got {scale}"
+        )
+
+
+def _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse) -> None:
+    _check(q, k, v, tau, attn_mask, scale)
+    B, Hq, Tq, _ = q.shape
+    out_shape = (B, Hq, Tq, v.shape[3])
+    for name, t, shape, dtype in (
+        ("grad_out", grad_out, out_shape, q.dtype),
+        ("out", out, out_shape, q.dtype),
+        ("lse", lse, (B, Hq, Tq), compute_dtype(q.dtype)),
+        ("grad_lse", grad_lse, (B, Hq, Tq), None),
+    ):
+        if t is None:
+            continue
+        torch._check_value(
+            tuple(t.shape) == shape,
+            lambda: f"{_OP}_backward: {name} must have shape {list(shape)}, got {list(t.shape)}",
+        )
+        torch._check_type(
+            dtype is None or t.dtype == dtype, lambda: f"{_OP}_backward: {name} must be {dtype}, got {t.dtype}"
+        )
+        torch._check(t.device == q.device, lambda: f"{_OP}_backward: {name} must be on {q.device}, got {t.device}")
+
+
+def _scale(q: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+# ---------------------------------------------------------------- fake (meta) impls
+def _outputs_like(q: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    B, Hq, Tq, _ = q.shape
+    out = q.new_empty((B, Hq, Tq, v.shape[3]))
+    lse = q.new_empty((B, Hq, Tq), dtype=compute_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("trajops::temperature_attention")
+def _fake(q, k, v, tau, attn_mask=None, causal=False, scale=None):
+    _check(q, k, v, tau, attn_mask, scale)
+    return _outputs_like(q, v)
+
+
+@torch.library.register_fake("trajops::temperature_attention_backward")
+def _backward_fake(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
+    _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(tau)
+
+
+# ---------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, tau, attn_mask, causal, scale = inputs
+    out, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, tau, attn_mask, out, lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]):
+    q, k, v, tau, attn_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dtau = torch.ops.trajops.temperature_attention_backward(
+        grad_out, grad_lse, q, k, v, tau, attn_mask, ctx.causal, ctx.scale, out, lse
+    )
+    return dq, dk, dv, dtau, None, None, None
+
+
+torch.library.register_autograd("trajops::temperature_attention", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- kernels
+def _coefficient(q: Tensor, tau: Tensor, scale: Optional[float]) -> Tensor:
+    B, Hq, Tq, _ = q.shape
+    return reference.temperature_coefficient(tau, (B, Hq, Tq), _scale(q, scale), compute_dtype(q.dtype))
+
+
+def _dtau(rowdot: Tensor, c: Tensor, tau: Tensor, scale: float) -> Tensor:
+    """dtau = -(q . dq) / tau per query, reduced to tau's own shape (a deterministic sum)."""
+    return (-rowdot * (c / scale)).sum_to_size(tau.shape).to(tau.dtype)
+
+
+def _reference_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
+    _check(q, k, v, tau, attn_mask, scale)
+    out, lse = reference.temperature_attention(q, k, v, _coefficient(q, tau, scale), attn_mask, causal)
+    return out.to(q.dtype), lse
+
+
+def _reference_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
+    _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
+    c = _coefficient(q, tau, scale)
+    dq, dk, dv, rowdot = reference.temperature_attention_backward(grad_out, grad_lse, q, k, v, c, attn_mask, causal)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _dtau(rowdot, c, tau, _scale(q, scale))
+
+
+def _mask4(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> Optional[Tensor]:
+    if attn_mask is None:
+        return None
+    return attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _triton_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
+    _check(q, k, v, tau, attn_mask, scale)
+    from ..triton_kernels import temperature_attention as kernels
+
+    c = _coefficient(q, tau, scale)
+    return kernels.attention_fwd(q, k, v, c, _mask4(q, k, attn_mask), causal)
+
+
+def _triton_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
+    _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
+    from ..triton_kernels import temperature_attention as kernels
+
+    c = _coefficient(q, tau, scale)
+    dq, dk, dv, rowdot = kernels.attention_bwd(
+        grad_out, grad_lse, q, k, v, c, _mask4(q, k, attn_mask), causal, out, lse
+    )
+    return dq, dk, dv, _dtau(rowdot, c, tau, _scale(q, scale))
+
+
+register_kernels("temperature_attention", _reference_forward, _triton_forward)
+register_kernels("temperature_attention_backward", _reference_backward, _triton_backward)
+
+
+# ---------------------------------------------------------------- public function
+def _canonical_mask(attn_mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{_OP}: attn_mask must be a bool tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool:
+        raise TypeError(
+            f"{_OP}: attn_mask must be bool (True = attend), got {attn_mask.dtype}; for an additive float "
+            "mask use F.scaled_dot_product_attention"
+        )
+    B, Tk = q.shape[0], k.shape[2]
+    if attn_mask.dim() == 2:
+        if tuple(attn_mask.shape) != (B, Tk):
+            raise ValueError(
+                f"{_OP}: a 2-D attn_mask is a (B, Tk) = ({B}, {Tk}) key-padding mask, got shape "
+                f"{list(attn_mask.shape)}; pass a (Tq, Tk) mask as attn_mask[None, None]"
+            )
+        return attn_mask[:, None, None, :]
+    if attn_mask.dim() in (1, 3):
+        return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    return attn_mask
+
+
+def temperature_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tau: Union[Tensor, float],
+    *,
+    causal: bool = False,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention with a per-query temperature: ``softmax(scale * q k^T / tau) v``, fused (flash-style).
+
+    Args:
+        q: (B, Hq, Tq, D) queries; float32, float64, float16 or bfloat16; any strides.
+        k: (B, Hkv, Tk, D) keys, Hq a multiple of Hkv (grouped-query / multi-query attention).
+        v: (B, Hkv, Tk, Dv) values.
+        tau: the temperature, positive, broadcastable to (B, Hq, Tq): a float or 0-d tensor, (Hq, 1)
+            (a per-head parameter), (1, Hq, 1), (B, 1, Tq), (B, Hq, Tq) (per-query scales)... Any
+            float dtype (an fp32 parameter with bf16 activations is fine). Its gradient has tau's
+            own shape (summed over the broadcast dimensions, deterministically).
+        causal: query i attends keys j <= i + (Tk - Tq) (bottom-right aligned: the last query sees
+            every key, as in decoding with a cache). Tq = Tk is the usual lower triangle.
+        attn_mask: bool, True = attend. Broadcastable to (B, Hq, Tq, Tk) by the usual rules, except
+            that a 2-D mask is a (B, Tk) key-padding mask (pass a (Tq, Tk) mask as mask[None, None]).
+            Combined with ``causal`` by "and".
+        scale: multiplies the logits; default 1/sqrt(D). ``scale=1.0`` is the seed's
+            ``MultiScaleTrajectoryAttention`` (logits q.k / tau).
+        return_lse: also return the log-sum-exp of each row's logits (natural log), which is
+            differentiable too (e.g. to merge attention over split key sets).
+
+    Returns:
+        out (B, Hq, Tq, Dv) in q's dtype; with return_lse, (out, lse) with lse (B, Hq, Tq) in fp32
+        (fp64 for fp64 inputs).
+
+    A query row with no key to attend (masked out, or causal with Tq > Tk) gives out = 0, lse = -inf
+    and zero gradients, never NaN. A tau that is not a positive finite number (<= 0, NaN, inf) makes
+    its rows' out and lse NaN, and the gradients of k and v NaN; this is detected inside the kernels,
+    without a host sync. Differentiable in q, k, v and tau (and through lse), not twice.
+    Same as ``torch.ops.trajops.temperature_attention`` after ``attn_mask`` is made 4-D.
+    """
+    if not isinstance(tau, Tensor):
+        tau = torch.tensor(float(tau), dtype=compute_dtype(q.dtype), device=q.device)
+    out, lse = torch.ops.trajops.temperature_attention(
+        q, k, v, tau, _canonical_mask(attn_mask, q, k), bool(causal), scale
+    )
+    return (out, lse) if return_lse else out
