@@ -10,7 +10,8 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.trajops-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # Op-level tests: they run again on the reference and on the Triton kernels (interpreter).
-OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_stp_loss.py
+OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_stp_loss.py \
+            tests/test_temperature_attention.py
 
 .PHONY: all install build test test-cpp test-triton test-reference bench clean
 

@@ -15,7 +15,11 @@
 //     own broadcast shape; plain is_causal when Tq = Tk and there is no mask;
 //   - rows with no allowed key: ATen returns out 0 and lse 0; we return lse -inf, and zero c there
 //     so that a bad tau on an empty row cannot put NaN into the gradients;
+//   - rows with a bad tau (c NaN): ATen would give 0/0 rows without a mask and let the NaN leak
+//     into other rows' gradients, so it sees c = 0 there and the reference's NaNs are written
+//     afterwards (out, lse and dq of the row, dtau, dk and dv of the keys it may attend);
 //   - Dv != D: zero columns pad the smaller head size (they change no logit and no output);
+//   - a head dimension without unit stride: copied (the private op assumes it; see pad_head);
 //   - the gradient of lse: ATen's backward uses out only through delta = rowsum(dO * O). One extra
 //     head column with v = 0, dO = 1 and O = -grad_lse turns delta into delta - grad_lse, which is
 //     exactly the lse term of dS = P * (dP - delta + grad_lse), and changes nothing else.
@@ -106,11 +110,27 @@ at::ScalarType compute_dtype(at::ScalarType st) { return st == at::kDouble ? at:
 // ---------------------------------------------------------------- the ATen flash call, prepared
 struct Plan {
   Tensor c;                 // (B, Hq, Tq) scale / tau in the compute dtype; NaN for bad tau, 0 on empty rows
+  Tensor c_kernel;          // c with 0 on bad rows too: what ATen sees, so a bad row cannot pollute others
+  Tensor bad;               // (B, Hq, Tq) rows whose tau is bad (and that have an allowed key)
+  bool any_bad = false;
   OptTensor bias;           // additive 0 / -inf mask for ATen, in q's dtype; none when not needed
   OptTensor nonempty;       // rows with at least one allowed key (broadcastable to (B, Hq, Tq)); none = all
   bool is_causal = false;   // ATen's top-left causal, used when Tq = Tk and there is no mask
   double scale = 1.0;
 };
+
+// Keys each query may attend, broadcastable to (B, Hq, Tq, Tk); none = every key.
+OptTensor allowed_keys(const Tensor& q, const Tensor& k, const OptTensor& mask, bool causal) {
+  const auto Tq = q.size(2), Tk = k.size(2);
+  OptTensor allowed;
+  if (causal && Tq > 1) {  // with Tq = 1 the bottom-right causal row sees every key
+    auto i = at::arange(Tq, q.options().dtype(at::kLong)).unsqueeze(1);
+    auto j = at::arange(Tk, q.options().dtype(at::kLong)).unsqueeze(0);
+    allowed = j.le(i + (Tk - Tq)).view({1, 1, Tq, Tk});
+  }
+  if (mask.has_value()) allowed = allowed.has_value() ? at::logical_and(*allowed, *mask) : *mask;
+  return allowed;
+}
 
 Plan plan(const Tensor& q, const Tensor& k, const Tensor& tau, const OptTensor& mask, bool causal,
           c10::optional<double> scale) {
@@ -118,18 +138,9 @@ Plan plan(const Tensor& q, const Tensor& k, const Tensor& tau, const OptTensor& 
   const auto cd = compute_dtype(q.scalar_type());
   Plan p;
   p.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  // With Tq = 1 the bottom-right causal row sees every key: nothing to mask.
-  const bool causal_mask = causal && Tq > 1;
-  OptTensor allowed;
-  if (causal_mask && Tq == Tk && !mask.has_value()) {
+  if (causal && Tq > 1 && Tq == Tk && !mask.has_value()) {
     p.is_causal = true;
-  } else if (causal_mask || mask.has_value()) {
-    if (causal_mask) {
-      auto i = at::arange(Tq, q.options().dtype(at::kLong)).unsqueeze(1);
-      auto j = at::arange(Tk, q.options().dtype(at::kLong)).unsqueeze(0);
-      allowed = j.le(i + (Tk - Tq)).view({1, 1, Tq, Tk});
-    }
-    if (mask.has_value()) allowed = allowed.has_value() ? at::logical_and(*allowed, *mask) : *mask;
+  } else if (auto allowed = allowed_keys(q, k, mask, causal); allowed.has_value()) {
     p.bias = at::zeros({}, q.options()).masked_fill(allowed->logical_not(), -std::numeric_limits<double>::infinity());
     p.nonempty = allowed->any(-1);
   }
@@ -138,16 +149,23 @@ Plan plan(const Tensor& q, const Tensor& k, const Tensor& tau, const OptTensor& 
   auto c = at::where(valid, p.scale / t, at::scalar_tensor(std::nan(""), t.options()));
   if (p.nonempty.has_value()) c = at::where(*p.nonempty, c, at::zeros({}, t.options()));
   p.c = c.expand({B, Hq, Tq}).contiguous();
+  // A host check is free on CPU (no device to wait for): bad rows then cost nothing when absent.
+  p.bad = at::isnan(p.c);
+  p.any_bad = p.bad.any().item<bool>();
+  p.c_kernel = p.any_bad ? p.c.masked_fill(p.bad, 0) : p.c;
   return p;
 }
 
+// Also gives the head dimension unit stride: ATen's private flash op (unlike the public SDPA, which
+// checks first) silently returns wrong values for a strided or expanded last dimension.
 Tensor pad_head(const Tensor& t, int64_t size) {
   const auto d = t.size(3);
-  return d == size ? t : at::constant_pad_nd(t, {0, size - d});
+  if (d != size) return at::constant_pad_nd(t, {0, size - d});
+  return t.stride(3) == 1 ? t : t.contiguous();
 }
 
 Tensor prescaled_q(const Tensor& q, const Plan& p) {
-  return (q.to(p.c.scalar_type()) * p.c.unsqueeze(-1)).to(q.scalar_type());
+  return (q.to(p.c.scalar_type()) * p.c_kernel.unsqueeze(-1)).to(q.scalar_type());
 }
 
 // ---------------------------------------------------------------- kernels
@@ -164,10 +182,16 @@ std::tuple<Tensor, Tensor> temperature_attention_cpu(const Tensor& q, const Tens
   const auto Dm = std::max(D, Dv);
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       pad_head(prescaled_q(q, p), Dm), pad_head(k, Dm), pad_head(v, Dm), 0.0, p.is_causal, p.bias, 1.0);
-  if (Dm != Dv) out = out.narrow(3, 0, Dv).contiguous();
+  // Outputs are contiguous whatever the inputs' layout (ATen's follows q's), as the fake impl says.
+  out = out.narrow(3, 0, Dv).contiguous();
   if (p.nonempty.has_value())
     lse = at::where(*p.nonempty, lse, at::scalar_tensor(-std::numeric_limits<double>::infinity(), lse.options()));
-  return {out, lse.expand({B, Hq, Tq}).contiguous()};
+  lse = lse.expand({B, Hq, Tq}).contiguous();
+  if (p.any_bad) {  // the reference's NaN rows (see the file comment)
+    out.masked_fill_(p.bad.unsqueeze(-1), std::nan(""));
+    lse.masked_fill_(p.bad, std::nan(""));
+  }
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_backward_cpu(
@@ -183,7 +207,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_backward_cpu(
   check_like("lse", lse, rows, cd, q);
   if (grad_lse.has_value()) check_like("grad_lse", *grad_lse, rows, c10::nullopt, q);
   if (B * Hq * Tq == 0 || Tk == 0)
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(tau)};
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
+            at::zeros(tau.sizes(), tau.options())};
 
   const Plan p = plan(q, k, tau, attn_mask, causal, scale);
   const bool with_lse = grad_lse.has_value();
@@ -200,12 +225,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_backward_cpu(
   auto [dqs, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
       go, pad_head(prescaled_q(q, p), Dm), pad_head(k, Dm), pad_head(v, Dm), o, lse_aten, 0.0, p.is_causal,
       p.bias, 1.0);
-  auto dq = dqs.narrow(3, 0, D).to(cd) * p.c.unsqueeze(-1);
+  auto dq = dqs.narrow(3, 0, D).to(cd) * p.c.unsqueeze(-1);  // NaN c: NaN rows, as the reference
   auto rowdot = (q.to(cd) * dq).sum(-1);
   auto dtau = at::sum_to(rowdot.neg() * (p.c / p.scale), tau.sizes()).to(tau.scalar_type());
-  if (Dm != D) dk = dk.narrow(3, 0, D).contiguous();
-  if (Dm != Dv) dv = dv.narrow(3, 0, Dv).contiguous();
-  return {dq.to(q.scalar_type()), dk, dv, dtau};
+  dk = dk.narrow(3, 0, D).contiguous();
+  dv = dv.narrow(3, 0, Dv).contiguous();
+  if (p.any_bad) {  // NaN reaches every key a bad row may attend, in its (batch, kv head)
+    auto reach = p.bad.unsqueeze(-1);
+    if (auto allowed = allowed_keys(q, k, attn_mask, causal); allowed.has_value())
+      reach = at::logical_and(reach, *allowed);
+    const auto Hkv = k.size(1);
+    auto keys = reach.expand({B, Hq, Tq, Tk}).reshape({B, Hkv, (Hq / Hkv) * Tq, Tk}).any(2).unsqueeze(-1);
+    dk.masked_fill_(keys, std::nan(""));
+    dv.masked_fill_(keys, std::nan(""));
+  }
+  return {dq.to(q.scalar_type()).contiguous(), dk, dv, dtau};
 }
 
 }  // namespace

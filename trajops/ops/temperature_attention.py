@@ -145,7 +145,8 @@ def _fake(q, k, v, tau, attn_mask=None, causal=False, scale=None):
 @torch.library.register_fake("trajops::temperature_attention_backward")
 def _backward_fake(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
     _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(tau)
+    # Every output is contiguous, whatever the inputs' strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), tau.new_empty(tau.shape)
 
 
 # ---------------------------------------------------------------- autograd
@@ -171,9 +172,11 @@ torch.library.register_autograd("trajops::temperature_attention", _backward, set
 
 
 # ---------------------------------------------------------------- kernels
-def _coefficient(q: Tensor, tau: Tensor, scale: Optional[float]) -> Tensor:
+def _coefficient(q: Tensor, k: Tensor, tau: Tensor, attn_mask: Optional[Tensor], causal: bool,
+                 scale: Optional[float]) -> Tensor:
     B, Hq, Tq, _ = q.shape
-    return reference.temperature_coefficient(tau, (B, Hq, Tq), _scale(q, scale), compute_dtype(q.dtype))
+    has_keys = reference.rows_with_keys(B, Hq, Tq, k.shape[2], attn_mask, causal, q.device)
+    return reference.temperature_coefficient(tau, (B, Hq, Tq), _scale(q, scale), compute_dtype(q.dtype), has_keys)
 
 
 def _dtau(rowdot: Tensor, c: Tensor, tau: Tensor, scale: float) -> Tensor:
@@ -183,15 +186,16 @@ def _dtau(rowdot: Tensor, c: Tensor, tau: Tensor, scale: float) -> Tensor:
 
 def _reference_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
     _check(q, k, v, tau, attn_mask, scale)
-    out, lse = reference.temperature_attention(q, k, v, _coefficient(q, tau, scale), attn_mask, causal)
-    return out.to(q.dtype), lse
+    out, lse = reference.temperature_attention(q, k, v, _coefficient(q, k, tau, attn_mask, causal, scale), attn_mask, causal)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
 def _reference_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
     _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
-    c = _coefficient(q, tau, scale)
+    c = _coefficient(q, k, tau, attn_mask, causal, scale)
     dq, dk, dv, rowdot = reference.temperature_attention_backward(grad_out, grad_lse, q, k, v, c, attn_mask, causal)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _dtau(rowdot, c, tau, _scale(q, scale))
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _dtau(rowdot, c, tau, _scale(q, scale)))
+    return tuple(g.contiguous() for g in grads)
 
 
 def _mask4(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -200,23 +204,33 @@ def _mask4(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> Optional[Tensor
     return attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
+def _fp64_mask_on_gpu(q: Tensor, attn_mask: Optional[Tensor]) -> bool:
+    # Triton 3.6 fails to compile (ConvertTritonGPUToLLVM) the fp64 kernels that load a mask on
+    # sm90; fp64 is for gradchecks, so those calls take the reference.
+    return q.is_cuda and q.dtype == torch.float64 and attn_mask is not None
+
+
 def _triton_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
+    if _fp64_mask_on_gpu(q, attn_mask):
+        return _reference_forward(q, k, v, tau, attn_mask, causal, scale)
     _check(q, k, v, tau, attn_mask, scale)
     from ..triton_kernels import temperature_attention as kernels
 
-    c = _coefficient(q, tau, scale)
+    c = _coefficient(q, k, tau, attn_mask, causal, scale)
     return kernels.attention_fwd(q, k, v, c, _mask4(q, k, attn_mask), causal)
 
 
 def _triton_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
+    if _fp64_mask_on_gpu(q, attn_mask):
+        return _reference_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse)
     _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
     from ..triton_kernels import temperature_attention as kernels
 
-    c = _coefficient(q, tau, scale)
+    c = _coefficient(q, k, tau, attn_mask, causal, scale)
     dq, dk, dv, rowdot = kernels.attention_bwd(
         grad_out, grad_lse, q, k, v, c, _mask4(q, k, attn_mask), causal, out, lse
     )
-    return dq, dk, dv, _dtau(rowdot, c, tau, _scale(q, scale))
+    return dq, dk, dv, _dtau(rowdot, c, tau, _scale(q, scale)).contiguous()
 
 
 register_kernels("temperature_attention", _reference_forward, _triton_forward)

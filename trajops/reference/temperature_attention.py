@@ -13,7 +13,8 @@ fast path nothing and cannot go unnoticed.
 
 These functions materialize the (Tq, Tk) scores; the fused kernels never do. They compute in fp32
 (fp64 for fp64 inputs) and take the canonical arguments of the op: ``c`` (B, Hq, Tq) in the compute
-dtype (see :func:`temperature_coefficient`) and a bool mask broadcastable to (B, Hq, Tq, Tk) or None.
+dtype (see :func:`temperature_coefficient`: the ops zero it on rows without an allowed key) and a
+bool mask broadcastable to (B, Hq, Tq, Tk) or None.
 """
 from __future__ import annotations
 
@@ -27,18 +28,38 @@ from ._common import compute_dtype
 
 __all__ = [
     "allowed_keys",
+    "rows_with_keys",
     "temperature_attention",
     "temperature_attention_backward",
     "temperature_coefficient",
 ]
 
 
-def temperature_coefficient(tau: Tensor, shape: Tuple[int, int, int], scale: float, dtype: torch.dtype) -> Tensor:
-    """c = scale / tau expanded to ``shape`` (B, Hq, Tq), contiguous, NaN where tau is not positive finite."""
+def temperature_coefficient(
+    tau: Tensor, shape: Tuple[int, int, int], scale: float, dtype: torch.dtype, has_keys: Optional[Tensor] = None
+) -> Tensor:
+    """c = scale / tau expanded to ``shape`` (B, Hq, Tq), contiguous, NaN where tau is not positive finite.
+
+    ``has_keys`` (bool, broadcastable to ``shape``; see :func:`rows_with_keys`) sets c = 0 on rows
+    without an allowed key, so that their tau, whatever it is, cannot reach any output or gradient.
+    """
     t = tau.to(dtype)
     valid = (t > 0) & torch.isfinite(t)
     c = torch.where(valid, scale / t, torch.full((), math.nan, dtype=dtype, device=t.device))
+    if has_keys is not None:
+        c = torch.where(has_keys, c, torch.zeros((), dtype=dtype, device=t.device))
     return c.expand(shape).contiguous()
+
+
+def rows_with_keys(
+    B: int, Hq: int, Tq: int, Tk: int, attn_mask: Optional[Tensor], causal: bool, device: torch.device
+) -> Optional[Tensor]:
+    """Bool broadcastable to (B, Hq, Tq): rows with at least one allowed key; None when all have one."""
+    if attn_mask is None:
+        if not causal or Tq <= Tk:
+            return None if Tk > 0 else torch.zeros((), dtype=torch.bool, device=device)
+        return torch.arange(Tq, device=device) >= Tq - Tk  # bottom-right causal: row i sees j <= i + Tk - Tq
+    return allowed_keys(B, Hq, Tq, Tk, attn_mask, causal, device).any(-1)
 
 
 def allowed_keys(
@@ -76,7 +97,7 @@ def _probabilities(q, k, c, attn_mask, causal) -> Tuple[Tensor, Tensor]:
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
     lse = (m + torch.log(denom)).squeeze(-1).reshape(B, Hq, Tq)
-    p = torch.where(denom > 0, p / denom, torch.zeros_like(p))
+    p = torch.where(denom == 0, torch.zeros_like(p), p / denom)  # a NaN row (bad tau) stays NaN
     return p, lse
 
 
@@ -89,6 +110,8 @@ def temperature_attention(
     """
     cd = compute_dtype(q.dtype)
     q, k, v, c = q.to(cd), k.to(cd), v.to(cd), c.to(cd)
+    if k.shape[2] == 0:  # no keys at all: every row is empty
+        return q.new_zeros(q.shape[:3] + v.shape[3:]), q.new_full(q.shape[:3], -math.inf)
     p, lse = _probabilities(q, k, c, attn_mask, causal)
     out = torch.einsum("bhgij,bhjd->bhgid", p, v).reshape(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     return out, lse
@@ -113,6 +136,8 @@ def temperature_attention_backward(
     q, k, v, c, g = q.to(cd), k.to(cd), v.to(cd), c.to(cd), grad_out.to(cd)
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
+    if k.shape[2] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q.new_zeros(q.shape[:3])
     p, _ = _probabilities(q, k, c, attn_mask, causal)
     gg = _grouped(g, Hkv)
     dv = torch.einsum("bhgij,bhgid->bhjd", p, gg)
