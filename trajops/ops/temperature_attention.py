@@ -186,7 +186,8 @@ def _dtau(rowdot: Tensor, c: Tensor, tau: Tensor, scale: float) -> Tensor:
 
 def _reference_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
     _check(q, k, v, tau, attn_mask, scale)
-    out, lse = reference.temperature_attention(q, k, v, _coefficient(q, k, tau, attn_mask, causal, scale), attn_mask, causal)
+    c = _coefficient(q, k, tau, attn_mask, causal, scale)
+    out, lse = reference.temperature_attention(q, k, v, c, attn_mask, causal)
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
