@@ -12,6 +12,8 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # Op-level tests: they run again on the reference and on the Triton kernels (interpreter).
 OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_stp_loss.py \
             tests/test_temperature_attention.py
+# Ops without Triton kernels yet run again on the reference only.
+REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_kv_cache_ops.py tests/test_nn_kv_cache.py
 
 .PHONY: all install build test test-cpp test-triton test-reference bench clean
 
@@ -37,7 +39,7 @@ test-cpp:
 	TRAJOPS_REQUIRE_EXT=1 $(PYTEST) tests
 
 test-reference:
-	TRAJOPS_BACKEND=reference $(PYTEST) -m "not slow" $(OP_TESTS)
+	TRAJOPS_BACKEND=reference $(PYTEST) -m "not slow" $(REF_TESTS)
 
 test-triton:
 	TRAJOPS_BACKEND=triton TRITON_INTERPRET=1 $(PYTEST) -m "not slow" $(OP_TESTS)

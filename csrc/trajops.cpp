@@ -25,6 +25,17 @@ TORCH_LIBRARY(trajops, m) {
       "stp_loss_dense_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, "
       "Tensor? lengths) -> Tensor[]");
   m.def(
+      "kv_relevance(Tensor traj_pool, Tensor ts_pool, Tensor live_pool, Tensor page_table, Tensor query, "
+      "Tensor now, float alpha, float decay) -> Tensor");
+  m.def(
+      "kv_topk(Tensor traj_pool, Tensor ts_pool, Tensor live_pool, Tensor page_table, Tensor query, Tensor now, "
+      "float alpha, float decay, int k) -> (Tensor, Tensor)");
+  m.def(
+      "kv_evict_append_(Tensor(a!) traj_pool, Tensor(b!) ts_pool, Tensor(c!) live_pool, Tensor(d!) pinned_pool, "
+      "Tensor(e!) page_table, Tensor(f!) live_count, Tensor capacity, Tensor(g!) free_pages, Tensor(h!) free_top, "
+      "Tensor(i!) evicted_total, Tensor now, Tensor new_traj, Tensor lengths, Tensor? pin, float alpha, "
+      "float decay) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
       "bool causal=False, float? scale=None) -> (Tensor, Tensor)");
   m.def(

@@ -6,6 +6,7 @@ Triton on CUDA and the pure-PyTorch reference (``trajops.reference``) anywhere e
 """
 from ._library import BACKEND, HAS_EXTENSION, HAS_TRITON, backends
 from . import reference
+from .kv_cache import PagedTrajectoryKVCache
 from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
 from .ops.temperature_attention import temperature_attention
 from .ops.trajectory_flow import trajectory_flow
@@ -16,6 +17,7 @@ __all__ = [
     "BACKEND",
     "HAS_EXTENSION",
     "HAS_TRITON",
+    "PagedTrajectoryKVCache",
     "backends",
     "nn",
     "reference",

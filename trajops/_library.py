@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -28,6 +28,14 @@ SCHEMAS: Dict[str, str] = {
     "stp_loss_dense": "stp_loss_dense(Tensor[] hidden, Tensor? lengths=None) -> (Tensor, Tensor)",
     "stp_loss_dense_backward": "stp_loss_dense_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, "
     "Tensor? lengths) -> Tensor[]",
+    "kv_relevance": "kv_relevance(Tensor traj_pool, Tensor ts_pool, Tensor live_pool, Tensor page_table, "
+    "Tensor query, Tensor now, float alpha, float decay) -> Tensor",
+    "kv_topk": "kv_topk(Tensor traj_pool, Tensor ts_pool, Tensor live_pool, Tensor page_table, Tensor query, "
+    "Tensor now, float alpha, float decay, int k) -> (Tensor, Tensor)",
+    "kv_evict_append_": "kv_evict_append_(Tensor(a!) traj_pool, Tensor(b!) ts_pool, Tensor(c!) live_pool, "
+    "Tensor(d!) pinned_pool, Tensor(e!) page_table, Tensor(f!) live_count, Tensor capacity, Tensor(g!) free_pages, "
+    "Tensor(h!) free_top, Tensor(i!) evicted_total, Tensor now, Tensor new_traj, Tensor lengths, Tensor? pin, "
+    "float alpha, float decay) -> (Tensor, Tensor, Tensor)",
     "temperature_attention": "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
     "bool causal=False, float? scale=None) -> (Tensor, Tensor)",
     "temperature_attention_backward": "temperature_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, "
@@ -81,16 +89,17 @@ def backends() -> Dict[str, str]:
     }
 
 
-def register_kernels(op: str, reference: Callable, triton: Callable) -> None:
+def register_kernels(op: str, reference: Callable, triton: Optional[Callable]) -> None:
     """Registers `reference` for every device without a kernel and `triton` where BACKEND says.
 
     The C++ CPU kernel needs no registration here: trajops._C registers it when it is loaded.
+    ``triton=None`` (an op without Triton kernels yet) leaves CUDA on the reference.
     """
     qualname = f"trajops::{op}"
     torch.library.register_kernel(qualname, None, reference)  # CompositeExplicitAutograd
     chosen = backends()
     for device in ("cpu", "cuda"):
-        if chosen[device].startswith("triton"):
+        if chosen[device].startswith("triton") and triton is not None:
             torch.library.register_kernel(qualname, device, triton)
         elif chosen[device] == "reference":
             torch.library.register_kernel(qualname, device, reference)

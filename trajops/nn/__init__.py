@@ -1,4 +1,5 @@
 """Modules built on the trajops ops: the policy around a kernel (weights, layer choice, schedules)."""
+from .kv_cache import TrajectoryAwareKVCache
 from .stp_loss import STPLoss
 
-__all__ = ["STPLoss"]
+__all__ = ["STPLoss", "TrajectoryAwareKVCache"]

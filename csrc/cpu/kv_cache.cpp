@@ -1,0 +1,323 @@
+// CPU kernels of trajops::kv_relevance, trajops::kv_topk and trajops::kv_evict_append_.
+//
+// Semantics: trajops/reference/kv_cache.py. Relevance of a live slot for a query trajectory q:
+// alpha * (unit(q) . e) + (1 - alpha) * exp(-decay * (now - ts)), e the slot's stored unit
+// trajectory; rankings break ties by older timestamp, then lower logical slot.
+//
+// kv_evict_append_ runs in two phases so that an exhausted page pool leaves everything unchanged:
+// phase 1 plans every row (evictions, page pops and releases on a private copy of the free-page
+// stack, slot per new token) reading the state only; phase 2 writes the plan. Rows are planned in
+// order because they share the free-page stack; the scoring inside a row (the O(slots * D_t) part)
+// is parallel. The query units are computed with the same ATen ops as the reference.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace trajops {
+namespace {
+
+using at::Tensor;
+constexpr const char* kOp = "kv_cache";
+constexpr double kKvEps = 1e-8;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------- checks
+// Messages match trajops/ops/kv_cache.py.
+void check_pool(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool, const Tensor& page_table,
+                const Tensor& query) {
+  TORCH_CHECK_VALUE(traj_pool.dim() == 3 && traj_pool.scalar_type() == at::kFloat, kOp,
+                    ": traj_pool must be float32 (num_pages, page_size, traj_dim), got ",
+                    dtype_name(traj_pool.scalar_type()), " ", traj_pool.sizes());
+  const auto P = traj_pool.size(0), S = traj_pool.size(1), Dt = traj_pool.size(2);
+  TORCH_CHECK_VALUE(ts_pool.dim() == 2 && ts_pool.size(0) == P && ts_pool.size(1) == S &&
+                        ts_pool.scalar_type() == at::kLong,
+                    kOp, ": ts_pool must be int64 (", P, ", ", S, "), got ", dtype_name(ts_pool.scalar_type()), " ",
+                    ts_pool.sizes());
+  TORCH_CHECK_VALUE(live_pool.dim() == 2 && live_pool.size(0) == P && live_pool.size(1) == S &&
+                        live_pool.scalar_type() == at::kBool,
+                    kOp, ": live_pool must be bool (", P, ", ", S, "), got ", dtype_name(live_pool.scalar_type()),
+                    " ", live_pool.sizes());
+  TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.scalar_type() == at::kLong, kOp,
+                    ": page_table must be int64 (max_batch, max_pages), got ", dtype_name(page_table.scalar_type()),
+                    " ", page_table.sizes());
+  TORCH_CHECK_VALUE((query.dim() == 2 || query.dim() == 3) && query.size(-1) == Dt &&
+                        query.size(0) <= page_table.size(0),
+                    kOp, ": trajectories must be (B, ", Dt, ") or (B, n, ", Dt, ") with B <= ", page_table.size(0),
+                    ", got ", query.sizes());
+}
+
+Tensor unit(const Tensor& t) {  // t / max(|t|, eps) in fp32, exactly as the reference's kv_unit
+  auto f = t.to(at::kFloat);
+  return f / f.norm(2, {-1}, true).clamp_min(kKvEps);
+}
+
+// Scores of the slots of one row. phys[j] = physical slot of logical slot j or -1; rows of traj
+// are contiguous (the pools are made contiguous by the callers).
+// The score is computed in double and rounded once to float, as the reference does, so that the
+// backends agree on fp32 scores and their ties up to double rounding.
+struct Scorer {
+  const float* traj;
+  const int64_t* ts;
+  const bool* live;
+  int64_t Dt;
+  int64_t now;
+  double a, b, d;  // alpha, 1 - alpha, decay
+
+  float operator()(int64_t phys, const float* q) const {
+    if (phys < 0 || !live[phys]) return kNegInf;
+    const float* e = traj + phys * Dt;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};  // independent partial sums: the loop vectorizes
+    int64_t i = 0;
+    for (; i + 4 <= Dt; i += 4)
+      for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(e[i + u]) * q[i + u];
+    for (; i < Dt; ++i) acc[0] += static_cast<double>(e[i]) * q[i];
+    const double dot = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    const double age = static_cast<double>(now - ts[phys]);
+    return static_cast<float>(a * dot + b * std::exp(-d * age));
+  }
+};
+
+Scorer make_scorer(const Tensor& traj, const Tensor& ts, const Tensor& live, int64_t now, double alpha,
+                   double decay) {
+  return Scorer{traj.data_ptr<float>(), ts.data_ptr<int64_t>(), live.data_ptr<bool>(), traj.size(2), now, alpha,
+                1.0 - alpha, decay};
+}
+
+void row_phys(const int64_t* pt, int64_t MP, int64_t S, std::vector<int64_t>& phys) {
+  phys.resize(MP * S);
+  for (int64_t j = 0; j < MP; ++j)
+    for (int64_t o = 0; o < S; ++o) phys[j * S + o] = pt[j] >= 0 ? pt[j] * S + o : -1;
+}
+
+// ---------------------------------------------------------------- kv_relevance / kv_topk
+Tensor kv_relevance_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool,
+                        const Tensor& page_table, const Tensor& query, const Tensor& now, double alpha, double decay) {
+  check_pool(traj_pool, ts_pool, live_pool, page_table, query);
+  const auto B = query.size(0), MP = page_table.size(1), S = traj_pool.size(1);
+  auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
+  auto pt = page_table.contiguous();
+  auto q = unit(query).contiguous();
+  auto out = at::empty({B, MP * S}, query.options().dtype(at::kFloat));
+  const Scorer score = make_scorer(traj, ts, live, now.item<int64_t>(), alpha, decay);
+  const int64_t* ptp = pt.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * MP, std::max<int64_t>(1, 16384 / S), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / MP, j = r % MP, page = ptp[b * MP + j];
+      for (int64_t o = 0; o < S; ++o) op[b * MP * S + j * S + o] = score(page >= 0 ? page * S + o : -1, qp + b * q.size(1));
+    }
+  });
+  return out;
+}
+
+// Order of candidates: score (desc when best_first, else asc), then older ts, then lower slot.
+struct RankLess {
+  const float* score;
+  const int64_t* ts;  // per logical slot
+  bool best_first;
+  bool operator()(int64_t x, int64_t y) const {
+    if (score[x] != score[y]) return best_first ? score[x] > score[y] : score[x] < score[y];
+    if (ts[x] != ts[y]) return ts[x] < ts[y];
+    return x < y;
+  }
+};
+
+std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool,
+                                       const Tensor& page_table, const Tensor& query, const Tensor& now, double alpha,
+                                       double decay, int64_t k) {
+  check_pool(traj_pool, ts_pool, live_pool, page_table, query);
+  TORCH_CHECK_VALUE(k >= 0, kOp, ": k must be >= 0, got ", k);
+  const auto B = query.size(0), MP = page_table.size(1), S = traj_pool.size(1), L = MP * S;
+  auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
+  auto pt = page_table.contiguous();
+  auto q = unit(query).contiguous();
+  auto slots = at::full({B, k}, -1, query.options().dtype(at::kLong));
+  auto scores = at::full({B, k}, -std::numeric_limits<double>::infinity(), query.options().dtype(at::kFloat));
+  const Scorer score = make_scorer(traj, ts, live, now.item<int64_t>(), alpha, decay);
+  const int64_t* tsp = ts.data_ptr<int64_t>();
+  int64_t* slot_out = slots.data_ptr<int64_t>();
+  float* score_out = scores.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<int64_t> phys, idx;
+    std::vector<float> sc(L);
+    std::vector<int64_t> tsl(L);
+    for (int64_t b = lo; b < hi; ++b) {
+      row_phys(pt.data_ptr<int64_t>() + b * MP, MP, S, phys);
+      idx.clear();
+      for (int64_t j = 0; j < L; ++j) {
+        sc[j] = score(phys[j], q.data_ptr<float>() + b * q.size(1));
+        tsl[j] = phys[j] >= 0 ? tsp[phys[j]] : 0;
+        if (sc[j] != kNegInf) idx.push_back(j);
+      }
+      const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(idx.size()));
+      std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), RankLess{sc.data(), tsl.data(), true});
+      for (int64_t r = 0; r < take; ++r) {
+        slot_out[b * k + r] = idx[r];
+        score_out[b * k + r] = sc[idx[r]];
+      }
+    }
+  });
+  return {slots, scores};
+}
+
+// ---------------------------------------------------------------- kv_evict_append_
+struct RowPlan {
+  std::vector<int64_t> evict;     // logical slots, in rank order
+  std::vector<int64_t> evict_phys;
+  std::vector<int64_t> new_pt;    // the row's page table after the call
+  std::vector<int64_t> write;     // physical slot per new token, -1 if not written
+  int64_t e = 0, n_write = 0, m = 0;
+};
+
+std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
+    Tensor& traj_pool, Tensor& ts_pool, Tensor& live_pool, Tensor& pinned_pool, Tensor& page_table, Tensor& live_count,
+    const Tensor& capacity, Tensor& free_pages, Tensor& free_top, Tensor& evicted_total, const Tensor& now,
+    const Tensor& new_traj, const Tensor& lengths, const c10::optional<Tensor>& pin, double alpha, double decay) {
+  check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj);
+  for (const Tensor* t : {&traj_pool, &ts_pool, &live_pool, &pinned_pool, &page_table, &live_count, &free_pages,
+                          &evicted_total})
+    TORCH_CHECK(t->is_contiguous(), kOp, ": the cache state tensors must be contiguous");
+  const auto P = traj_pool.size(0), S = traj_pool.size(1), Dt = traj_pool.size(2), MP = page_table.size(1);
+  const auto L = MP * S, B = new_traj.size(0), n = new_traj.size(1);
+  const int64_t tnow = now.item<int64_t>();
+  auto units = unit(new_traj).contiguous();
+  auto lens = lengths.to(at::kLong).contiguous();
+  auto caps = capacity.to(at::kLong).contiguous();
+  c10::optional<Tensor> pins;
+  if (pin.has_value()) pins = pin->to(at::kBool).contiguous();
+
+  const int64_t* ptp = page_table.data_ptr<int64_t>();
+  const bool* livep = live_pool.data_ptr<bool>();
+  const bool* pinp = pinned_pool.data_ptr<bool>();
+  const int64_t* tsp = ts_pool.data_ptr<int64_t>();
+  const Scorer score = make_scorer(traj_pool, ts_pool, live_pool, tnow, alpha, decay);
+  std::vector<int64_t> stack(free_pages.data_ptr<int64_t>(), free_pages.data_ptr<int64_t>() + P);
+  int64_t top = free_top.item<int64_t>();
+
+  // ---- phase 1: plan every row (reads only)
+  std::vector<RowPlan> plans(B);
+  bool ok = true;
+  std::vector<int64_t> phys, cand, tsl(L);
+  std::vector<float> sc(L);
+  std::vector<char> live_after(L);
+  const std::vector<float> zeros(Dt, 0.f);
+  for (int64_t b = 0; b < B && ok; ++b) {
+    RowPlan& p = plans[b];
+    const int64_t m = lens.data_ptr<int64_t>()[b], cap = caps.data_ptr<int64_t>()[b];
+    const int64_t live_b = live_count.data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(m >= 0 && m <= n, kOp, ": lengths must be in [0, ", n, "], got ", m, " for row ", b);
+    p.m = m;
+    row_phys(ptp + b * MP, MP, S, phys);
+    cand.clear();
+    for (int64_t j = 0; j < L; ++j) {
+      const bool lv = phys[j] >= 0 && livep[phys[j]];
+      live_after[j] = lv;
+      if (lv && !pinp[phys[j]]) cand.push_back(j);
+    }
+    const int64_t keep = std::min(m, cap);
+    p.e = std::min<int64_t>(std::max<int64_t>(live_b + keep - cap, 0), static_cast<int64_t>(cand.size()));
+    p.n_write = std::max<int64_t>(std::min(keep, cap - (live_b - p.e)), 0);
+    if (p.e > 0) {
+      // the newest valid token's trajectory; a row without one (m = 0) scores by recency alone
+      const float* q = m > 0 ? units.data_ptr<float>() + (b * n + m - 1) * Dt : zeros.data();
+      // Threads only pay for large rows: waking the pool costs more than scoring a few thousand slots.
+      at::parallel_for(0, static_cast<int64_t>(cand.size()), 16384, [&](int64_t lo, int64_t hi) {
+        for (int64_t c = lo; c < hi; ++c) {
+          sc[cand[c]] = score(phys[cand[c]], q);
+          tsl[cand[c]] = tsp[phys[cand[c]]];
+        }
+      });
+      std::partial_sort(cand.begin(), cand.begin() + p.e, cand.end(), RankLess{sc.data(), tsl.data(), false});
+      p.evict.assign(cand.begin(), cand.begin() + p.e);
+      for (int64_t j : p.evict) {
+        live_after[j] = 0;
+        p.evict_phys.push_back(phys[j]);
+      }
+    }
+    // pages: pop what the owned free slots cannot hold into the lowest empty entries
+    p.new_pt.assign(ptp + b * MP, ptp + (b + 1) * MP);
+    int64_t free_owned = 0;
+    for (int64_t j = 0; j < L; ++j) free_owned += phys[j] >= 0 && !live_after[j];
+    const int64_t need_pages = (std::max<int64_t>(p.n_write - free_owned, 0) + S - 1) / S;
+    if (need_pages > top) {
+      ok = false;
+      break;
+    }
+    for (int64_t j = 0, popped = 0; j < MP && popped < need_pages; ++j)
+      if (p.new_pt[j] < 0) p.new_pt[j] = stack[--top], ++popped;
+    row_phys(p.new_pt.data(), MP, S, phys);
+    // the last n_write valid tokens take the lowest free logical slots
+    p.write.assign(n, -1);
+    for (int64_t j = 0, t = m - p.n_write; j < L && t < m; ++j)
+      if (phys[j] >= 0 && !live_after[j]) {
+        p.write[t++] = phys[j];
+        live_after[j] = 1;
+      }
+    // release pages without a live slot
+    for (int64_t j = 0; j < MP; ++j) {
+      if (p.new_pt[j] < 0) continue;
+      bool any = false;
+      for (int64_t o = 0; o < S && !any; ++o) any = live_after[j * S + o];
+      if (!any) {
+        stack[top++] = p.new_pt[j];
+        p.new_pt[j] = -1;
+      }
+    }
+  }
+
+  auto evicted = at::full({B, n}, -1, lengths.options().dtype(at::kLong));
+  auto written = at::full({B, n}, -1, lengths.options().dtype(at::kLong));
+  if (!ok) return {evicted, written, at::scalar_tensor(false, lengths.options().dtype(at::kBool))};
+
+  // ---- phase 2: apply
+  bool* live_w = live_pool.data_ptr<bool>();
+  bool* pin_w = pinned_pool.data_ptr<bool>();
+  int64_t* ts_w = ts_pool.data_ptr<int64_t>();
+  float* traj_w = traj_pool.data_ptr<float>();
+  int64_t* pt_w = page_table.data_ptr<int64_t>();
+  const bool* pinsrc = pins.has_value() ? pins->data_ptr<bool>() : nullptr;
+  int64_t* ev_out = evicted.data_ptr<int64_t>();
+  int64_t* wr_out = written.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const RowPlan& p = plans[b];
+    for (int64_t r = 0; r < p.e && r < n; ++r) ev_out[b * n + r] = p.evict[r];
+    for (int64_t ph : p.evict_phys) live_w[ph] = false, pin_w[ph] = false;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t ph = p.write[t];
+      wr_out[b * n + t] = ph;
+      if (ph < 0) continue;
+      live_w[ph] = true;
+      ts_w[ph] = tnow;
+      pin_w[ph] = pinsrc != nullptr && pinsrc[b * n + t];
+      std::copy_n(units.data_ptr<float>() + (b * n + t) * Dt, Dt, traj_w + ph * Dt);
+    }
+    std::copy(p.new_pt.begin(), p.new_pt.end(), pt_w + b * MP);
+    live_count.data_ptr<int64_t>()[b] += p.n_write - p.e;
+    evicted_total.data_ptr<int64_t>()[b] += p.e + (p.m - p.n_write);
+  }
+  std::copy(stack.begin(), stack.end(), free_pages.data_ptr<int64_t>());
+  free_top.fill_(top);
+  return {evicted, written, at::scalar_tensor(true, lengths.options().dtype(at::kBool))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trajops, CPU, m) {
+  m.impl("kv_relevance", &kv_relevance_cpu);
+  m.impl("kv_topk", &kv_topk_cpu);
+  m.impl("kv_evict_append_", &kv_evict_append_cpu);
+}
+
+}  // namespace trajops

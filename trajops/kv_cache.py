@@ -1,0 +1,260 @@
+"""PagedTrajectoryKVCache: a paged, batched, device-resident KV cache with trajectory-guided eviction.
+
+Semantics: trajops/reference/kv_cache.py (relevance, ranking ties, slot assignment, page release).
+All state lives in preallocated tensors on one device; no method syncs with the host, except
+``append`` on an overcommitted pool (fewer pages than max_batch full sequences need), which reads
+one flag to raise cleanly when the pool runs out.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference as _ref
+from .ops import kv_cache as _ops  # noqa: F401  (registers the trajops::kv_* ops)
+
+__all__ = ["PagedTrajectoryKVCache"]
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"PagedTrajectoryKVCache: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class PagedTrajectoryKVCache:
+    """Paged KV cache whose entries carry the trajectory they were written under and a timestamp.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: shape of the K/V pools, one pair per layer:
+            (num_pages, page_size, num_kv_heads, head_dim) in ``dtype``.
+        num_pages, page_size: the page pool shared by all sequences.
+        traj_dim: size of the trajectory vectors (stored as fp32 unit vectors, shared by all layers:
+            one eviction decision per token).
+        max_batch: number of sequences (rows) the cache holds.
+        capacity: live tokens per sequence; beyond it the least relevant entries are evicted.
+        alpha, decay: relevance = alpha * cos(query, entry) + (1 - alpha) * exp(-decay * age).
+
+    Per step: ``append(0, ...)`` decides evictions and slots for the new tokens, ``append(l, ...)``
+    for the other layers writes their K/V into the same slots, ``step()`` advances the clock.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        traj_dim: int,
+        max_batch: int,
+        capacity: int,
+        alpha: float = 0.7,
+        decay: float = 0.1,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        for name, value in (("num_layers", num_layers), ("num_pages", num_pages), ("page_size", page_size),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("traj_dim", traj_dim),
+                            ("max_batch", max_batch), ("capacity", capacity)):
+            _positive(name, value)
+        if not (0.0 <= alpha <= 1.0):
+            raise ValueError(f"PagedTrajectoryKVCache: alpha must be in [0, 1], got {alpha}")
+        if not (math.isfinite(decay) and decay >= 0.0):
+            raise ValueError(f"PagedTrajectoryKVCache: decay must be a finite number >= 0, got {decay}")
+        self.max_pages_per_seq = -(-capacity // page_size)
+        if self.max_pages_per_seq > num_pages:
+            raise ValueError(
+                f"PagedTrajectoryKVCache: capacity {capacity} needs {self.max_pages_per_seq} pages of "
+                f"{page_size} slots, more than the pool's num_pages={num_pages}"
+            )
+        self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        self.num_kv_heads, self.head_dim, self.traj_dim = num_kv_heads, head_dim, traj_dim
+        self.max_batch, self.alpha, self.decay, self.dtype = max_batch, float(alpha), float(decay), dtype
+        self.max_slots = self.max_pages_per_seq * page_size
+        self.overcommitted = num_pages < max_batch * self.max_pages_per_seq
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = dev
+        P, S = num_pages, page_size
+        self.k_pool = torch.zeros((num_layers, P, S, num_kv_heads, head_dim), dtype=dtype, device=dev)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.traj_pool = torch.zeros((P, S, traj_dim), dtype=torch.float32, device=dev)
+        self.ts_pool = torch.zeros((P, S), dtype=torch.long, device=dev)
+        self.live_pool = torch.zeros((P, S), dtype=torch.bool, device=dev)
+        self.pinned_pool = torch.zeros((P, S), dtype=torch.bool, device=dev)
+        self.page_table = torch.full((max_batch, self.max_pages_per_seq), -1, dtype=torch.long, device=dev)
+        self.live_count = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.capacity = torch.full((max_batch,), capacity, dtype=torch.long, device=dev)
+        self.free_pages = torch.arange(P - 1, -1, -1, dtype=torch.long, device=dev)  # page 0 on top
+        self.free_top = torch.tensor(P, dtype=torch.long, device=dev)
+        self.evicted_total = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.now = torch.zeros((), dtype=torch.long, device=dev)
+        self._written: Optional[Tensor] = None  # physical slots of the current step's tokens
+        self._full_lengths: Dict[Tuple[int, int], Tensor] = {}  # reused default `lengths` per (B, n)
+        self._next_layer = 0
+
+    # ------------------------------------------------------------------ writing
+    def _check_rows(self, name: str, B: int) -> None:
+        if not 1 <= B <= self.max_batch:
+            raise ValueError(f"PagedTrajectoryKVCache: {name} has {B} rows, expected 1..max_batch={self.max_batch}")
+
+    def append(
+        self,
+        layer: int,
+        k: Tensor,
+        v: Tensor,
+        trajectory: Tensor,
+        *,
+        lengths: Optional[Tensor] = None,
+        pin: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Write n new tokens of the first B sequences for one layer; returns evicted slots (B, n).
+
+        k, v: (B, num_kv_heads, n, head_dim). trajectory: (B, traj_dim) for all new tokens of a
+        row, or (B, n, traj_dim) per token. lengths: (B,) int64, valid new tokens per row (default
+        n). pin: (B, n) bool, tokens that are never evicted (e.g. attention sinks; when n exceeds
+        the capacity only the last capacity tokens are written, pinned or not). Layer 0 evicts and
+        picks slots (scored with the trajectory of each row's newest valid token); layers 1.. then
+        write into the same slots, in order, and ignore trajectory, lengths and pin. The returned tensor lists the evicted logical slots (-1
+        padded); for layers other than 0 it is the one layer 0 returned.
+        """
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"PagedTrajectoryKVCache.append: layer must be in [0, {self.num_layers}), got {layer}")
+        if k.dim() != 4 or tuple(k.shape[1::2]) != (self.num_kv_heads, self.head_dim) or v.shape != k.shape:
+            raise ValueError(
+                f"PagedTrajectoryKVCache.append: k and v must both have shape (B, {self.num_kv_heads}, n, "
+                f"{self.head_dim}), got {list(k.shape)} and {list(v.shape)}"
+            )
+        B, n = k.shape[0], k.shape[2]
+        self._check_rows("k", B)
+        for name, t in (("k", k), ("v", v), ("trajectory", trajectory)):
+            if t.device != self.device:
+                raise ValueError(f"PagedTrajectoryKVCache.append: {name} must be on {self.device}, got {t.device}")
+        if layer == 0:
+            evicted = self._evict_append(B, n, trajectory, lengths, pin)
+        else:
+            if self._written is None or layer != self._next_layer or self._written.shape != (B, n):
+                raise RuntimeError(
+                    f"PagedTrajectoryKVCache.append: layer {layer} must follow layer {layer - 1} of the same step "
+                    f"with the same (B, n); expected layer {self._next_layer}"
+                    + ("" if self._written is None else f" and (B, n) = {tuple(self._written.shape)}")
+                )
+            evicted = self._evicted
+        self._write_kv(layer, k, v)
+        self._next_layer = layer + 1
+        return evicted
+
+    def _evict_append(self, B, n, trajectory, lengths, pin) -> Tensor:
+        if trajectory.dim() == 2:
+            if tuple(trajectory.shape) != (B, self.traj_dim):
+                raise ValueError(
+                    f"PagedTrajectoryKVCache.append: trajectory must have shape (B, traj_dim) = ({B}, "
+                    f"{self.traj_dim}) or (B, n, traj_dim), got {list(trajectory.shape)}"
+                )
+            trajectory = trajectory.unsqueeze(1).expand(B, n, self.traj_dim)
+        elif tuple(trajectory.shape) != (B, n, self.traj_dim):
+            raise ValueError(
+                f"PagedTrajectoryKVCache.append: trajectory must have shape (B, traj_dim) or (B, n, traj_dim) = "
+                f"({B}, {n}, {self.traj_dim}), got {list(trajectory.shape)}"
+            )
+        given_lengths = lengths is not None
+        if lengths is None:
+            lengths = self._full_lengths.get((B, n))
+            if lengths is None:
+                lengths = self._full_lengths[(B, n)] = torch.full((B,), n, dtype=torch.long, device=self.device)
+        elif lengths.dtype != torch.long or tuple(lengths.shape) != (B,) or lengths.device != self.device:
+            raise ValueError(
+                f"PagedTrajectoryKVCache.append: lengths must be int64 of shape ({B},) on {self.device}, got "
+                f"{lengths.dtype} {list(lengths.shape)} on {lengths.device}"
+            )
+        if pin is not None and (pin.dtype != torch.bool or tuple(pin.shape) != (B, n) or pin.device != self.device):
+            raise ValueError(
+                f"PagedTrajectoryKVCache.append: pin must be bool of shape ({B}, {n}) on {self.device}, got "
+                f"{pin.dtype} {list(pin.shape)}"
+            )
+        if given_lengths and lengths.device.type == "cpu" and bool(((lengths < 0) | (lengths > n)).any()):
+            raise ValueError(f"PagedTrajectoryKVCache.append: lengths must be in [0, {n}], got {lengths.tolist()}")
+        evicted, written, ok = torch.ops.trajops.kv_evict_append_(
+            self.traj_pool, self.ts_pool, self.live_pool, self.pinned_pool, self.page_table, self.live_count,
+            self.capacity, self.free_pages, self.free_top, self.evicted_total, self.now, trajectory, lengths,
+            pin, self.alpha, self.decay,
+        )
+        if self.overcommitted and not bool(ok):
+            raise RuntimeError(
+                "PagedTrajectoryKVCache.append: the page pool is exhausted (num_pages="
+                f"{self.num_pages}); the cache was left unchanged"
+            )
+        self._written, self._evicted = written, evicted
+        return evicted
+
+    def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
+        written = self._written
+        valid = written >= 0
+        dst = written[valid]
+        H, D = self.num_kv_heads, self.head_dim
+        # detached: the cache stores values, it must not keep the caller's autograd graph alive
+        self.k_pool[layer].view(-1, H, D)[dst] = k.detach().transpose(1, 2)[valid].to(self.dtype)
+        self.v_pool[layer].view(-1, H, D)[dst] = v.detach().transpose(1, 2)[valid].to(self.dtype)
+
+    def step(self) -> None:
+        """Advance the clock by one (timestamps of later appends are one larger)."""
+        self.now += 1
+        self._next_layer = 0
+
+    # ------------------------------------------------------------------ reading
+    def _query(self, trajectory: Tensor) -> Tensor:
+        if trajectory.dim() != 2 or trajectory.shape[1] != self.traj_dim:
+            raise ValueError(
+                f"PagedTrajectoryKVCache: trajectory must have shape (B, {self.traj_dim}), got {list(trajectory.shape)}"
+            )
+        self._check_rows("trajectory", trajectory.shape[0])
+        return trajectory
+
+    def relevance(self, trajectory: Tensor) -> Tensor:
+        """(B, max_slots) fp32 relevance of every logical slot for each row's query trajectory; -inf on dead slots."""
+        return torch.ops.trajops.kv_relevance(self.traj_pool, self.ts_pool, self.live_pool, self.page_table,
+                                 self._query(trajectory), self.now, self.alpha, self.decay)
+
+    def topk(self, trajectory: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """The k most relevant live slots per row: (slots (B, k) int64, scores (B, k)); -1 / -inf padded."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"PagedTrajectoryKVCache.topk: k must be an int >= 0, got {k!r}")
+        return torch.ops.trajops.kv_topk(self.traj_pool, self.ts_pool, self.live_pool, self.page_table,
+                            self._query(trajectory), self.now, self.alpha, self.decay, k)
+
+    def gather(self, layer: int, slots: Tensor) -> Tuple[Tensor, Tensor]:
+        """Dense K and V (B, num_kv_heads, k, head_dim) of logical slots (B, k) of one layer; zeros for -1."""
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"PagedTrajectoryKVCache.gather: layer must be in [0, {self.num_layers}), got {layer}")
+        if slots.dim() != 2 or slots.dtype != torch.long:
+            raise ValueError(f"PagedTrajectoryKVCache.gather: slots must be int64 (B, k), got {slots.dtype} "
+                             f"{list(slots.shape)}")
+        B = slots.shape[0]
+        self._check_rows("slots", B)
+        phys_all = _ref.kv_logical_to_physical(self.page_table[:B], self.page_size)
+        inside = (slots >= 0) & (slots < self.max_slots)  # out-of-range slots read as 0, like -1
+        phys = torch.where(inside, phys_all.gather(1, slots.clamp(0, self.max_slots - 1)), -1)
+        H, D = self.num_kv_heads, self.head_dim
+        keep = (phys >= 0)[..., None, None]
+        keep = keep & self.live_pool.view(-1)[phys.clamp_min(0)][..., None, None]  # dead slots read as 0
+        k = torch.where(keep, self.k_pool[layer].view(-1, H, D)[phys.clamp_min(0)], 0).transpose(1, 2)
+        v = torch.where(keep, self.v_pool[layer].view(-1, H, D)[phys.clamp_min(0)], 0).transpose(1, 2)
+        return k, v
+
+    def live_slots(self) -> Tensor:
+        """(max_batch, max_slots) bool: logical slots that hold a live entry."""
+        phys = _ref.kv_logical_to_physical(self.page_table, self.page_size)
+        return (phys >= 0) & self.live_pool.reshape(-1)[phys.clamp_min(0)]
+
+    def stats(self) -> Dict[str, Tensor]:
+        """live (max_batch,), capacity (max_batch,), pages_in_use, pages_free (0-d), evicted_total (max_batch,)."""
+        return {
+            "live": self.live_count.clone(),
+            "capacity": self.capacity.clone(),
+            "pages_in_use": self.num_pages - self.free_top,
+            "pages_free": self.free_top.clone(),
+            "evicted_total": self.evicted_total.clone(),
+        }

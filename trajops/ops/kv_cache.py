@@ -1,0 +1,98 @@
+"""trajops::kv_relevance, trajops::kv_topk and trajops::kv_evict_append_ — the paged KV cache's ops.
+
+This module registers the ops' fake impls and kernels. Semantics: trajops/reference/kv_cache.py; the
+state they read and mutate is described in trajops/kv_cache.py (PagedTrajectoryKVCache).
+kv_evict_append_ mutates the cache state in place (declared with Tensor(a!) in its schema) and
+returns new tensors (evicted, written, ok), never aliases.
+
+Backends: the pure-PyTorch reference on every device for now (no C++ or Triton kernel is registered
+yet); it loops over the batch (a shape) and is vectorized over slots, with no host sync.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._library import register_kernels
+
+__all__: list = []
+
+_OP = "kv_cache"
+
+
+def _check_pool(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor) -> None:
+    torch._check_value(
+        traj_pool.dim() == 3 and traj_pool.dtype == torch.float32,
+        lambda: f"{_OP}: traj_pool must be float32 (num_pages, page_size, traj_dim), got {traj_pool.dtype} "
+        f"{list(traj_pool.shape)}",
+    )
+    P, S, Dt = traj_pool.shape
+    torch._check_value(
+        tuple(ts_pool.shape) == (P, S) and ts_pool.dtype == torch.long,
+        lambda: f"{_OP}: ts_pool must be int64 ({P}, {S}), got {ts_pool.dtype} {list(ts_pool.shape)}",
+    )
+    torch._check_value(
+        tuple(live_pool.shape) == (P, S) and live_pool.dtype == torch.bool,
+        lambda: f"{_OP}: live_pool must be bool ({P}, {S}), got {live_pool.dtype} {list(live_pool.shape)}",
+    )
+    torch._check_value(
+        page_table.dim() == 2 and page_table.dtype == torch.long,
+        lambda: f"{_OP}: page_table must be int64 (max_batch, max_pages), got {page_table.dtype} "
+        f"{list(page_table.shape)}",
+    )
+    torch._check_value(
+        query.dim() in (2, 3) and query.shape[-1] == Dt and query.shape[0] <= page_table.shape[0],
+        lambda: f"{_OP}: trajectories must be (B, {Dt}) or (B, n, {Dt}) with B <= {page_table.shape[0]}, got "
+        f"{list(query.shape)}",
+    )
+
+
+# ---------------------------------------------------------------- fake impls
+@torch.library.register_fake("trajops::kv_relevance")
+def _relevance_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    return query.new_empty((query.shape[0], page_table.shape[1] * traj_pool.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("trajops::kv_topk")
+def _topk_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    B = query.shape[0]
+    return query.new_empty((B, k), dtype=torch.long), query.new_empty((B, k), dtype=torch.float32)
+
+
+@torch.library.register_fake("trajops::kv_evict_append_")
+def _evict_append_fake(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                       free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj)
+    B, n = new_traj.shape[0], new_traj.shape[1]
+    return (new_traj.new_empty((B, n), dtype=torch.long), new_traj.new_empty((B, n), dtype=torch.long),
+            new_traj.new_empty((), dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- kernels (reference only, for now)
+def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    return reference.kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
+
+
+def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k)
+
+
+def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                  free_top, evicted_total, now, new_traj, lengths, pin: Optional[Tensor], alpha, decay):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj)
+    return reference.kv_evict_append_(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity,
+                                      free_pages, free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay)
+
+
+register_kernels("kv_relevance", _relevance, None)
+register_kernels("kv_topk", _topk, None)
+register_kernels("kv_evict_append_", _evict_append, None)

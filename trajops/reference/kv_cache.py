@@ -1,0 +1,218 @@
+"""Reference of the paged trajectory KV cache ops (seed 001, section 2): relevance, top-k, eviction.
+
+Layout (see trajops.PagedTrajectoryKVCache): a pool of P pages of S token slots. Per slot, shared by
+all layers: a unit trajectory ``traj_pool`` (P, S, Dt) fp32, a timestamp ``ts_pool`` (P, S) int64, a
+live flag ``live_pool`` (P, S) bool and a pinned flag ``pinned_pool`` (P, S) bool. Sequence b owns
+pages through ``page_table[b]`` (MP entries, -1 = none); its logical slot j is offset j % S of page
+page_table[b, j // S]. Per-sequence outputs are indexed by logical slot (max_slots = MP * S).
+
+Relevance of a live slot for a query trajectory t:
+
+    alpha * cos(t, e) + (1 - alpha) * exp(-decay * (now - ts)),   cos = t.e / (max(|t|, eps) max(|e|, eps))
+
+with eps = 1e-8 (a zero trajectory has cos 0); the query and entries are fp32 unit vectors, the
+score is computed in fp64 and rounded to fp32 (the seed also ranks fp32-rounded scores, ties to the
+older entry); dead slots score -inf. Ties in any
+ranking are broken by older timestamp, then lower logical slot, which is also the insertion order
+of the entries (new tokens take free slots in ascending logical order).
+
+These functions loop over the batch in Python (a shape, never a value: no host sync) and are
+vectorized over slots; the C++ and Triton kernels fuse the same steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KV_EPS",
+    "kv_evict_append_",
+    "kv_relevance",
+    "kv_topk",
+    "kv_unit",
+    "kv_logical_to_physical",
+]
+
+KV_EPS = 1e-8
+
+
+def kv_unit(t: Tensor) -> Tensor:
+    """t / max(|t|, eps) along the last dimension, in fp32 (a zero vector stays zero)."""
+    t = t.float()
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(KV_EPS)
+
+
+def kv_logical_to_physical(page_table: Tensor, page_size: int) -> Tensor:
+    """(B, MP) page table -> (B, MP * S) physical slot ids (page * S + offset), -1 where no page."""
+    B, MP = page_table.shape
+    offs = torch.arange(page_size, device=page_table.device)
+    phys = page_table.unsqueeze(-1) * page_size + offs
+    return torch.where(page_table.unsqueeze(-1) >= 0, phys, -1).reshape(B, MP * page_size)
+
+
+def _scores(traj_pool, ts_pool, live_pool, phys, query, now, alpha, decay) -> Tensor:
+    """Relevance (B, L) for physical slots phys (B, L) (-1 = none) and queries (B, Dt)."""
+    flat_traj = traj_pool.reshape(-1, traj_pool.shape[-1])
+    idx = phys.clamp_min(0)
+    present = (phys >= 0) & live_pool.reshape(-1)[idx]
+    # fp64 arithmetic rounded once to fp32: every backend then agrees on the fp32 scores (and so on
+    # rankings and their ties) up to double rounding, instead of up to fp32 summation order.
+    cos = torch.einsum("bld,bd->bl", flat_traj[idx].double(), kv_unit(query).double())
+    age = (now - ts_pool.reshape(-1)[idx]).double()
+    score = (alpha * cos + (1.0 - alpha) * torch.exp(-decay * age)).float()
+    return torch.where(present, score, torch.full_like(score, -math.inf))
+
+
+def kv_relevance(
+    traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor, now: Tensor,
+    alpha: float, decay: float,
+) -> Tensor:
+    """(B, max_slots) fp32 relevance of every logical slot of the first B = query.shape[0] sequences."""
+    B = query.shape[0]
+    phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
+    return _scores(traj_pool, ts_pool, live_pool, phys, query, now, alpha, decay)
+
+
+def _rank(score: Tensor, ts: Tensor, descending: bool) -> Tensor:
+    """Permutation of the last dim ordering by score (desc or asc), then ts asc, then index asc."""
+    order = torch.argsort(ts, dim=-1, stable=True)
+    return order.gather(-1, torch.argsort(score.gather(-1, order), dim=-1, descending=descending, stable=True))
+
+
+def kv_topk(
+    traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor, now: Tensor,
+    alpha: float, decay: float, k: int,
+) -> Tuple[Tensor, Tensor]:
+    """The k most relevant live logical slots per sequence: (slots (B, k) int64, scores (B, k) fp32).
+
+    Ordered by score descending, ties by older timestamp then lower slot; padded with -1 / -inf
+    when fewer than k slots are live.
+    """
+    B = query.shape[0]
+    phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
+    score = _scores(traj_pool, ts_pool, live_pool, phys, query, now, alpha, decay)
+    ts = ts_pool.reshape(-1)[phys.clamp_min(0)]
+    L = score.shape[1]
+    if k > L:  # pad so that every sequence has k candidates
+        score = torch.cat([score, score.new_full((B, k - L), -math.inf)], 1)
+        ts = torch.cat([ts, ts.new_zeros((B, k - L))], 1)
+    order = _rank(score, ts, descending=True)[:, :k]
+    top = score.gather(1, order)
+    slots = torch.where(top > -math.inf, order, torch.full_like(order, -1))
+    return slots, top
+
+
+def kv_evict_append_(
+    traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, pinned_pool: Tensor, page_table: Tensor,
+    live_count: Tensor, capacity: Tensor, free_pages: Tensor, free_top: Tensor, evicted_total: Tensor,
+    now: Tensor, new_traj: Tensor, lengths: Tensor, pin: Optional[Tensor], alpha: float, decay: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Evict, allocate and write the metadata of n new tokens per sequence, in place.
+
+    new_traj (B, n, Dt) (the trajectory each new token is written under), lengths (B,) valid new
+    tokens per row, pin (B, n) bool or None. Per sequence b with m = lengths[b], cap = capacity[b]:
+    the last min(m, cap) valid tokens are kept; e = max(0, live + min(m, cap) - cap) live unpinned
+    slots are evicted (lowest relevance for the trajectory of the newest valid token, or by recency
+    alone when the row has none; ties: older, then lower slot); the kept tokens take free slots in ascending logical order (owned pages first, then
+    pages popped from the free stack into the lowest empty page-table entries); pages left with no
+    live slot return to the stack.
+
+    Returns (evicted (B, n) logical slots, -1 padded; written (B, n) physical slots per new token,
+    -1 for tokens not written; ok 0-d bool). When ok is False (the free-page stack ran out) nothing
+    is modified and evicted and written are all -1.
+    """
+    P, S, Dt = traj_pool.shape
+    B, n = new_traj.shape[0], new_traj.shape[1]
+    MP = page_table.shape[1]
+    L = MP * S
+    dev = traj_pool.device
+    ar_L = torch.arange(L, device=dev)
+    ar_n = torch.arange(n, device=dev)
+    # Work on copies; commit them only if every sequence fits in the pool.
+    traj_w, ts_w, live_w, pinned_w = traj_pool.clone(), ts_pool.clone(), live_pool.clone(), pinned_pool.clone()
+    pt_w, cnt_w, free_w, top_w, tot_w = (page_table.clone(), live_count.clone(), free_pages.clone(),
+                                         free_top.clone(), evicted_total.clone())
+    ok = torch.ones((), dtype=torch.bool, device=dev)
+    evicted = torch.full((B, n), -1, dtype=torch.long, device=dev)
+    written = torch.full((B, n), -1, dtype=torch.long, device=dev)
+    units = kv_unit(new_traj)
+    for b in range(B):
+        m, cap, live_b = lengths[b], capacity[b], cnt_w[b]
+        pt = pt_w[b]
+        phys = kv_logical_to_physical(pt.unsqueeze(0), S)[0]
+        has_page = phys >= 0
+        idx = phys.clamp_min(0)
+        live = has_page & live_w.reshape(-1)[idx]
+        cand = live & ~pinned_w.reshape(-1)[idx]
+        keep = torch.minimum(m, cap)
+        e = torch.minimum((live_b + keep - cap).clamp_min(0), cand.sum())
+        n_write = torch.minimum(keep, cap - (live_b - e)).clamp_min(0)
+        # evict the e lowest candidates
+        # the newest valid token's trajectory; a row without one (m = 0) scores by recency alone
+        newest = units[b, (m - 1).clamp(0, max(n - 1, 0))] if n else units.new_zeros(Dt)
+        newest = torch.where(m > 0, newest, torch.zeros_like(newest))
+        score = _scores(traj_w, ts_w, live_w, phys.unsqueeze(0), newest.unsqueeze(0), now, alpha, decay)[0]
+        score = torch.where(cand, score, torch.full_like(score, math.inf))
+        ts = torch.where(cand, ts_w.reshape(-1)[idx], torch.full_like(idx, torch.iinfo(torch.long).max))
+        order = _rank(score.unsqueeze(0), ts.unsqueeze(0), descending=False)[0]
+        chosen = ar_L < e
+        ev_slots = torch.where(chosen, order, torch.full_like(order, -1))
+        evicted[b] = torch.cat([ev_slots, ev_slots.new_full((max(n - L, 0),), -1)])[:n]
+        evict_mask = torch.zeros(L, dtype=torch.bool, device=dev).scatter(0, order, chosen)
+        live_after = live & ~evict_mask
+        # allocate pages for what the owned free slots cannot hold
+        free_owned = (has_page & ~live_after).sum()
+        need = (n_write - free_owned).clamp_min(0)
+        need_pages = (need + S - 1) // S
+        ok = ok & (need_pages <= top_w)
+        empty = pt < 0
+        rank_e = torch.cumsum(empty.long(), 0) - 1
+        take = empty & (rank_e < need_pages)
+        popped = free_w[(top_w - 1 - rank_e).clamp(0, P - 1)]
+        pt = torch.where(take, popped, pt)
+        top_w = top_w - torch.minimum(need_pages, top_w)
+        phys = kv_logical_to_physical(pt.unsqueeze(0), S)[0]
+        has_page = phys >= 0
+        idx = phys.clamp_min(0)
+        # the kept tokens (the last n_write valid ones) take the lowest free logical slots
+        slot_free = has_page & ~live_after
+        free_order = torch.argsort(torch.where(slot_free, ar_L, ar_L + L))
+        first_tok = m - n_write
+        tok_rank = ar_n - first_tok
+        tok_ok = (tok_rank >= 0) & (ar_n < m)
+        tok_slot = free_order[tok_rank.clamp(0, L - 1)]
+        tok_phys = torch.where(tok_ok, idx[tok_slot], torch.full_like(tok_slot, -1))
+        written[b] = tok_phys
+        # metadata updates
+        ev_phys = torch.where(evict_mask, idx, torch.full_like(idx, -1))
+        ev_valid = ev_phys >= 0
+        live_w.view(-1).index_put_((ev_phys[ev_valid],), torch.zeros((), dtype=torch.bool, device=dev))
+        pinned_w.view(-1).index_put_((ev_phys[ev_valid],), torch.zeros((), dtype=torch.bool, device=dev))
+        w_valid = tok_phys >= 0
+        wp = tok_phys[w_valid]
+        live_w.view(-1)[wp] = True
+        ts_w.view(-1)[wp] = now
+        traj_w.view(-1, Dt)[wp] = units[b][w_valid]
+        pinned_w.view(-1)[wp] = pin[b][w_valid] if pin is not None else False
+        # release pages with no live slot
+        live_now = has_page & live_w.reshape(-1)[idx]
+        page_live = live_now.view(MP, S).any(1)
+        release = (pt >= 0) & ~page_live
+        rank_r = torch.cumsum(release.long(), 0) - 1
+        dest = torch.where(release, top_w + rank_r, torch.full_like(rank_r, P))  # P = dropped
+        free_ext = torch.cat([free_w, free_w.new_zeros(1)])
+        free_ext[dest.clamp(0, P)] = torch.where(release, pt, free_ext[dest.clamp(0, P)])
+        free_w = free_ext[:P]
+        top_w = top_w + release.sum()
+        pt_w[b] = torch.where(release, torch.full_like(pt, -1), pt)
+        cnt_w[b] = live_b - e + n_write
+        tot_w[b] = tot_w[b] + e + (m - n_write)
+    for dst, src in ((traj_pool, traj_w), (ts_pool, ts_w), (live_pool, live_w), (pinned_pool, pinned_w),
+                     (page_table, pt_w), (live_count, cnt_w), (free_pages, free_w), (free_top, top_w),
+                     (evicted_total, tot_w)):
+        dst.copy_(torch.where(ok, src, dst))
+    none = torch.full_like(written, -1)
+    return torch.where(ok, evicted, none), torch.where(ok, written, none), ok
