@@ -149,6 +149,12 @@ def _norm_finish(s, IS_D1: tl.constexpr):
 
 
 @triton.jit
+def _flagged(bad, use, value, CDT: tl.constexpr):
+    """NaN where the inputs were invalid (bad), value where it counts (use), 0 elsewhere."""
+    return tl.where(bad, tl.full([], float("nan"), CDT), tl.where(use, value, 0.0))
+
+
+@triton.jit
 def _triple_finish(s_aa, s_bb, s_ab, IS_D1: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr):
     """|a|, |b|, a.b and cos(b, a) of a tile of triples from their per-column partial sums."""
     na = _norm_finish(tl.sum(s_aa, axis=1), IS_D1)
@@ -203,11 +209,10 @@ def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, loss_ptr, stats_ptr,
         sb2 += _norm_term(bb, IS_D1)
         sd += a * bb
     na, nb, dot, cos = _triple_finish(sa, sb2, sd, IS_D1, EPS, CDT)
-    nan = tl.full([], float("nan"), CDT)
-    loss = tl.where(flag, nan, tl.where(use, 1.0 - cos, 0.0))
-    na = tl.where(flag, nan, tl.where(use, na, 0.0))
-    nb = tl.where(flag, nan, tl.where(use, nb, 0.0))
-    dot = tl.where(flag, nan, tl.where(use, dot, 0.0))
+    loss = _flagged(flag, use, 1.0 - cos, CDT)
+    na = _flagged(flag, use, na, CDT)
+    nb = _flagged(flag, use, nb, CDT)
+    dot = _flagged(flag, use, dot, CDT)
     tl.store(loss_ptr + n, loss, mask=n_ok)
     tl.store(stats_ptr + n * 3, na, mask=n_ok)
     tl.store(stats_ptr + n * 3 + 1, nb, mask=n_ok)
@@ -357,10 +362,9 @@ def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, loss_ptr, stats_ptr,
         s1 += _norm_term(d1v, IS_D1)
         sd += d0v * d1v
     n0, _, dot, cos = _triple_finish(s0, s1, sd, IS_D1, EPS, CDT)
-    nan = tl.full([], float("nan"), CDT)
-    loss = tl.where(bad_len, nan, tl.where(tri_ok, 1.0 - cos, 0.0))
-    n0 = tl.where(bad_len, nan, tl.where(step_ok, n0, 0.0))
-    dot = tl.where(bad_len, nan, tl.where(tri_ok, dot, 0.0))
+    loss = _flagged(bad_len, tri_ok, 1.0 - cos, CDT)
+    n0 = _flagged(bad_len, step_ok, n0, CDT)
+    dot = _flagged(bad_len, tri_ok, dot, CDT)
     tl.store(loss_ptr + lb.to(tl.int64) * (T - 2) + q, loss, mask=q < T - 2)
     st = stats_ptr + (lb.to(tl.int64) * (T - 1) + q) * 2
     tl.store(st, n0, mask=q < T - 1)

@@ -45,12 +45,39 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _row_block(Tq, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The query block of this program. Under a causal mask the last blocks do the most work, so
-    they are launched first: the short ones then fill the tail of the grid instead of idling."""
+def _row_program(Tq, Hq, G, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(query block, b * Hq + h, b, h, kv head) of a program on the (cdiv(Tq, BM), B * Hq) grid.
+
+    Under a causal mask the last query blocks do the most work, so they are launched first: the
+    short ones then fill the tail of the grid instead of idling.
+    """
+    pid_m = tl.program_id(0)
     if CAUSAL:
-        return tl.cdiv(Tq, BLOCK_M) - 1 - tl.program_id(0)
-    return tl.program_id(0)
+        pid_m = tl.cdiv(Tq, BLOCK_M) - 1 - pid_m
+    bh = tl.program_id(1)
+    h = bh % Hq
+    return pid_m, bh, bh // Hq, h, h // G
+
+
+@triton.jit
+def _key_ranges(pid_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(free, hi) for a query block: keys [0, free) are whole blocks every row may attend (no mask
+    needed), keys [free, hi) straddle the causal diagonal or the end of the keys (masked)."""
+    if CAUSAL:
+        shift = Tk - Tq
+        hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + shift, 0), Tk)
+        free = tl.minimum(tl.maximum(pid_m * BLOCK_M + shift + 1, 0), Tk)
+    else:
+        hi = Tk
+        free = Tk
+    return (free // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, srow, scol, nrows, ncols):
+    """A (rows x cols) tile, zero outside [0, nrows) x [0, ncols)."""
+    return tl.load(ptr + rows[:, None] * srow + cols[None, :] * scol,
+                   mask=(rows[:, None] < nrows) & (cols[None, :] < ncols), other=0.0)
 
 
 @triton.jit
@@ -60,8 +87,8 @@ def _fwd_block(acc, l_i, m_i, q, c2, K, V, MASK, mrow_ptr, offs_m, start_n, Tq, 
                BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Tk
-    kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    v = tl.load(V + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=n_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    kT = _load_tile(K, offs_d, offs_n, skd, skn, D, Tk)
+    v = _load_tile(V, offs_n, offs_dv, svn, svd, Tk, Dv)
     s = tl.dot(q, kT, input_precision=PREC).to(c2.dtype) * c2[:, None]
     if BOUNDS:
         ok = n_ok[None, :]
@@ -87,11 +114,7 @@ def _fwd_kernel(Q, K, V, C, MASK, O, LSE,
                 Hq, G, Tq, Tk, D, Dv,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = _row_block(Tq, CAUSAL, BLOCK_M)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    pid_m, bh, b, h, hk = _row_program(Tq, Hq, G, CAUSAL, BLOCK_M)
     cdt = C.dtype.element_ty
     LOG2E = tl.full([], 1.4426950408889634, cdt)
     LN2 = tl.full([], 0.6931471805599453, cdt)
@@ -100,8 +123,7 @@ def _fwd_kernel(Q, K, V, C, MASK, O, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Tq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, Tq, D)
     c2 = tl.load(C + bh * Tq + offs_m, mask=m_ok, other=0.0) * LOG2E
     K += b * skb + hk * skh
     V += b * svb + hk * svh
@@ -111,13 +133,7 @@ def _fwd_kernel(Q, K, V, C, MASK, O, LSE,
     l_i = tl.zeros([BLOCK_M], cdt)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], cdt)
     shift = Tk - Tq
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + shift, 0), Tk)
-        free = tl.minimum(tl.maximum(pid_m * BLOCK_M + shift + 1, 0), Tk)
-    else:
-        hi = Tk
-        free = Tk
-    free = (free // BLOCK_N) * BLOCK_N  # whole blocks every row of this block may attend
+    free, hi = _key_ranges(pid_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, free, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, c2, K, V, MASK, mrow_ptr, offs_m, start_n, Tq, Tk, shift,
                                    skn, skd, svn, svd, smn, offs_d, offs_dv, D, Dv,
@@ -163,8 +179,8 @@ def _dkdv_block(dk, dv, k, v, Q, DO, C, LSE, DELTA, mcol_ptr, row0, start_m, off
     LOG2E = tl.full([], 1.4426950408889634, cdt)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Tq
-    qT = tl.load(Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    do = tl.load(DO + offs_m[:, None] * sdm + offs_dv[None, :] * sdd, mask=m_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    qT = _load_tile(Q, offs_d, offs_m, sqd, sqm, D, Tq)
+    do = _load_tile(DO, offs_m, offs_dv, sdm, sdd, Tq, Dv)
     c = tl.load(C + row0 + offs_m, mask=m_ok, other=0.0)
     lse = tl.load(LSE + row0 + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse).to(cdt)  # empty rows: every p is 0
@@ -201,10 +217,8 @@ def _dkdv_kernel(Q, K, V, C, MASK, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < Tk
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=n_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    k = _load_tile(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, Tk, D)
+    v = _load_tile(V + b * svb + hk * svh, offs_n, offs_dv, svn, svd, Tk, Dv)
     dk = tl.zeros([BLOCK_N, BLOCK_D], cdt)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], cdt)
     shift = Tk - Tq
@@ -245,8 +259,8 @@ def _dq_block(dq, q, do, c2, lse2, delta, K, V, mrow_ptr, offs_m, start_n, Tq, T
               BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Tk
-    kT = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    vT = tl.load(V + offs_n[None, :] * svn + offs_dv[:, None] * svd, mask=n_ok[None, :] & (offs_dv[:, None] < Dv), other=0.0)
+    kT = _load_tile(K, offs_d, offs_n, skd, skn, D, Tk)
+    vT = _load_tile(V, offs_dv, offs_n, svd, svn, Dv, Tk)
     s = tl.dot(q, kT, input_precision=PREC).to(dq.dtype)
     p = tl.math.exp2(s * c2[:, None] - lse2[:, None])
     if BOUNDS:
@@ -270,21 +284,15 @@ def _dq_kernel(Q, K, V, C, MASK, DO, LSE, DELTA, DQ, ROWDOT,
                Hq, G, Tq, Tk, D, Dv,
                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = _row_block(Tq, CAUSAL, BLOCK_M)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    pid_m, bh, b, h, hk = _row_program(Tq, Hq, G, CAUSAL, BLOCK_M)
     cdt = C.dtype.element_ty
     LOG2E = tl.full([], 1.4426950408889634, cdt)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Tq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                 mask=m_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, Tq, D)
+    do = _load_tile(DO + b * sdb + h * sdh, offs_m, offs_dv, sdm, sdd, Tq, Dv)
     c = tl.load(C + bh * Tq + offs_m, mask=m_ok, other=0.0)
     lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse).to(cdt) * LOG2E
@@ -295,13 +303,7 @@ def _dq_kernel(Q, K, V, C, MASK, DO, LSE, DELTA, DQ, ROWDOT,
     dq = tl.zeros([BLOCK_M, BLOCK_D], cdt)
     c2 = c * LOG2E
     shift = Tk - Tq
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum((pid_m + 1) * BLOCK_M + shift, 0), Tk)
-        free = tl.minimum(tl.maximum(pid_m * BLOCK_M + shift + 1, 0), Tk)
-    else:
-        hi = Tk
-        free = Tk
-    free = (free // BLOCK_N) * BLOCK_N
+    free, hi = _key_ranges(pid_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, free, BLOCK_N):
         dq = _dq_block(dq, q, do, c2, lse2, delta, K, V, mrow_ptr, offs_m, start_n, Tq, Tk, shift,
                        skn, skd, svn, svd, smn, offs_d, offs_dv, D, Dv, CAUSAL, False, HAS_MASK, BLOCK_N, PREC)
