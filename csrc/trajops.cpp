@@ -35,6 +35,7 @@ TORCH_LIBRARY(trajops, m) {
       "Tensor(e!) page_table, Tensor(f!) live_count, Tensor capacity, Tensor(g!) free_pages, Tensor(h!) free_top, "
       "Tensor(i!) evicted_total, Tensor now, Tensor new_traj, Tensor lengths, Tensor? pin, float alpha, "
       "float decay) -> (Tensor, Tensor, Tensor)");
+  m.def("kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()");
   m.def(
       "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
       "bool causal=False, float? scale=None) -> (Tensor, Tensor)");

@@ -26,14 +26,24 @@ def _evict_args(st, c, traj, lengths, pin):
     return (*st[:6], c.capacity, *st[6:], c.now, traj, lengths, pin, c.alpha, c.decay)
 
 
-@pytest.mark.parametrize("page_size,capacity", [(1, 5), (4, 13), (16, 40)])
-def test_ops_match_reference_on_random_streams(page_size, capacity):
+def _bank(gen, Dt, near_ties):
+    base = [torch.randn(Dt, generator=gen) for _ in range(4)]
+    if near_ties:  # scores closer than the C++ float shortlist's error bound: only the exact scores rank them
+        base = base[:2] + [base[0] + 1e-6 * torch.randn(Dt, generator=gen) for _ in range(3)]
+    return base + [torch.zeros(Dt)]
+
+
+@pytest.mark.parametrize("page_size,capacity,alpha,decay,near_ties", [
+    (1, 5, 0.7, 0.1, False), (4, 13, 0.7, 0.1, False), (16, 40, 0.7, 0.1, False),
+    (4, 13, 0.7, 0.1, True), (8, 70, 1.0, 0.1, True), (4, 13, 0.0, 0.1, False), (16, 40, 0.5, 0.0, True),
+])
+def test_ops_match_reference_on_random_streams(page_size, capacity, alpha, decay, near_ties):
     rng = random.Random(page_size)
     gen = torch.Generator().manual_seed(capacity)
     B, Dt = 3, 6
     pages = B * (-(-capacity // page_size)) + 2
-    c = PagedTrajectoryKVCache(1, pages, page_size, 1, 2, Dt, B, capacity)
-    bank = [torch.randn(Dt, generator=gen) for _ in range(4)] + [torch.zeros(Dt)]
+    c = PagedTrajectoryKVCache(1, pages, page_size, 1, 2, Dt, B, capacity, alpha=alpha, decay=decay)
+    bank = _bank(gen, Dt, near_ties)
     for step in range(120):
         n = rng.choice([1, 2, 5, capacity + 3])
         lengths = torch.tensor([rng.randint(0, n) for _ in range(B)])
@@ -78,6 +88,45 @@ def test_opcheck():
     st = _states(c)
     args = _evict_args(st, c, torch.randn(2, 3, 5), torch.tensor([3, 1]), None)
     torch.library.opcheck(torch.ops.trajops.kv_evict_append_.default, args)
+    written = torch.tensor([[3, -1, 9], [-1, -1, 0]])
+    kv = torch.randn(2, 2, 3, 8)
+    torch.library.opcheck(torch.ops.trajops.kv_write_.default, (c.k_pool[0].clone(), c.v_pool[0].clone(), written,
+                                                                kv, -kv))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_kv_write_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(1)
+    P, S, H, D, B, n = 5, 4, 3, 7, 2, 4
+    k_pool = torch.randn(P, S, H, D, generator=gen).to(dtype)
+    v_pool = torch.randn(P, S, H, D, generator=gen).to(dtype)
+    written = torch.tensor([[0, -1, 19, 7], [-1, 4, -1, 12]])
+    k = torch.randn(B, n, H, D, generator=gen).transpose(1, 2)  # non-contiguous, fp32 into the pool's dtype
+    v = torch.randn(B, H, D, n, generator=gen).transpose(2, 3)
+    got = [k_pool.clone(), v_pool.clone()]
+    want = [k_pool.clone(), v_pool.clone()]
+    torch.ops.trajops.kv_write_(*got, written, k, v)
+    R.kv_write_(*want, written, k, v)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    flat_k = got[0].view(-1, H, D)
+    for b_, t_ in ((0, 0), (0, 2), (0, 3), (1, 1), (1, 3)):
+        assert torch.equal(flat_k[written[b_, t_]], k[b_, :, t_].to(dtype))
+    untouched = torch.ones(P * S, dtype=torch.bool)
+    untouched[written[written >= 0]] = False
+    assert torch.equal(flat_k[untouched], k_pool.view(-1, H, D)[untouched])
+
+
+def test_kv_write_all_skipped_and_bad_inputs():
+    k_pool, v_pool = torch.randn(2, 4, 1, 3), torch.randn(2, 4, 1, 3)
+    before = k_pool.clone()
+    torch.ops.trajops.kv_write_(k_pool, v_pool, torch.full((1, 2), -1), torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3))
+    assert torch.equal(k_pool, before)
+    with pytest.raises(ValueError, match="k and v must have shape"):
+        torch.ops.trajops.kv_write_(k_pool, v_pool, torch.zeros(1, 2, dtype=torch.long), torch.randn(1, 2, 2, 3),
+                                    torch.randn(1, 2, 2, 3))
+    with pytest.raises(ValueError, match="written must be int64"):
+        torch.ops.trajops.kv_write_(k_pool, v_pool, torch.zeros(1, 2), torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3))
 
 
 def test_compile_fullgraph():

@@ -36,6 +36,7 @@ SCHEMAS: Dict[str, str] = {
     "Tensor(d!) pinned_pool, Tensor(e!) page_table, Tensor(f!) live_count, Tensor capacity, Tensor(g!) free_pages, "
     "Tensor(h!) free_top, Tensor(i!) evicted_total, Tensor now, Tensor new_traj, Tensor lengths, Tensor? pin, "
     "float alpha, float decay) -> (Tensor, Tensor, Tensor)",
+    "kv_write_": "kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()",
     "temperature_attention": "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
     "bool causal=False, float? scale=None) -> (Tensor, Tensor)",
     "temperature_attention_backward": "temperature_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, "

@@ -191,13 +191,8 @@ class PagedTrajectoryKVCache:
         return evicted
 
     def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
-        written = self._written
-        valid = written >= 0
-        dst = written[valid]
-        H, D = self.num_kv_heads, self.head_dim
         # detached: the cache stores values, it must not keep the caller's autograd graph alive
-        self.k_pool[layer].view(-1, H, D)[dst] = k.detach().transpose(1, 2)[valid].to(self.dtype)
-        self.v_pool[layer].view(-1, H, D)[dst] = v.detach().transpose(1, 2)[valid].to(self.dtype)
+        torch.ops.trajops.kv_write_(self.k_pool[layer], self.v_pool[layer], self._written, k.detach(), v.detach())
 
     def step(self) -> None:
         """Advance the clock by one (timestamps of later appends are one larger)."""

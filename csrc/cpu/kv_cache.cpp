@@ -1,4 +1,4 @@
-// CPU kernels of trajops::kv_relevance, trajops::kv_topk and trajops::kv_evict_append_.
+// CPU kernels of trajops::kv_relevance, trajops::kv_topk, trajops::kv_evict_append_ and trajops::kv_write_.
 //
 // Semantics: trajops/reference/kv_cache.py. Relevance of a live slot for a query trajectory q:
 // alpha * (unit(q) . e) + (1 - alpha) * exp(-decay * (now - ts)), e the slot's stored unit
@@ -15,11 +15,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <functional>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -88,6 +92,58 @@ struct Scorer {
   }
 };
 
+// exp(x) in float, branch-free so that loops of it vectorize; relative error below 2e-7 on [-87, 0].
+inline float fast_exp(float x) {
+  x = std::max(x, -87.0f);
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+// Float scores of many slots at once (SIMD) and a bound on their distance to the exact scores
+// (fp64, rounded to fp32): rankings then need the exact score only near their cut-off. Returns
+// false when the bound does not hold (a non-finite value, a timestamp after `now`), and the
+// caller scores exactly. Error sources, for unit vectors: the fp32 dot (at most Dt rounding steps
+// of 2^-24 on a sum of |e_i q_i| <= 1), fast_exp, and the final roundings.
+struct FastScorer {
+  const float* traj;
+  const int64_t* ts;
+  int64_t Dt;
+  int64_t now;
+  double a, b, d;
+
+  float eps() const { return static_cast<float>((Dt + 8) * 1.2e-7 + 4e-6); }
+
+  bool operator()(const int64_t* phys, int64_t count, const float* q, float* out) const {
+    const float fa = static_cast<float>(a), fb = static_cast<float>(b);
+    bool ok = true;
+    for (int64_t c = 0; c < count; ++c) {
+      const float* e = traj + phys[c] * Dt;
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      int64_t i = 0;
+      for (; i + 8 <= Dt; i += 8)
+        for (int u = 0; u < 8; ++u) acc[u] += e[i + u] * q[i + u];
+      for (; i < Dt; ++i) acc[0] += e[i] * q[i];
+      const float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      const int64_t age = now - ts[phys[c]];
+      ok &= age >= 0;
+      out[c] = fa * dot + fb * fast_exp(static_cast<float>(-d * static_cast<double>(age)));
+    }
+    for (int64_t c = 0; c < count; ++c) ok &= std::isfinite(out[c]);
+    return ok;
+  }
+};
+
 Scorer make_scorer(const Tensor& traj, const Tensor& ts, const Tensor& live, int64_t now, double alpha,
                    double decay) {
   return Scorer{traj.data_ptr<float>(), ts.data_ptr<int64_t>(), live.data_ptr<bool>(), traj.size(2), now, alpha,
@@ -134,6 +190,53 @@ struct RankLess {
   }
 };
 
+// Moves the first `take` candidates in rank order (best first, or lowest first) to the front of
+// `cand` (logical slots; phys maps them to physical slots) and leaves their exact scores in sc and
+// timestamps in tsl. Float SIMD scores shortlist the candidates that can rank within the first
+// `take` given FastScorer's error bound; only those are scored exactly and sorted, so the result
+// is exactly the full exact ranking's.
+void select_ranked(std::vector<int64_t>& cand, int64_t take, bool best_first, const std::vector<int64_t>& phys,
+                   const float* q, const Scorer& score, std::vector<float>& sc, std::vector<int64_t>& tsl) {
+  const int64_t N = static_cast<int64_t>(cand.size());
+  take = std::min(take, N);
+  if (take <= 0) return;
+  if (take < N) {
+    const FastScorer fast{score.traj, score.ts, score.Dt, score.now, score.a, score.b, score.d};
+    std::vector<int64_t> ph(N);
+    for (int64_t c = 0; c < N; ++c) ph[c] = phys[cand[c]];
+    std::vector<float> approx(N);
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, N, 16384, [&](int64_t lo, int64_t hi) {  // threads only pay for large rows
+      if (!fast(ph.data() + lo, hi - lo, q, approx.data() + lo)) ok = false;
+    });
+    if (ok) {
+      float cut;
+      if (take == 1) {
+        cut = best_first ? *std::max_element(approx.begin(), approx.end())
+                         : *std::min_element(approx.begin(), approx.end());
+      } else {
+        std::vector<float> tmp(approx);
+        if (best_first)
+          std::nth_element(tmp.begin(), tmp.begin() + take - 1, tmp.end(), std::greater<float>());
+        else
+          std::nth_element(tmp.begin(), tmp.begin() + take - 1, tmp.end());
+        cut = tmp[take - 1];
+      }
+      // every slot of the exact first `take` is within 2 eps of the float cut (see FastScorer)
+      const float margin = 2.0f * fast.eps();
+      int64_t w = 0;
+      for (int64_t c = 0; c < N; ++c)
+        if (best_first ? approx[c] >= cut - margin : approx[c] <= cut + margin) cand[w++] = cand[c];
+      cand.resize(w);
+    }
+  }
+  for (int64_t j : cand) {
+    sc[j] = score(phys[j], q);
+    tsl[j] = score.ts[phys[j]];
+  }
+  std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), RankLess{sc.data(), tsl.data(), best_first});
+}
+
 std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool,
                                        const Tensor& page_table, const Tensor& query, const Tensor& now, double alpha,
                                        double decay, int64_t k) {
@@ -146,26 +249,23 @@ std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts
   auto slots = at::full({B, k}, -1, query.options().dtype(at::kLong));
   auto scores = at::full({B, k}, -std::numeric_limits<double>::infinity(), query.options().dtype(at::kFloat));
   const Scorer score = make_scorer(traj, ts, live, now.item<int64_t>(), alpha, decay);
-  const int64_t* tsp = ts.data_ptr<int64_t>();
   int64_t* slot_out = slots.data_ptr<int64_t>();
   float* score_out = scores.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<int64_t> phys, idx;
+    std::vector<int64_t> phys, cand;
     std::vector<float> sc(L);
     std::vector<int64_t> tsl(L);
+    const bool* livep = live.data_ptr<bool>();
     for (int64_t b = lo; b < hi; ++b) {
       row_phys(pt.data_ptr<int64_t>() + b * MP, MP, S, phys);
-      idx.clear();
-      for (int64_t j = 0; j < L; ++j) {
-        sc[j] = score(phys[j], q.data_ptr<float>() + b * q.size(1));
-        tsl[j] = phys[j] >= 0 ? tsp[phys[j]] : 0;
-        if (sc[j] != kNegInf) idx.push_back(j);
-      }
-      const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(idx.size()));
-      std::partial_sort(idx.begin(), idx.begin() + take, idx.end(), RankLess{sc.data(), tsl.data(), true});
+      cand.clear();
+      for (int64_t j = 0; j < L; ++j)
+        if (phys[j] >= 0 && livep[phys[j]]) cand.push_back(j);
+      const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
+      select_ranked(cand, take, true, phys, q.data_ptr<float>() + b * q.size(1), score, sc, tsl);
       for (int64_t r = 0; r < take; ++r) {
-        slot_out[b * k + r] = idx[r];
-        score_out[b * k + r] = sc[idx[r]];
+        slot_out[b * k + r] = cand[r];
+        score_out[b * k + r] = sc[cand[r]];
       }
     }
   });
@@ -201,7 +301,6 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
   const int64_t* ptp = page_table.data_ptr<int64_t>();
   const bool* livep = live_pool.data_ptr<bool>();
   const bool* pinp = pinned_pool.data_ptr<bool>();
-  const int64_t* tsp = ts_pool.data_ptr<int64_t>();
   const Scorer score = make_scorer(traj_pool, ts_pool, live_pool, tnow, alpha, decay);
   std::vector<int64_t> stack(free_pages.data_ptr<int64_t>(), free_pages.data_ptr<int64_t>() + P);
   int64_t top = free_top.item<int64_t>();
@@ -232,14 +331,7 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
     if (p.e > 0) {
       // the newest valid token's trajectory; a row without one (m = 0) scores by recency alone
       const float* q = m > 0 ? units.data_ptr<float>() + (b * n + m - 1) * Dt : zeros.data();
-      // Threads only pay for large rows: waking the pool costs more than scoring a few thousand slots.
-      at::parallel_for(0, static_cast<int64_t>(cand.size()), 16384, [&](int64_t lo, int64_t hi) {
-        for (int64_t c = lo; c < hi; ++c) {
-          sc[cand[c]] = score(phys[cand[c]], q);
-          tsl[cand[c]] = tsp[phys[cand[c]]];
-        }
-      });
-      std::partial_sort(cand.begin(), cand.begin() + p.e, cand.end(), RankLess{sc.data(), tsl.data(), false});
+      select_ranked(cand, p.e, false, phys, q, score, sc, tsl);
       p.evict.assign(cand.begin(), cand.begin() + p.e);
       for (int64_t j : p.evict) {
         live_after[j] = 0;
@@ -312,12 +404,64 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
   return {evicted, written, at::scalar_tensor(true, lengths.options().dtype(at::kBool))};
 }
 
+// ---------------------------------------------------------------- kv_write_
+void check_write(const Tensor& k_pool, const Tensor& v_pool, const Tensor& written, const Tensor& k,
+                 const Tensor& v) {
+  TORCH_CHECK_VALUE(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() &&
+                        v_pool.scalar_type() == k_pool.scalar_type(),
+                    kOp, ": k_pool and v_pool must have one shape (num_pages, page_size, H, D) and dtype, got ",
+                    k_pool.sizes(), " ", dtype_name(k_pool.scalar_type()), " and ", v_pool.sizes(), " ",
+                    dtype_name(v_pool.scalar_type()));
+  TORCH_CHECK_VALUE(written.dim() == 2 && written.scalar_type() == at::kLong, kOp,
+                    ": written must be int64 (B, n), got ", dtype_name(written.scalar_type()), " ", written.sizes());
+  const auto B = written.size(0), n = written.size(1), H = k_pool.size(2), D = k_pool.size(3);
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(1) == H && k.size(2) == n && k.size(3) == D &&
+                        v.sizes() == k.sizes(),
+                    kOp, ": k and v must have shape (", B, ", ", H, ", ", n, ", ", D, "), got ", k.sizes(), " and ",
+                    v.sizes());
+}
+
+// Copies token t of row b (all heads) to physical slot written[b, t] of the pools; -1 = not written.
+void kv_write_cpu(Tensor& k_pool, Tensor& v_pool, const Tensor& written, const Tensor& k, const Tensor& v) {
+  check_write(k_pool, v_pool, written, k, v);
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), kOp, ": k_pool and v_pool must be contiguous");
+  const auto B = written.size(0), n = written.size(1), H = k_pool.size(2), D = k_pool.size(3);
+  const auto slots = k_pool.size(0) * k_pool.size(1);
+  auto wr = written.contiguous();
+  const int64_t* w = wr.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * n; ++i)
+    TORCH_CHECK_VALUE(w[i] < slots, kOp, ": written slot ", w[i], " is outside the pool of ", slots, " slots");
+  const auto esize = k_pool.element_size();
+  for (auto [pool, src] : {std::pair<Tensor*, const Tensor*>{&k_pool, &k}, {&v_pool, &v}}) {
+    const Tensor s = src->to(pool->scalar_type());  // no copy when the dtypes agree
+    const char* sp = static_cast<const char*>(s.data_ptr());
+    char* dp = static_cast<char*>(pool->data_ptr());
+    const auto sb = s.stride(0) * esize, sh = s.stride(1) * esize, st = s.stride(2) * esize;
+    const auto sd = s.stride(3);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t ph = w[b * n + t];
+        if (ph < 0) continue;
+        for (int64_t h = 0; h < H; ++h) {
+          const char* from = sp + b * sb + t * st + h * sh;
+          char* to = dp + (ph * H + h) * D * esize;
+          if (sd == 1) {
+            std::memcpy(to, from, D * esize);
+          } else {
+            for (int64_t d = 0; d < D; ++d) std::memcpy(to + d * esize, from + d * sd * esize, esize);
+          }
+        }
+      }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(trajops, CPU, m) {
   m.impl("kv_relevance", &kv_relevance_cpu);
   m.impl("kv_topk", &kv_topk_cpu);
   m.impl("kv_evict_append_", &kv_evict_append_cpu);
+  m.impl("kv_write_", &kv_write_cpu);
 }
 
 }  // namespace trajops

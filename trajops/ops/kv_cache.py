@@ -96,3 +96,34 @@ def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_c
 register_kernels("kv_relevance", _relevance, None)
 register_kernels("kv_topk", _topk, None)
 register_kernels("kv_evict_append_", _evict_append, None)
+
+
+# ---------------------------------------------------------------- kv_write_
+def _check_write(k_pool: Tensor, v_pool: Tensor, written: Tensor, k: Tensor, v: Tensor) -> None:
+    torch._check_value(
+        k_pool.dim() == 4 and v_pool.shape == k_pool.shape and v_pool.dtype == k_pool.dtype,
+        lambda: f"{_OP}: k_pool and v_pool must have one shape (num_pages, page_size, H, D) and dtype, got "
+        f"{list(k_pool.shape)} {k_pool.dtype} and {list(v_pool.shape)} {v_pool.dtype}",
+    )
+    torch._check_value(
+        written.dim() == 2 and written.dtype == torch.long,
+        lambda: f"{_OP}: written must be int64 (B, n), got {written.dtype} {list(written.shape)}",
+    )
+    shape = (written.shape[0], k_pool.shape[2], written.shape[1], k_pool.shape[3])
+    torch._check_value(
+        tuple(k.shape) == shape and v.shape == k.shape,
+        lambda: f"{_OP}: k and v must have shape {shape}, got {list(k.shape)} and {list(v.shape)}",
+    )
+
+
+@torch.library.register_fake("trajops::kv_write_")
+def _write_fake(k_pool, v_pool, written, k, v):
+    _check_write(k_pool, v_pool, written, k, v)
+
+
+def _write(k_pool, v_pool, written, k, v):
+    _check_write(k_pool, v_pool, written, k, v)
+    reference.kv_write_(k_pool, v_pool, written, k, v)
+
+
+register_kernels("kv_write_", _write, None)

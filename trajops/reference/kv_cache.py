@@ -34,6 +34,7 @@ __all__ = [
     "kv_topk",
     "kv_unit",
     "kv_logical_to_physical",
+    "kv_write_",
 ]
 
 KV_EPS = 1e-8
@@ -53,14 +54,45 @@ def kv_logical_to_physical(page_table: Tensor, page_size: int) -> Tensor:
     return torch.where(page_table.unsqueeze(-1) >= 0, phys, -1).reshape(B, MP * page_size)
 
 
-def _scores(traj_pool, ts_pool, live_pool, phys, query, now, alpha, decay) -> Tensor:
-    """Relevance (B, L) for physical slots phys (B, L) (-1 = none) and queries (B, Dt)."""
+def _scatter_rows_(dst: Tensor, idx: Tensor, src: Tensor) -> None:
+    """dst[idx[i]] = src[i] for every i with idx[i] >= 0, in place; dst (R, ...), idx (N,), src (N, ...).
+
+    No host sync (a boolean-mask index would need one): entries with idx < 0 are sent to the
+    slot of a written entry with that entry's value, so duplicates carry equal values and the
+    result does not depend on the write order. Valid indices must be distinct.
+    """
+    if idx.numel() == 0:
+        return
+    valid = idx >= 0
+    anchor = torch.argmax(idx)  # a written entry, if there is one
+    anchor_idx = idx[anchor]
+    # no entry written at all: every entry rewrites row 0 with its own value
+    anchor_src = torch.where(anchor_idx >= 0, src[anchor], dst[0])
+    shape = (-1,) + (1,) * (src.dim() - 1)
+    dst.index_put_((torch.where(valid, idx, anchor_idx.clamp_min(0)),),
+                   torch.where(valid.view(shape), src, anchor_src.unsqueeze(0)))
+
+
+def kv_write_(k_pool: Tensor, v_pool: Tensor, written: Tensor, k: Tensor, v: Tensor) -> None:
+    """Write new tokens' K and V into one layer's pools, in place.
+
+    k_pool, v_pool (num_pages, page_size, H, D); written (B, n) int64 physical slot per new token
+    (page * page_size + offset), -1 for tokens not written; k, v (B, H, n, D), cast to the pools' dtype.
+    """
+    H, D = k_pool.shape[2], k_pool.shape[3]
+    idx = written.reshape(-1)
+    for pool, new in ((k_pool, k), (v_pool, v)):
+        _scatter_rows_(pool.view(-1, H, D), idx, new.transpose(1, 2).reshape(-1, H, D).to(pool.dtype))
+
+
+def _scores(traj_pool, ts_pool, live_pool, phys, unit_query, now, alpha, decay) -> Tensor:
+    """Relevance (B, L) for physical slots phys (B, L) (-1 = none) and unit queries (B, Dt)."""
     flat_traj = traj_pool.reshape(-1, traj_pool.shape[-1])
     idx = phys.clamp_min(0)
     present = (phys >= 0) & live_pool.reshape(-1)[idx]
     # fp64 arithmetic rounded once to fp32: every backend then agrees on the fp32 scores (and so on
     # rankings and their ties) up to double rounding, instead of up to fp32 summation order.
-    cos = torch.einsum("bld,bd->bl", flat_traj[idx].double(), kv_unit(query).double())
+    cos = torch.einsum("bld,bd->bl", flat_traj[idx].double(), unit_query.double())
     age = (now - ts_pool.reshape(-1)[idx]).double()
     score = (alpha * cos + (1.0 - alpha) * torch.exp(-decay * age)).float()
     return torch.where(present, score, torch.full_like(score, -math.inf))
@@ -73,7 +105,7 @@ def kv_relevance(
     """(B, max_slots) fp32 relevance of every logical slot of the first B = query.shape[0] sequences."""
     B = query.shape[0]
     phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
-    return _scores(traj_pool, ts_pool, live_pool, phys, query, now, alpha, decay)
+    return _scores(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
 
 
 def _rank(score: Tensor, ts: Tensor, descending: bool) -> Tensor:
@@ -93,7 +125,7 @@ def kv_topk(
     """
     B = query.shape[0]
     phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
-    score = _scores(traj_pool, ts_pool, live_pool, phys, query, now, alpha, decay)
+    score = _scores(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
     ts = ts_pool.reshape(-1)[phys.clamp_min(0)]
     L = score.shape[1]
     if k > L:  # pad so that every sequence has k candidates
@@ -151,8 +183,10 @@ def kv_evict_append_(
         e = torch.minimum((live_b + keep - cap).clamp_min(0), cand.sum())
         n_write = torch.minimum(keep, cap - (live_b - e)).clamp_min(0)
         # evict the e lowest candidates
-        # the newest valid token's trajectory; a row without one (m = 0) scores by recency alone
-        newest = units[b, (m - 1).clamp(0, max(n - 1, 0))] if n else units.new_zeros(Dt)
+        # the newest valid token's unit trajectory (normalized once, with all the new tokens'; the
+        # kernels use the same values); a row without one (m = 0) scores by recency alone
+        # (index_select: indexing with a 0-d tensor would read it on the host)
+        newest = units[b].index_select(0, (m - 1).clamp(0, max(n - 1, 0)).view(1))[0] if n else units.new_zeros(Dt)
         newest = torch.where(m > 0, newest, torch.zeros_like(newest))
         score = _scores(traj_w, ts_w, live_w, phys.unsqueeze(0), newest.unsqueeze(0), now, alpha, decay)[0]
         score = torch.where(cand, score, torch.full_like(score, math.inf))
@@ -188,15 +222,13 @@ def kv_evict_append_(
         written[b] = tok_phys
         # metadata updates
         ev_phys = torch.where(evict_mask, idx, torch.full_like(idx, -1))
-        ev_valid = ev_phys >= 0
-        live_w.view(-1).index_put_((ev_phys[ev_valid],), torch.zeros((), dtype=torch.bool, device=dev))
-        pinned_w.view(-1).index_put_((ev_phys[ev_valid],), torch.zeros((), dtype=torch.bool, device=dev))
-        w_valid = tok_phys >= 0
-        wp = tok_phys[w_valid]
-        live_w.view(-1)[wp] = True
-        ts_w.view(-1)[wp] = now
-        traj_w.view(-1, Dt)[wp] = units[b][w_valid]
-        pinned_w.view(-1)[wp] = pin[b][w_valid] if pin is not None else False
+        _scatter_rows_(live_w.view(-1), ev_phys, torch.zeros_like(ev_phys, dtype=torch.bool))
+        _scatter_rows_(pinned_w.view(-1), ev_phys, torch.zeros_like(ev_phys, dtype=torch.bool))
+        _scatter_rows_(live_w.view(-1), tok_phys, torch.ones_like(tok_phys, dtype=torch.bool))
+        _scatter_rows_(ts_w.view(-1), tok_phys, now.expand(n))
+        _scatter_rows_(traj_w.view(-1, Dt), tok_phys, units[b])
+        _scatter_rows_(pinned_w.view(-1), tok_phys,
+                       pin[b].to(torch.bool) if pin is not None else torch.zeros_like(tok_phys, dtype=torch.bool))
         # release pages with no live slot
         live_now = has_page & live_w.reshape(-1)[idx]
         page_live = live_now.view(MP, S).any(1)
