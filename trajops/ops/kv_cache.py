@@ -5,8 +5,11 @@ state they read and mutate is described in trajops/kv_cache.py (PagedTrajectoryK
 kv_evict_append_ mutates the cache state in place (declared with Tensor(a!) in its schema) and
 returns new tensors (evicted, written, ok), never aliases.
 
-Backends: the pure-PyTorch reference on every device for now (no C++ or Triton kernel is registered
-yet); it loops over the batch (a shape) and is vectorized over slots, with no host sync.
+Backends: C++ on CPU (csrc/cpu/kv_cache.cpp, registered by trajops._C). On CUDA (and on CPU tensors
+under TRAJOPS_BACKEND=triton TRITON_INTERPRET=1): Triton kernels (triton_kernels/kv_cache.py) for
+the fused scoring and the K/V writes; the ranking and page bookkeeping around the scorer are the
+reference's device-side torch ops (fixed shapes, no host sync, so CUDA-graph capturable). Anything
+else: the pure-PyTorch reference, which loops over the batch (a shape) and is vectorized over slots.
 """
 from __future__ import annotations
 
@@ -93,9 +96,36 @@ def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_c
                                       free_pages, free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay)
 
 
-register_kernels("kv_relevance", _relevance, None)
-register_kernels("kv_topk", _topk, None)
-register_kernels("kv_evict_append_", _evict_append, None)
+def _triton_scorer():
+    from ..triton_kernels import kv_cache as kernels
+
+    return kernels.kv_scores
+
+
+def _relevance_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    phys = reference.kv_logical_to_physical(page_table[: query.shape[0]], traj_pool.shape[1])
+    return _triton_scorer()(traj_pool, ts_pool, live_pool, phys, reference.kv_unit(query), now, alpha, decay)
+
+
+def _topk_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k,
+                             scorer=_triton_scorer())
+
+
+def _evict_append_triton(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                         free_top, evicted_total, now, new_traj, lengths, pin: Optional[Tensor], alpha, decay):
+    _check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj)
+    return reference.kv_evict_append_(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity,
+                                      free_pages, free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay,
+                                      scorer=_triton_scorer())
+
+
+register_kernels("kv_relevance", _relevance, _relevance_triton)
+register_kernels("kv_topk", _topk, _topk_triton)
+register_kernels("kv_evict_append_", _evict_append, _evict_append_triton)
 
 
 # ---------------------------------------------------------------- kv_write_
@@ -126,4 +156,13 @@ def _write(k_pool, v_pool, written, k, v):
     reference.kv_write_(k_pool, v_pool, written, k, v)
 
 
-register_kernels("kv_write_", _write, None)
+def _write_triton(k_pool, v_pool, written, k, v):
+    _check_write(k_pool, v_pool, written, k, v)
+    torch._check(k_pool.is_contiguous() and v_pool.is_contiguous(),
+                 lambda: f"{_OP}: k_pool and v_pool must be contiguous")
+    from ..triton_kernels import kv_cache as kernels
+
+    kernels.kv_write(k_pool, v_pool, written, k, v)
+
+
+register_kernels("kv_write_", _write, _write_triton)

@@ -22,7 +22,7 @@ vectorized over slots; the C++ and Triton kernels fuse the same steps.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ __all__ = [
     "KV_EPS",
     "kv_evict_append_",
     "kv_relevance",
+    "kv_scores",
     "kv_topk",
     "kv_unit",
     "kv_logical_to_physical",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 KV_EPS = 1e-8
+Scorer = Callable[..., Tensor]  # the signature of kv_scores
 
 
 def kv_unit(t: Tensor) -> Tensor:
@@ -64,10 +66,10 @@ def _scatter_rows_(dst: Tensor, idx: Tensor, src: Tensor) -> None:
     if idx.numel() == 0:
         return
     valid = idx >= 0
-    anchor = torch.argmax(idx)  # a written entry, if there is one
-    anchor_idx = idx[anchor]
+    anchor = torch.argmax(idx).view(1)  # a written entry, if there is one
+    anchor_idx = idx.index_select(0, anchor)[0]  # (index_select: a 0-d tensor index would sync)
     # no entry written at all: every entry rewrites row 0 with its own value
-    anchor_src = torch.where(anchor_idx >= 0, src[anchor], dst[0])
+    anchor_src = torch.where(anchor_idx >= 0, src.index_select(0, anchor)[0], dst[0])
     shape = (-1,) + (1,) * (src.dim() - 1)
     dst.index_put_((torch.where(valid, idx, anchor_idx.clamp_min(0)),),
                    torch.where(valid.view(shape), src, anchor_src.unsqueeze(0)))
@@ -85,8 +87,9 @@ def kv_write_(k_pool: Tensor, v_pool: Tensor, written: Tensor, k: Tensor, v: Ten
         _scatter_rows_(pool.view(-1, H, D), idx, new.transpose(1, 2).reshape(-1, H, D).to(pool.dtype))
 
 
-def _scores(traj_pool, ts_pool, live_pool, phys, unit_query, now, alpha, decay) -> Tensor:
-    """Relevance (B, L) for physical slots phys (B, L) (-1 = none) and unit queries (B, Dt)."""
+def kv_scores(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, phys: Tensor, unit_query: Tensor, now: Tensor,
+              alpha: float, decay: float) -> Tensor:
+    """Relevance (B, L) fp32 of physical slots phys (B, L) (-1 = none) for unit queries (B, Dt); -inf if not live."""
     flat_traj = traj_pool.reshape(-1, traj_pool.shape[-1])
     idx = phys.clamp_min(0)
     present = (phys >= 0) & live_pool.reshape(-1)[idx]
@@ -105,7 +108,7 @@ def kv_relevance(
     """(B, max_slots) fp32 relevance of every logical slot of the first B = query.shape[0] sequences."""
     B = query.shape[0]
     phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
-    return _scores(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
+    return kv_scores(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
 
 
 def _rank(score: Tensor, ts: Tensor, descending: bool) -> Tensor:
@@ -116,16 +119,18 @@ def _rank(score: Tensor, ts: Tensor, descending: bool) -> Tensor:
 
 def kv_topk(
     traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor, now: Tensor,
-    alpha: float, decay: float, k: int,
+    alpha: float, decay: float, k: int, *, scorer: Optional[Scorer] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The k most relevant live logical slots per sequence: (slots (B, k) int64, scores (B, k) fp32).
 
     Ordered by score descending, ties by older timestamp then lower slot; padded with -1 / -inf
-    when fewer than k slots are live.
+    when fewer than k slots are live. ``scorer`` replaces the reference scoring (a fused kernel
+    with the signature of :func:`kv_scores`).
     """
+    scorer = scorer or kv_scores
     B = query.shape[0]
     phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
-    score = _scores(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
+    score = scorer(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
     ts = ts_pool.reshape(-1)[phys.clamp_min(0)]
     L = score.shape[1]
     if k > L:  # pad so that every sequence has k candidates
@@ -141,6 +146,7 @@ def kv_evict_append_(
     traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, pinned_pool: Tensor, page_table: Tensor,
     live_count: Tensor, capacity: Tensor, free_pages: Tensor, free_top: Tensor, evicted_total: Tensor,
     now: Tensor, new_traj: Tensor, lengths: Tensor, pin: Optional[Tensor], alpha: float, decay: float,
+    *, scorer: Optional[Scorer] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Evict, allocate and write the metadata of n new tokens per sequence, in place.
 
@@ -154,8 +160,9 @@ def kv_evict_append_(
 
     Returns (evicted (B, n) logical slots, -1 padded; written (B, n) physical slots per new token,
     -1 for tokens not written; ok 0-d bool). When ok is False (the free-page stack ran out) nothing
-    is modified and evicted and written are all -1.
+    is modified and evicted and written are all -1. ``scorer``: as in :func:`kv_topk`.
     """
+    scorer = scorer or kv_scores
     P, S, Dt = traj_pool.shape
     B, n = new_traj.shape[0], new_traj.shape[1]
     MP = page_table.shape[1]
@@ -188,7 +195,7 @@ def kv_evict_append_(
         # (index_select: indexing with a 0-d tensor would read it on the host)
         newest = units[b].index_select(0, (m - 1).clamp(0, max(n - 1, 0)).view(1))[0] if n else units.new_zeros(Dt)
         newest = torch.where(m > 0, newest, torch.zeros_like(newest))
-        score = _scores(traj_w, ts_w, live_w, phys.unsqueeze(0), newest.unsqueeze(0), now, alpha, decay)[0]
+        score = scorer(traj_w, ts_w, live_w, phys.unsqueeze(0), newest.unsqueeze(0), now, alpha, decay)[0]
         score = torch.where(cand, score, torch.full_like(score, math.inf))
         ts = torch.where(cand, ts_w.reshape(-1)[idx], torch.full_like(idx, torch.iinfo(torch.long).max))
         order = _rank(score.unsqueeze(0), ts.unsqueeze(0), descending=False)[0]
