@@ -36,6 +36,11 @@ TORCH_LIBRARY(trajops, m) {
       "Tensor(i!) evicted_total, Tensor now, Tensor new_traj, Tensor lengths, Tensor? pin, float alpha, "
       "float decay) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "adaptive_positional_encoding(Tensor displacement, Tensor pe_table, Tensor? positions=None) -> Tensor");
+  m.def(
+      "adaptive_positional_encoding_backward(Tensor grad_out, Tensor displacement, Tensor pe_table, "
+      "Tensor? positions, bool need_table) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
       "bool causal=False, float? scale=None) -> (Tensor, Tensor)");
   m.def(
