@@ -37,6 +37,11 @@ TORCH_LIBRARY(trajops, m) {
       "float decay) -> (Tensor, Tensor, Tensor)");
   m.def("kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()");
   m.def(
+      "adaptive_positional_encoding(Tensor displacement, Tensor pe_table, Tensor? positions=None) -> Tensor");
+  m.def(
+      "adaptive_positional_encoding_backward(Tensor grad_out, Tensor displacement, Tensor pe_table, "
+      "Tensor? positions, bool need_table) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
       "bool causal=False, float? scale=None) -> (Tensor, Tensor)");
   m.def(

@@ -7,6 +7,7 @@ Triton on CUDA and the pure-PyTorch reference (``trajops.reference``) anywhere e
 from ._library import BACKEND, HAS_EXTENSION, HAS_TRITON, backends
 from . import reference
 from .kv_cache import PagedTrajectoryKVCache
+from .ops.adaptive_positional_encoding import adaptive_positional_encoding
 from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
 from .ops.temperature_attention import temperature_attention
 from .ops.trajectory_flow import trajectory_flow
@@ -18,6 +19,7 @@ __all__ = [
     "HAS_EXTENSION",
     "HAS_TRITON",
     "PagedTrajectoryKVCache",
+    "adaptive_positional_encoding",
     "backends",
     "nn",
     "reference",

@@ -37,6 +37,10 @@ SCHEMAS: Dict[str, str] = {
     "Tensor(h!) free_top, Tensor(i!) evicted_total, Tensor now, Tensor new_traj, Tensor lengths, Tensor? pin, "
     "float alpha, float decay) -> (Tensor, Tensor, Tensor)",
     "kv_write_": "kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()",
+    "adaptive_positional_encoding": "adaptive_positional_encoding(Tensor displacement, Tensor pe_table, "
+    "Tensor? positions=None) -> Tensor",
+    "adaptive_positional_encoding_backward": "adaptive_positional_encoding_backward(Tensor grad_out, "
+    "Tensor displacement, Tensor pe_table, Tensor? positions, bool need_table) -> (Tensor, Tensor, Tensor)",
     "temperature_attention": "temperature_attention(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor? attn_mask=None, "
     "bool causal=False, float? scale=None) -> (Tensor, Tensor)",
     "temperature_attention_backward": "temperature_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, "
