@@ -134,7 +134,7 @@ def odd_grad(p, step, k):
     return torch.randn((2 * max(p.numel(), 1),), generator=g).to(p.dtype)[::2][: p.numel()].reshape(p.shape)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_loss", [False, True])
 def test_odd_tensors_match_seed(dtype, with_loss):
     """Odd shapes, non-contiguous grads and leaves, and grads that are None on some steps."""

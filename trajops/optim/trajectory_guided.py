@@ -74,11 +74,13 @@ def _momentum_scalar(momentum: float, device: torch.device, dtype: torch.dtype) 
     """The momentum as _foreach_mul_ must see it to round like the seed's per-tensor ``mul_(m)``.
 
     On CPU, ``_foreach_mul_(half_tensors, python_float)`` rounds the scalar to the tensors' dtype
-    first (0.9 -> 0.8984 in bf16), unlike ``Tensor.mul_(python_float)``, which multiplies in fp32;
-    the 0-d fp64 tensor overload keeps the fp32 scalar math (a CPU tensor: no device sync).
+    first (0.9 -> 0.8984 in bf16), unlike ``Tensor.mul_(python_float)``, which multiplies in fp32.
+    A 0-d fp32 tensor keeps the fp32 math (for 0-d params too: they promote to fp32 and round
+    back once). It is a CPU tensor: no device sync. fp32/fp64 lists, and CUDA (opmath), round
+    like the seed with the float itself; a 0-d fp64 tensor would not (0-d fp32 params promote).
     """
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        return torch.tensor(momentum, dtype=torch.float64)
+        return torch.tensor(momentum, dtype=torch.float32)
     return momentum
 
 
