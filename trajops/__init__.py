@@ -12,6 +12,7 @@ from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
 from .ops.temperature_attention import temperature_attention
 from .ops.trajectory_flow import trajectory_flow
 from . import nn  # noqa: E402  (after the ops it uses)
+from . import optim  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "adaptive_positional_encoding",
     "backends",
     "nn",
+    "optim",
     "reference",
     "sample_stp_triples",
     "stp_loss",
