@@ -92,6 +92,9 @@ struct Scorer {
   }
 };
 
+typedef float v8 __attribute__((vector_size(32)));  // GCC vector: AVX where -march allows, SSE pairs otherwise
+typedef int32_t v8i __attribute__((vector_size(32)));
+
 // exp(x) in float, branch-free so that loops of it vectorize; relative error below 2e-7 on [-87, 0].
 inline float fast_exp(float x) {
   x = std::max(x, -87.0f);
@@ -115,6 +118,24 @@ inline float fast_exp(float x) {
 // false when the bound does not hold (a non-finite value, a timestamp after `now`), and the
 // caller scores exactly. Error sources, for unit vectors: the fp32 dot (at most Dt rounding steps
 // of 2^-24 on a sum of |e_i q_i| <= 1), fast_exp, and the final roundings.
+#if defined(__clang__)
+#define TRAJOPS_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define TRAJOPS_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+// r[s] = sum of the lanes of v[s], s = 0..7, in 3 shuffle-add levels.
+inline v8 transpose_sum(const v8 (&v)[8]) {
+  v8 u[4], w[2];
+  for (int p = 0; p < 4; ++p)  // [v0 lanes 01, v1 lanes 01, v0 23, v1 23, ...] summed
+    u[p] = TRAJOPS_SHUFFLE(v[2 * p], v[2 * p + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           TRAJOPS_SHUFFLE(v[2 * p], v[2 * p + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int p = 0; p < 2; ++p)  // [v0 0..3, v1 0..3, v2 0..3, v3 0..3, v0 4..7, ...]
+    w[p] = TRAJOPS_SHUFFLE(u[2 * p], u[2 * p + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           TRAJOPS_SHUFFLE(u[2 * p], u[2 * p + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return TRAJOPS_SHUFFLE(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11) + TRAJOPS_SHUFFLE(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 struct FastScorer {
   const float* traj;
   const int64_t* ts;
@@ -124,40 +145,55 @@ struct FastScorer {
 
   float eps() const { return static_cast<float>((Dt + 8) * 1.2e-7 + 4e-6); }
 
-  // out: the scores; x: scratch of `count` floats
-  bool operator()(const int64_t* phys, int64_t count, const float* q, float* out, float* x) const {
-    // 8-lane vectors (GCC vector extension: AVX where -march allows, SSE pairs otherwise)
-    typedef float v8 __attribute__((vector_size(32)));
-    const int64_t full = Dt / 8 * 8, full4 = Dt / 32 * 32;
+  // out: sign * the scores (sign -1 turns a best-first ranking into a lowest-first one); x: scratch of
+  // `count` floats. Non-finite values are left for the caller to detect (see lowest_and_finite).
+  bool operator()(const int64_t* phys, int64_t count, const float* q, float sign, float* out, float* x) const {
+    const int64_t full = Dt / 8 * 8;
     bool ok = true;
-    for (int64_t c = 0; c < count; ++c) {
-      const float* e = traj + phys[c] * Dt;
-      // four independent accumulators: one chain of dependent adds per slot would bound the loop
-      v8 acc[4] = {};
-      v8 ev, qv;
-      int64_t i = 0;
-      for (; i < full4; i += 32)
-        for (int u = 0; u < 4; ++u) {
-          std::memcpy(&ev, e + i + 8 * u, sizeof(v8));
-          std::memcpy(&qv, q + i + 8 * u, sizeof(v8));
-          acc[u] += ev * qv;
+    int64_t c = 0;
+    // 8 slots at a time: one 8-lane partial-sum vector per slot, then a transpose-add tree turns the
+    // 8 vectors into the 8 dots (a horizontal sum per slot would cost as much as its products)
+    for (; c + 8 <= count; c += 8) {
+      v8 acc[8];
+      for (int s = 0; s < 8; ++s) {
+        const float* e = traj + phys[c + s] * Dt;
+        v8 a0 = {}, a1 = {}, ev, qv;  // two chains of dependent adds per slot instead of one
+        int64_t i = 0;
+        for (; i + 16 <= full; i += 16) {
+          std::memcpy(&ev, e + i, sizeof(v8));
+          std::memcpy(&qv, q + i, sizeof(v8));
+          a0 += ev * qv;
+          std::memcpy(&ev, e + i + 8, sizeof(v8));
+          std::memcpy(&qv, q + i + 8, sizeof(v8));
+          a1 += ev * qv;
         }
-      for (; i < full; i += 8) {
-        std::memcpy(&ev, e + i, sizeof(v8));
-        std::memcpy(&qv, q + i, sizeof(v8));
-        acc[0] += ev * qv;
+        for (; i < full; i += 8) {
+          std::memcpy(&ev, e + i, sizeof(v8));
+          std::memcpy(&qv, q + i, sizeof(v8));
+          a0 += ev * qv;
+        }
+        acc[s] = a0 + a1;
       }
-      const v8 s4 = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-      float dot = ((s4[0] + s4[1]) + (s4[2] + s4[3])) + ((s4[4] + s4[5]) + (s4[6] + s4[7]));
-      for (int64_t i = full; i < Dt; ++i) dot += e[i] * q[i];
+      v8 dots = transpose_sum(acc);
+      for (int s = 0; s < 8; ++s) {
+        const float* e = traj + phys[c + s] * Dt;
+        for (int64_t i = full; i < Dt; ++i) dots[s] += e[i] * q[i];
+      }
+      std::memcpy(out + c, &dots, sizeof(v8));
+    }
+    for (; c < count; ++c) {
+      const float* e = traj + phys[c] * Dt;
+      float dot = 0.f;
+      for (int64_t i = 0; i < Dt; ++i) dot += e[i] * q[i];
+      out[c] = dot;
+    }
+    for (c = 0; c < count; ++c) {
       const int64_t age = now - ts[phys[c]];
       ok &= age >= 0;
-      out[c] = dot;
       x[c] = static_cast<float>(-d * static_cast<double>(age));
     }
-    const float fa = static_cast<float>(a), fb = static_cast<float>(b);
-    for (int64_t c = 0; c < count; ++c) out[c] = fa * out[c] + fb * fast_exp(x[c]);  // vectorizes
-    for (int64_t c = 0; c < count; ++c) ok &= std::isfinite(out[c]);
+    const float fa = sign * static_cast<float>(a), fb = sign * static_cast<float>(b);
+    for (c = 0; c < count; ++c) out[c] = fa * out[c] + fb * fast_exp(x[c]);  // vectorizes
     return ok;
   }
 };
@@ -213,6 +249,28 @@ struct RankLess {
 // timestamps in tsl. Float SIMD scores shortlist the candidates that can rank within the first
 // `take` given FastScorer's error bound; only those are scored exactly and sorted, so the result
 // is exactly the full exact ranking's.
+// Minimum of x[0..n) and whether all values are finite (a sum catches NaN and inf), 8 lanes at a time.
+std::pair<float, bool> lowest_and_finite(const float* x, int64_t n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  v8 mn = {inf, inf, inf, inf, inf, inf, inf, inf}, sum = {};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    v8 v;
+    std::memcpy(&v, x + c, sizeof(v8));
+    mn = v < mn ? v : mn;
+    sum += v;
+  }
+  float m = inf, s = 0.f;
+  for (int u = 0; u < 8; ++u) m = std::min(m, mn[u]), s += sum[u];
+  for (; c < n; ++c) m = std::min(m, x[c]), s += x[c];
+  return {m, std::isfinite(s)};
+}
+
+// Moves the first `take` candidates in rank order (best first, or lowest first) to the front of
+// `cand` (logical slots; phys maps them to physical slots) and leaves their exact scores in sc and
+// timestamps in tsl. Float SIMD scores shortlist the candidates that can rank within the first
+// `take` given FastScorer's error bound; only those are scored exactly and sorted, so the result
+// is exactly the full exact ranking's.
 void select_ranked(std::vector<int64_t>& cand, int64_t take, bool best_first, const std::vector<int64_t>& phys,
                    const float* q, const Scorer& score, std::vector<float>& sc, std::vector<int64_t>& tsl) {
   const int64_t N = static_cast<int64_t>(cand.size());
@@ -222,29 +280,37 @@ void select_ranked(std::vector<int64_t>& cand, int64_t take, bool best_first, co
     const FastScorer fast{score.traj, score.ts, score.Dt, score.now, score.a, score.b, score.d};
     std::vector<int64_t> ph(N);
     for (int64_t c = 0; c < N; ++c) ph[c] = phys[cand[c]];
+    // signed so that the first `take` are always the lowest
     std::vector<float> approx(N), scratch(N);
+    const float sign = best_first ? -1.0f : 1.0f;
     std::atomic<bool> ok{true};
     at::parallel_for(0, N, 16384, [&](int64_t lo, int64_t hi) {  // threads only pay for large rows
-      if (!fast(ph.data() + lo, hi - lo, q, approx.data() + lo, scratch.data() + lo)) ok = false;
+      if (!fast(ph.data() + lo, hi - lo, q, sign, approx.data() + lo, scratch.data() + lo)) ok = false;
     });
-    if (ok) {
-      float cut;
-      if (take == 1) {
-        cut = best_first ? *std::max_element(approx.begin(), approx.end())
-                         : *std::min_element(approx.begin(), approx.end());
-      } else {
+    auto [cut, finite] = lowest_and_finite(approx.data(), N);
+    if (ok && finite) {
+      if (take > 1) {
         std::vector<float> tmp(approx);
-        if (best_first)
-          std::nth_element(tmp.begin(), tmp.begin() + take - 1, tmp.end(), std::greater<float>());
-        else
-          std::nth_element(tmp.begin(), tmp.begin() + take - 1, tmp.end());
+        std::nth_element(tmp.begin(), tmp.begin() + take - 1, tmp.end());
         cut = tmp[take - 1];
       }
-      // every slot of the exact first `take` is within 2 eps of the float cut (see FastScorer)
-      const float margin = 2.0f * fast.eps();
-      int64_t w = 0;
-      for (int64_t c = 0; c < N; ++c)
-        if (best_first ? approx[c] >= cut - margin : approx[c] <= cut + margin) cand[w++] = cand[c];
+      // every slot of the exact first `take` is within 2 eps of the float cut (see FastScorer);
+      // 8 lanes are tested at once, and only a block with a hit is walked
+      const float bound = cut + 2.0f * fast.eps();
+      const v8 vb = {bound, bound, bound, bound, bound, bound, bound, bound};
+      int64_t w = 0, c = 0;
+      for (; c + 8 <= N; c += 8) {
+        v8 v;
+        std::memcpy(&v, approx.data() + c, sizeof(v8));
+        const v8i hit = v <= vb;
+        int64_t any[4];
+        std::memcpy(any, &hit, sizeof(any));
+        if ((any[0] | any[1] | any[2] | any[3]) == 0) continue;
+        for (int u = 0; u < 8; ++u)
+          if (approx[c + u] <= bound) cand[w++] = cand[c + u];
+      }
+      for (; c < N; ++c)
+        if (approx[c] <= bound) cand[w++] = cand[c];
       cand.resize(w);
     }
   }
