@@ -11,7 +11,8 @@ STAMP := $(VENV)/.trajops-installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # Op-level tests: they run again on the reference and on the Triton kernels (interpreter).
 OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_stp_loss.py \
-            tests/test_temperature_attention.py
+            tests/test_temperature_attention.py \
+            tests/test_nn_moe_router.py tests/test_nn_multiscale_attention.py
 # Ops without Triton kernels yet run again on the reference only.
 REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_kv_cache_ops.py tests/test_nn_kv_cache.py
 

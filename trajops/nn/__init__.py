@@ -1,5 +1,12 @@
 """Modules built on the trajops ops: the policy around a kernel (weights, layer choice, schedules)."""
 from .kv_cache import TrajectoryAwareKVCache
+from .moe_router import TrajectoryGuidedMoERouter
+from .multiscale_attention import MultiScaleTrajectoryAttention
 from .stp_loss import STPLoss
 
-__all__ = ["STPLoss", "TrajectoryAwareKVCache"]
+__all__ = [
+    "MultiScaleTrajectoryAttention",
+    "STPLoss",
+    "TrajectoryAwareKVCache",
+    "TrajectoryGuidedMoERouter",
+]
