@@ -36,7 +36,9 @@ class MultiScaleTrajectoryAttention(nn.Module):
     Tk = Tq); a mask of rank > 4, or one that does not broadcast to (B, H, Tq, Tk), is rejected (the
     seed would broadcast the scores up and scramble or fail in its final reshape). The seed's -1e9
     fill lets a masked key through where every allowed score is below about -1e9; this module never
-    does.
+    does. embedding_dim must be a multiple of num_heads at construction (the seed fails at its first
+    forward instead). A predicted scale that underflows to 0 gives NaN rows (the seed's division
+    gives inf/NaN scores there too).
     """
 
     def __init__(self, embedding_dim: int, num_heads: int) -> None:
