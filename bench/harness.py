@@ -19,12 +19,13 @@ in fwd mode, and how many samples fit in ``budget_s``, clamped to [min_reps, rep
 samples of all providers of one (case, mode) are then taken *interleaved* in rounds, rotating
 the order, so that slow drifts of a noisy machine hit every provider alike. We report the median
 and the interquartile range of the samples. CPU samples use ``time.perf_counter``; CUDA samples
-use CUDA events around the calls, after a synchronize.
+use CUDA events around the calls, after a synchronize. The cyclic GC is paused inside a sample.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -153,9 +154,21 @@ def _runner(prov: Provider, mode: str, inputs: tuple, grad: Optional[Tensor]):
 
 
 def _sample(device: torch.device, run, reset, inner: int) -> float:
-    """Seconds per call, averaged over `inner` back-to-back calls."""
+    """Seconds per call, averaged over `inner` back-to-back calls, with Python's cyclic garbage
+    collector paused as ``timeit`` does (a collection pass triggered by one provider's allocations
+    would otherwise land in whichever sample happens to run it)."""
     reset()
     _sync(device)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _timed(device, run, inner)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _timed(device: torch.device, run, inner: int) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
