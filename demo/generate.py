@@ -153,6 +153,9 @@ def generate(
         generator: torch.Generator for the sampling.
         page_size, alpha, decay: passed to the cache.
 
+    Decoding is a sequence of tiny per-token ops: on CPU, ``torch.set_num_threads(1)`` is usually
+    the fastest setting for it (``python -m demo.train`` does that around this call).
+
     Returns:
         (ids, cache): ids (B, T0 + max_new_tokens) (or (T0 + max_new_tokens,) for a 1-D prompt), and
         the PagedTrajectoryKVCache after the last token (``cache.stats()``).

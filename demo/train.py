@@ -67,7 +67,7 @@ class TrainConfig:
     num_heads: int = 4
     num_layers: int = 2
     num_experts: int = 4
-    threads: Optional[int] = None  # default: the CPUs this process may run on
+    threads: Optional[int] = None  # default: the idle CPUs, see _default_threads
     eval_batches: int = 16
     gen_chars: int = 300
     cache_capacity: int = 128
@@ -93,12 +93,27 @@ def compute_loss(
 
 
 def _available_cpus() -> int:
-    """CPUs this process may run on (a container's share, not the host's count); torch's intra-op
-    pool at that size keeps every core busy on the matmuls without oversubscribing."""
+    """CPUs this process may run on (a container's share, not the host's count)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def _default_threads() -> int:
+    """The available CPUs minus the ones already busy (1-minute load average), at least 1.
+
+    Why not simply all CPUs: when another process keeps a core busy, torch's spinning intra-op
+    threads wait on each other and a training step got 5-10x slower with 2 threads than with 1 on a
+    2-CPU machine in our runs, while on an idle machine 2 threads were only ~1.5x faster than 1.
+    So erring towards fewer threads costs little and avoids the collapse. ``--threads`` overrides.
+    """
+    cpus = _available_cpus()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        busy = 0.0
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
 def _windows(data: Tensor, B: int, T: int, g: torch.Generator) -> Tuple[Tensor, Tensor]:
@@ -211,11 +226,21 @@ def run(cfg: TrainConfig, text: Optional[str] = None) -> Dict[str, Any]:
     """Run the demo (see the module doc); returns the curves, validation numbers, paths and sample.
 
     ``text`` replaces the corpus (tests); otherwise ``cfg.data`` or the standard library is read.
+    torch's thread count is set to ``cfg.threads`` (default: the idle CPUs) for the run and
+    restored afterwards.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or _default_threads())
+    try:
+        return _run(cfg, text)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig, text: Optional[str]) -> Dict[str, Any]:
     t_start = time.perf_counter()
     budget = 60.0 * cfg.minutes
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
-    torch.set_num_threads(cfg.threads or _available_cpus())
     if cfg.steps is not None and cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 0.0)
@@ -230,7 +255,8 @@ def run(cfg: TrainConfig, text: Optional[str] = None) -> Dict[str, Any]:
                          f"(needs about {2 * (cfg.seq_len + 2)} for a train and a held-out split)")
     train_data, val_data = ds.data[:-n_val], ds.data[-n_val:]
     say(f"data: {source}: {len(ds):,} characters, vocab {ds.vocab_size}, "
-        f"train {train_data.numel():,} / held-out {val_data.numel():,}; torch threads {torch.get_num_threads()}")
+        f"train {train_data.numel():,} / held-out {val_data.numel():,}; torch threads {torch.get_num_threads()} "
+        f"of {_available_cpus()} CPUs")
 
     torch.manual_seed(cfg.seed)
     base = TrajectoryCharLM(ds.vocab_size, cfg.embedding_dim, cfg.num_heads, cfg.num_layers, cfg.num_experts,
@@ -302,7 +328,7 @@ def run(cfg: TrainConfig, text: Optional[str] = None) -> Dict[str, Any]:
         prompt, ids = _prompt_ids(ds, cfg.prompt, text[-n_val:])
         g = torch.Generator().manual_seed(cfg.seed)
         t0 = time.perf_counter()
-        threads = torch.get_num_threads()
+        train_threads = torch.get_num_threads()
         # One token at a time means tiny ops: a thread pool only adds hand-offs, and on a busy
         # machine its spinning threads made decoding ~20x slower than one thread in our runs.
         torch.set_num_threads(1)
@@ -310,7 +336,7 @@ def run(cfg: TrainConfig, text: Optional[str] = None) -> Dict[str, Any]:
             out_ids, cache = generate(models["with_stp"], ids, cfg.gen_chars, cfg.cache_capacity, temperature=0.8,
                                       generator=g)
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(train_threads)
         gen_seconds = time.perf_counter() - t0
         stats = {k: v.tolist() for k, v in cache.stats().items()}
         sample = ds.decode(out_ids)
@@ -345,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=d.num_layers)
     p.add_argument("--num-heads", type=int, default=d.num_heads)
     p.add_argument("--num-experts", type=int, default=d.num_experts)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs not already busy, by load average)")
     p.add_argument("--gen-chars", type=int, default=d.gen_chars)
     p.add_argument("--cache-capacity", type=int, default=d.cache_capacity)
     p.add_argument("--prompt", default=d.prompt)

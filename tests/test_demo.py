@@ -14,6 +14,16 @@ from trajops.nn import STPLoss
 V, E, H, L = 23, 32, 4, 2
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models decoded token by token: a thread pool only adds hand-offs, and on a loaded
+    # machine its spinning made these tests ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(seed: int = 0, **kw) -> TrajectoryCharLM:
     torch.manual_seed(seed)
     return TrajectoryCharLM(V, embedding_dim=E, num_heads=H, num_layers=L, num_experts=3, **kw).eval()
@@ -120,7 +130,7 @@ def test_train_entry_point_smoke(tmp_path, capsys):
     out = tmp_path / "out"
     res = main(["--data", str(data), "--steps", "3", "--minutes", "5", "--batch", "2", "--seq-len", "16",
                 "--embedding-dim", "16", "--num-heads", "2", "--out", str(out), "--gen-chars", "24",
-                "--cache-capacity", "8", "--prompt", "def "])
+                "--cache-capacity", "8", "--prompt", "def ", "--threads", "1"])
     assert res["steps"] == 3
     for key in ("with_stp", "without_stp"):
         assert len(res["curves"][key]["ce"]) == 3 and len(res["curves"][key]["stp"]) == 3
@@ -138,5 +148,6 @@ def test_train_entry_point_smoke(tmp_path, capsys):
     assert "\r[" in printed.err  # the progress bar
 
     res = main(["--data", str(data), "--steps", "2", "--batch", "2", "--seq-len", "16", "--embedding-dim", "16",
-                "--num-heads", "2", "--out", str(out), "--no-generate", "--optimizer", "trajectory"])
+                "--num-heads", "2", "--out", str(out), "--no-generate", "--optimizer", "trajectory", "--threads", "1"])
     assert res["steps"] == 2 and "generation" not in res
+    assert torch.get_num_threads() == 1  # run() restores the caller's thread count
