@@ -1,5 +1,6 @@
 # make test   build, then every test: C++ and reference on CPU, Triton kernels under TRITON_INTERPRET=1
 # make bench  build, then the benchmark suite; prints the ratio table, writes bench/results/
+# make demo   build, then train the demo char LM with/without STP (~3 min on CPU; DEMO_ARGS="--minutes 1")
 #
 # The venv sees system site-packages so that a machine that already has torch (a GPU box with its
 # own CUDA build) keeps it; otherwise torch==$(TORCH_VERSION) is installed (the CPU build here).
@@ -17,7 +18,7 @@ OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_s
 # Class-level tests of the KV cache: too slow for the interpreter, they run on C++ and the reference.
 REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_nn_kv_cache.py
 
-.PHONY: all install build test test-cpp test-triton test-reference bench clean
+.PHONY: all install build test test-cpp test-triton test-reference bench demo clean
 
 all: test
 
@@ -48,6 +49,11 @@ test-triton:
 
 bench: build
 	$(PY) bench/run.py
+
+# Offline: the default text is the Python standard library's own source. Writes demo/out/.
+DEMO_ARGS ?=
+demo: build
+	$(PY) -m demo.train $(DEMO_ARGS)
 
 clean:
 	rm -rf build trajops/_C*.so *.egg-info
