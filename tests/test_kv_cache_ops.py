@@ -147,3 +147,14 @@ def test_compile_fullgraph():
     want = torch.ops.trajops.kv_evict_append_(*_evict_args(sb, c, traj, lengths, None))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert all(torch.equal(a, b) for a, b in zip(sa, sb))  # the mutations happened under compile too
+
+
+def test_kv_write_compile_fullgraph():
+    written = torch.tensor([[5, -1, 2], [-1, 7, 0]])
+    k, v = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)
+    got = [torch.zeros(4, 2, 3, 4), torch.zeros(4, 2, 3, 4)]
+    want = [torch.zeros(4, 2, 3, 4), torch.zeros(4, 2, 3, 4)]
+    torch.compile(torch.ops.trajops.kv_write_, fullgraph=True)(*got, written, k, v)
+    torch.ops.trajops.kv_write_(*want, written, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].abs().sum() > 0  # the mutation happened under compile
