@@ -77,55 +77,43 @@ def _evict_append_fake(traj_pool, ts_pool, live_pool, pinned_pool, page_table, l
             new_traj.new_empty((), dtype=torch.bool))
 
 
-# ---------------------------------------------------------------- kernels (reference only, for now)
-def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
-    return reference.kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
-
-
-def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
-    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
-    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k)
-
-
-def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                  free_top, evicted_total, now, new_traj, lengths, pin: Optional[Tensor], alpha, decay):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj)
-    return reference.kv_evict_append_(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity,
-                                      free_pages, free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay)
-
-
+# ---------------------------------------------------------------- kernels
+# One checked wrapper per op around the reference; the Triton variant only swaps in the fused scorer
+# (the ranking and bookkeeping around it are the reference's device-side torch ops).
 def _triton_scorer():
     from ..triton_kernels import kv_cache as kernels
 
     return kernels.kv_scores
 
 
-def _relevance_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
+def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, *, scorer=None):
     _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
-    phys = reference.kv_logical_to_physical(page_table[: query.shape[0]], traj_pool.shape[1])
-    return _triton_scorer()(traj_pool, ts_pool, live_pool, phys, reference.kv_unit(query), now, alpha, decay)
+    return reference.kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay,
+                                  scorer=scorer)
 
 
-def _topk_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
+def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, *, scorer=None):
     _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
     torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
-    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k,
-                             scorer=_triton_scorer())
+    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, scorer=scorer)
 
 
-def _evict_append_triton(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                         free_top, evicted_total, now, new_traj, lengths, pin: Optional[Tensor], alpha, decay):
+def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                  free_top, evicted_total, now, new_traj, lengths, pin: Optional[Tensor], alpha, decay, *,
+                  scorer=None):
     _check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj)
     return reference.kv_evict_append_(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity,
                                       free_pages, free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay,
-                                      scorer=_triton_scorer())
+                                      scorer=scorer)
 
 
-register_kernels("kv_relevance", _relevance, _relevance_triton)
-register_kernels("kv_topk", _topk, _topk_triton)
-register_kernels("kv_evict_append_", _evict_append, _evict_append_triton)
+def _with_triton_scorer(fn):
+    return lambda *args: fn(*args, scorer=_triton_scorer())
+
+
+register_kernels("kv_relevance", _relevance, _with_triton_scorer(_relevance))
+register_kernels("kv_topk", _topk, _with_triton_scorer(_topk))
+register_kernels("kv_evict_append_", _evict_append, _with_triton_scorer(_evict_append))
 
 
 # ---------------------------------------------------------------- kv_write_

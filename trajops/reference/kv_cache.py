@@ -103,12 +103,14 @@ def kv_scores(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, phys: Tenso
 
 def kv_relevance(
     traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor, now: Tensor,
-    alpha: float, decay: float,
+    alpha: float, decay: float, *, scorer: Optional[Scorer] = None,
 ) -> Tensor:
-    """(B, max_slots) fp32 relevance of every logical slot of the first B = query.shape[0] sequences."""
+    """(B, max_slots) fp32 relevance of every logical slot of the first B = query.shape[0] sequences.
+
+    ``scorer``: as in :func:`kv_topk`."""
     B = query.shape[0]
     phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
-    return kv_scores(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
+    return (scorer or kv_scores)(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
 
 
 def _rank(score: Tensor, ts: Tensor, descending: bool) -> Tensor:
