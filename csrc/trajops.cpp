@@ -37,6 +37,9 @@ TORCH_LIBRARY(trajops, m) {
       "float decay) -> (Tensor, Tensor, Tensor)");
   m.def("kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()");
   m.def(
+      "paged_temperature_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor page_table, Tensor live_pool, "
+      "Tensor tau, Tensor? slots=None, float? scale=None) -> (Tensor, Tensor)");
+  m.def(
       "adaptive_positional_encoding(Tensor displacement, Tensor pe_table, Tensor? positions=None) -> Tensor");
   m.def(
       "adaptive_positional_encoding_backward(Tensor grad_out, Tensor displacement, Tensor pe_table, "

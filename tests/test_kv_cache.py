@@ -76,9 +76,9 @@ def assert_unchanged(cache: PagedTrajectoryKVCache, snap: dict) -> None:
 
 
 def unit32(t: torch.Tensor) -> torch.Tensor:
-    """What the cache stores for a trajectory: t / max(|t|, eps) in fp32."""
-    t = t.float()
-    return t / t.norm().clamp_min(EPS)
+    """What the cache stores for a trajectory: t / max(|t|, eps) computed in fp64, rounded to fp32."""
+    t = t.double()
+    return (t / t.norm().clamp_min(EPS)).float()
 
 
 def cos64(a, b) -> float:

@@ -8,6 +8,7 @@ from ._library import BACKEND, HAS_EXTENSION, HAS_TRITON, backends
 from . import reference
 from .kv_cache import PagedTrajectoryKVCache
 from .ops.adaptive_positional_encoding import adaptive_positional_encoding
+from .ops.paged_temperature_attention import paged_temperature_attention
 from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
 from .ops.temperature_attention import temperature_attention
 from .ops.trajectory_flow import trajectory_flow
@@ -24,6 +25,7 @@ __all__ = [
     "backends",
     "nn",
     "optim",
+    "paged_temperature_attention",
     "reference",
     "sample_stp_triples",
     "stp_loss",

@@ -77,6 +77,8 @@ class PagedTrajectoryKVCache:
         self.max_slots = self.max_pages_per_seq * page_size
         self.overcommitted = num_pages < max_batch * self.max_pages_per_seq
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type != "cpu" and dev.index is None:  # "cuda" -> "cuda:0": tensors report an index
+            dev = torch.empty(0, device=dev).device
         self.device = dev
         P, S = num_pages, page_size
         self.k_pool = torch.zeros((num_layers, P, S, num_kv_heads, head_dim), dtype=dtype, device=dev)

@@ -61,9 +61,9 @@ void check_pool(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& li
                     ", got ", query.sizes());
 }
 
-Tensor unit(const Tensor& t) {  // t / max(|t|, eps) in fp32, exactly as the reference's kv_unit
-  auto f = t.to(at::kFloat);
-  return f / f.norm(2, {-1}, true).clamp_min(kKvEps);
+Tensor unit(const Tensor& t) {  // t / max(|t|, eps) in fp64 rounded to fp32, exactly as the reference's kv_unit
+  auto d = t.to(at::kDouble);
+  return (d / d.norm(2, {-1}, true).clamp_min(kKvEps)).to(at::kFloat);
 }
 
 // Scores of the slots of one row. phys[j] = physical slot of logical slot j or -1; rows of traj

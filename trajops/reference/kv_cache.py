@@ -43,9 +43,13 @@ Scorer = Callable[..., Tensor]  # the signature of kv_scores
 
 
 def kv_unit(t: Tensor) -> Tensor:
-    """t / max(|t|, eps) along the last dimension, in fp32 (a zero vector stays zero)."""
-    t = t.float()
-    return t / t.norm(dim=-1, keepdim=True).clamp_min(KV_EPS)
+    """t / max(|t|, eps) along the last dimension, rounded once to fp32 (a zero vector stays zero).
+
+    Computed in fp64 so that every device stores the same fp32 bits: an fp32 norm's reduction
+    order differs between CPU and CUDA and would move the stored units by an ulp.
+    """
+    t = t.double()
+    return (t / t.norm(dim=-1, keepdim=True).clamp_min(KV_EPS)).float()
 
 
 def kv_logical_to_physical(page_table: Tensor, page_size: int) -> Tensor:

@@ -1,0 +1,54 @@
+"""Reference of trajops::paged_temperature_attention: gather the live slots, then temperature attention.
+
+The kernels read K/V straight from the page pools; this reference gathers a dense copy first and
+runs the reference attention with a key mask, which defines what the kernels must compute.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._common import compute_dtype
+from .kv_cache import kv_logical_to_physical
+from .temperature_attention import temperature_attention, temperature_coefficient
+
+__all__ = ["paged_gather", "paged_temperature_attention"]
+
+
+def paged_gather(
+    k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_pool: Tensor, B: int, slots: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Dense keys (B, Hkv, L, D), values (B, Hkv, L, Dv) and the key mask (B, L) of rows 0..B-1.
+
+    k_pool (P, S, Hkv, D), v_pool (P, S, Hkv, Dv): one layer's pools. page_table (>= B, MP) int64,
+    -1 = no page. live_pool (P, S) bool. Keys are the logical slots 0..MP*S-1 of each row (L =
+    MP*S), or the logical slots listed in ``slots`` (B, k) (L = k; -1 or out of range = no key).
+    The mask is True on slots that map to a live entry; other keys read as 0.
+    """
+    S, Hkv = k_pool.shape[1], k_pool.shape[2]
+    phys = kv_logical_to_physical(page_table[:B], S)
+    if slots is not None:
+        L = phys.shape[1]
+        inside = (slots >= 0) & (slots < L)
+        phys = torch.where(inside, phys.gather(1, slots.clamp(0, max(L - 1, 0))), -1)
+    idx = phys.clamp_min(0)
+    ok = (phys >= 0) & live_pool.reshape(-1)[idx]
+    k = torch.where(ok[..., None, None], k_pool.reshape(-1, Hkv, k_pool.shape[3])[idx], 0).transpose(1, 2)
+    v = torch.where(ok[..., None, None], v_pool.reshape(-1, Hkv, v_pool.shape[3])[idx], 0).transpose(1, 2)
+    return k, v, ok
+
+
+def paged_temperature_attention(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_pool: Tensor, tau: Tensor,
+    slots: Optional[Tensor] = None, scale: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
+    """out (B, Hq, n, Dv) in the compute dtype and lse (B, Hq, n): every query of row b attends every key
+    of row b (see :func:`paged_gather`); tau as in trajops.temperature_attention (NaN rows for a tau
+    that is not positive finite, 0 / -inf for a row without keys)."""
+    B, Hq, n, _ = q.shape
+    k, v, ok = paged_gather(k_pool, v_pool, page_table, live_pool, B, slots)
+    has_keys = ok.any(-1)[:, None, None]
+    c = temperature_coefficient(tau, (B, Hq, n), scale, compute_dtype(q.dtype), has_keys)
+    return temperature_attention(q, k, v, c, ok[:, None, None, :], False)
