@@ -35,7 +35,7 @@ pages on ``reorder_cache`` (beam search), which costs a copy of the pools per be
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
