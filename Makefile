@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q ninja "setuptools>=64" wheel
-	TRAJOPS_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,triton]"
+	TRAJOPS_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,triton,hf]"
 	@touch $@
 
 install: $(STAMP)
