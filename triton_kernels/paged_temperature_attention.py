@@ -66,11 +66,33 @@ def _gather_keys(PT, LIVE, SLOTS, b, pos, hi, L_logical, S, sptb, sptp, slp, sls
 
 
 @triton.jit
+def _softmax_block(acc, l_i, m_i, q, c2, k, v, ok, cdt: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step (base 2) over a gathered (BLOCK_N keys) tile; keys with ok False are skipped."""
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(cdt)
+    else:
+        s = tl.sum(q.to(cdt)[:, None, :] * k.to(cdt)[None, :, :], 2)
+    s = tl.where(ok[None, :], s * c2[:, None], float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows with no key so far keep m = -inf: shifting by 0 there keeps every exp2 at 0
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new).to(cdt)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(cdt)
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(cdt)[None, :, :], 1)
+    return acc * alpha[:, None] + pv, l_i, m_new
+
+
+@triton.jit
 def _split_kernel(Q, K, V, PT, LIVE, SLOTS, C, O, LSE, MPART, LPART, APART,
                   sqb, sqh, sqm, sqd, skp, sks, skh, skd, svp, svs, svh, svd,
                   sptb, sptp, slp, sls, sslb, ssln,
                   Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, NS,
                   HAS_SLOTS: tl.constexpr, DIRECT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+                  SKIP_EMPTY: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     bhk = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,23 +130,12 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, C, O, LSE, MPART, LPART, APART,
                     mask=ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + page[:, None] * svp + off[:, None] * svs + offs_dv[None, :] * svd,
                     mask=ok[:, None] & dv_ok[None, :], other=0.0)
-        if USE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(cdt)
+        if SKIP_EMPTY:
+            # a block without a key (unallocated pages, evicted runs) costs its index loads only
+            if tl.max(ok.to(tl.int32), 0) != 0:
+                acc, l_i, m_i = _softmax_block(acc, l_i, m_i, q, c2, k, v, ok, cdt, USE_DOT, PREC)
         else:
-            s = tl.sum(q.to(cdt)[:, None, :] * k.to(cdt)[None, :, :], 2)
-        s = tl.where(ok[None, :], s * c2[:, None], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows with no key so far keep m = -inf: shifting by 0 there keeps every exp2 at 0
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new).to(cdt)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=PREC).to(cdt)
-        else:
-            pv = tl.sum(p[:, :, None] * v.to(cdt)[None, :, :], 1)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+            acc, l_i, m_i = _softmax_block(acc, l_i, m_i, q, c2, k, v, ok, cdt, USE_DOT, PREC)
 
     if DIRECT:
         empty = l_i == 0
@@ -185,6 +196,11 @@ def _merge_kernel(C, O, LSE, MPART, LPART, APART, Dv, NS,
 
 _MAX_SPLITS = 512  # also bounds the merge kernel's (BLOCK_S,) vector of split maxima
 
+# Knobs for tuning sweeps on a GPU (bench), not for users:
+TARGET_PROGRAMS_PER_SM = 2  # split-kernel programs per SM that num_splits aims at
+FP32_PRECISION = "ieee"  # fp32 products as the reference computes them; "tf32x3" is the faster option to try
+SKIP_EMPTY = True  # branch around the math of blocks without a key (loads are masked either way)
+
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
@@ -193,7 +209,7 @@ def _sm_count(index: int) -> int:
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return TARGET_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 8  # interpreter: a few splits, so that the merge path is exercised by small tests
 
 
@@ -266,7 +282,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *live8.stride(), *slot_strides,
         Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns,
         HAS_SLOTS=slots is not None, DIRECT=direct,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 keeps full fp32 products, as the reference
+        PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)
+        SKIP_EMPTY=SKIP_EMPTY,
         **cfg)
     if not direct:
         block_s = triton.next_power_of_2(ns)
