@@ -55,8 +55,8 @@ def _gather_keys(PT, LIVE, SLOTS, b, pos, hi, L_logical, S, sptb, sptp, slp, sls
         j = tl.load(SLOTS + b * sslb + pos * ssln, mask=in_range, other=-1)
         in_range = (j >= 0) & (j < L_logical)
     else:
-        j = pos.to(tl.int64)
-    j = tl.where(in_range, j, 0)
+        j = pos
+    j = tl.where(in_range, j, 0).to(tl.int32)  # < MP * S: 32-bit division; page ids stay int64
     page = tl.load(PT + b * sptb + (j // S) * sptp, mask=in_range, other=-1)
     off = j % S
     has_page = page >= 0
@@ -222,11 +222,19 @@ def _config(dtype: torch.dtype, R: int, D: int, Dv: int) -> dict:
         return dict(USE_DOT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=4, num_stages=1)
     # tl.dot needs >= 16 rows/cols; groups of more than 64 rows take several row blocks (keys reloaded)
     bm = min(64, max(16, triton.next_power_of_2(R)))
-    cfg = dict(USE_DOT=True, BLOCK_M=bm, BLOCK_D=max(16, bd), BLOCK_DV=max(16, bdv))
+    bd, bdv = max(16, bd), max(16, bdv)
+    cfg = dict(USE_DOT=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)
     if _INTERPRET:
-        return dict(cfg, BLOCK_N=16)
-    # fp32 tiles are twice as big: one stage fewer keeps (K + V) x stages inside shared memory
-    return dict(cfg, BLOCK_N=64, num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
+        # the interpreter's bf16 tl.dot returns garbage (numpy has no bf16): products elementwise there
+        return dict(cfg, BLOCK_N=16, USE_DOT=dtype != torch.bfloat16)
+    # K + V tiles of one stage <= 32 KB (fp32 with D = 128 takes 32 keys), up to 3 stages in 96 KB:
+    # two programs then fit an SM's shared memory (228 KB on an H100)
+    esize = torch.finfo(dtype).bits // 8
+    bn = 64
+    while bn > 16 and bn * (bd + bdv) * esize > 32 * 1024:
+        bn //= 2
+    stages = max(1, min(3, (96 * 1024) // (bn * (bd + bdv) * esize)))
+    return dict(cfg, BLOCK_N=bn, num_warps=4, num_stages=stages)
 
 
 def _num_splits(device: torch.device, programs: int, L: int, block_n: int) -> Tuple[int, int]:
