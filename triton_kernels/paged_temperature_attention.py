@@ -24,12 +24,16 @@ CUDA-graph capturable):
                 itself (no scratch, no merge).
   merge kernel  grid (B * Hq * n,): combines the splits' partials of one row.
   num_splits    from the row's slot count (MP * S or k, known from shapes), so that the split grid
-                holds about two programs per SM.
+                holds about TARGET_PROGRAMS_PER_SM (2) programs per SM; chunks are whole BLOCK_N blocks.
+  tiles         fixed (no autotuning): 4 warps, BLOCK_M = G * n padded to 16..64 rows (tl.dot needs 16),
+                BLOCK_N = 64 keys unless one stage of K + V tiles would pass 32 KB (fp32 with D = 128:
+                32 keys), up to 3 pipeline stages within 96 KB of shared memory.
 Bad tau rows: the kernels run them with c = 0 (every key then counts, so l > 0 iff the row has a
 key) and write NaN at the end where c is NaN and the row has a key; rows without a key keep m = -inf,
 l = 0 and give out = 0, lse = -inf whatever their c.
 fp64: tl.dot is avoided (Triton 3.6 fails to compile some fp64 kernels with byte-mask loads on sm90),
-the products are elementwise multiply + tl.sum over small tiles; fp64 is for accuracy checks.
+the products are elementwise multiply + tl.sum over small tiles; fp64 is for accuracy checks. The same
+elementwise path serves bf16 under the interpreter, whose bf16 tl.dot is wrong.
 """
 from __future__ import annotations
 
@@ -209,7 +213,8 @@ def _sm_count(index: int) -> int:
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return TARGET_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return TARGET_PROGRAMS_PER_SM * _sm_count(index)
     return 8  # interpreter: a few splits, so that the merge path is exercised by small tests
 
 
@@ -251,7 +256,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     """out (B, Hq, n, Dv) in q's dtype and lse (B, Hq, n) in c's dtype; see the module docstring.
 
     ``num_splits`` forces the number of key chunks per row (tests of the merge); None picks it from
-    the shapes (about two programs per SM).
+    the shapes. No host sync: the launch depends on shapes only (CUDA-graph capturable).
     """
     B, Hq, n, D = q.shape
     S, Hkv, Dv = k_pool.shape[1], k_pool.shape[2], v_pool.shape[3]
