@@ -5,11 +5,10 @@
 //   1. keys: per row, the physical slots of its live keys (every logical slot of its pages, or the
 //      listed `slots`), in logical order; pages whose table entry is -1 are skipped unread. This is
 //      the only pass over page_table / live_pool (bytes per slot, not per head).
-//   2. partials (flash decoding): each row's key list is cut into chunks; one work item =
-//      (chunk, kv head) runs an online softmax over its keys for the G * n query rows that read that
-//      kv head (G = Hq / Hkv), so each K/V row is loaded once for the whole group, and writes
-//      (m, l, acc). Chunks are sized so that the items outnumber the threads even for one row and
-//      one kv head.
+//   2. partials (flash decoding): each row's key list is cut into chunks (work items, sized so that
+//      they outnumber the threads even for a single row); per kv head, an online softmax over the
+//      chunk's keys for the G * n query rows that read that kv head (G = Hq / Hkv), so each K/V row
+//      is loaded once for the whole group, gives (m, l, acc).
 //   3. merge: per (row, query head, query), the chunks' partials rescaled to their common max.
 // Decode is bound by reading K/V (one pass over the live bytes, vs the reference's gather which reads
 // them, writes a copy and reads that again).
@@ -166,6 +165,15 @@ inline const acc_t* load_row(const scalar_t* __restrict src, acc_t* __restrict b
   }
 }
 
+// Asks for the next key's head rows while the current one is computed: pages are scattered, so
+// the hardware prefetcher cannot guess where the next slot lives.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* row, int64_t heads, int64_t head_stride, int64_t len) {
+  constexpr int64_t line = 64 / sizeof(scalar_t);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < len; i += line) __builtin_prefetch(row + h * head_stride + i);
+}
+
 // ---------------------------------------------------------------- the kernel
 struct Keys {  // the live keys of every row, as element offsets of their K and V rows (kv head 0)
   std::vector<int64_t> begin;  // (B + 1): row b's keys are [begin[b], begin[b + 1])
@@ -246,12 +254,15 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
   const acc_t* cp = c.data_ptr<acc_t>();  // (B, Hq, n) contiguous, NaN = bad tau
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  // Chunks: enough work items (chunk, kv head) to keep every thread busy on a single row, but at
-  // least a few hundred keys each so that the partials and the merge stay negligible.
+  // Work item = one chunk of one row's keys, for every kv head: a block of keys is read for head 0,
+  // 1, ... while it sits in L2 (a slot's heads are adjacent in the pool, so one item sweeps whole
+  // pages; an item per kv head would stride through each page Hkv times). Enough chunks to keep
+  // every thread busy on a single row; a few hundred keys at least so that partials and the merge
+  // stay negligible.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t total = keys.begin[B];
-  const int64_t want_chunks = (8 * threads + Hkv - 1) / Hkv;
-  const int64_t chunk_len = std::max<int64_t>(256, (total + want_chunks - 1) / std::max<int64_t>(want_chunks, 1));
+  const int64_t want_chunks = 8 * threads;
+  const int64_t chunk_len = std::max<int64_t>(256, (total + want_chunks - 1) / want_chunks);
   std::vector<int64_t> chunk_begin(B + 1, 0);  // row b's chunks are [chunk_begin[b], chunk_begin[b + 1])
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = keys.begin[b + 1] - keys.begin[b];
@@ -262,42 +273,52 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
   for (int64_t b = 0; b < B; ++b)
     for (int64_t ch = chunk_begin[b]; ch < chunk_begin[b + 1]; ++ch) chunk_row[ch] = b;
 
-  // partials of item (chunk, h): m, l (R each) and acc (R, Dv)
+  // partials of (chunk, kv head) it = ch * Hkv + h: m, l (R each) and acc (R, Dv)
   const int64_t items = chunks * Hkv;
   std::vector<acc_t> part_m(items * R), part_l(items * R), part_acc(items * R * Dv);
 
-  at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qs(R * D), s(R * kBlock), kbuf(kBlock * D), vbuf(Dv);
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t ch = item / Hkv, h = item % Hkv, b = chunk_row[ch];
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> qs(Hkv * R * D), s(Hkv * R * kBlock), kbuf(D), vbuf(Dv);
+    for (int64_t ch = lo; ch < hi; ++ch) {
+      const int64_t b = chunk_row[ch];
       const int64_t row_first = keys.begin[b] + (ch - chunk_begin[b]) * chunk_len;
       const int64_t row_last = std::min(row_first + chunk_len, keys.begin[b + 1]);
-      // the group's queries pre-multiplied by c (0 on bad-tau rows: finite here, NaN at the merge)
-      for (int64_t g = 0; g < G; ++g)
+      // row b's queries pre-multiplied by c (0 on bad-tau rows: finite here, NaN at the merge),
+      // grouped by kv head: qs[h][g * n + i] is query i of head h * G + g
+      for (int64_t hq = 0; hq < Hq; ++hq)
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t r = g * n + i, hq = h * G + g;
           acc_t cr = cp[(b * Hq + hq) * n + i];
           if (std::isnan(cr)) cr = 0;
           const scalar_t* src = qp + b * q0 + hq * q1 + i * q2;
-          for (int64_t d = 0; d < D; ++d) qs[r * D + d] = static_cast<acc_t>(src[d * q3]) * cr;
+          acc_t* dst = qs.data() + (hq * n + i) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d * q3]) * cr;
         }
-      acc_t* m = part_m.data() + item * R;
-      acc_t* l = part_l.data() + item * R;
-      acc_t* acc = part_acc.data() + item * R * Dv;
-      std::fill(m, m + R, kNegInf);
-      std::fill(l, l + R, acc_t(0));
-      std::fill(acc, acc + R * Dv, acc_t(0));
+      std::fill(part_m.begin() + ch * Hkv * R, part_m.begin() + (ch + 1) * Hkv * R, kNegInf);
+      std::fill(part_l.begin() + ch * Hkv * R, part_l.begin() + (ch + 1) * Hkv * R, acc_t(0));
+      std::fill(part_acc.begin() + ch * Hkv * R * Dv, part_acc.begin() + (ch + 1) * Hkv * R * Dv, acc_t(0));
       for (int64_t j0 = row_first; j0 < row_last; j0 += kBlock) {
         const int64_t nb = std::min(kBlock, row_last - j0);
-        for (int64_t t = 0; t < nb; ++t) {  // each K row once for the R query rows
-          const acc_t* kr = load_row<scalar_t, acc_t>(kp + keys.koff[j0 + t] + h * kh, kbuf.data() + t * D, D);
-          for (int64_t r = 0; r < R; ++r) s[r * kBlock + t] = dot(qs.data() + r * D, kr, D);
+        // scores: key by key, its Hkv head rows in address order (a slot's heads are adjacent), so the
+        // pool is swept sequentially; each K row serves the R query rows of its group
+        for (int64_t t = 0; t < nb; ++t) {
+          const scalar_t* krow = kp + keys.koff[j0 + t];
+          if (t + 1 < nb) prefetch_rows(kp + keys.koff[j0 + t + 1], Hkv, kh, D);
+          for (int64_t h = 0; h < Hkv; ++h) {
+            const acc_t* kr = load_row<scalar_t, acc_t>(krow + h * kh, kbuf.data(), D);
+            const acc_t* qh = qs.data() + h * R * D;
+            acc_t* sh = s.data() + h * R * kBlock + t;
+            for (int64_t r = 0; r < R; ++r) sh[r * kBlock] = dot(qh + r * D, kr, D);
+          }
         }
-        for (int64_t r = 0; r < R; ++r) {
-          acc_t* sr = s.data() + r * kBlock;
+        // online softmax per (kv head, query row): p = exp(s - m), rescale l and acc when m grows
+        for (int64_t hr = 0; hr < Hkv * R; ++hr) {
+          const int64_t it_r = ch * Hkv * R + hr;  // (ch * Hkv + h) * R + r
+          acc_t& m = part_m[it_r];
+          acc_t& l = part_l[it_r];
+          acc_t* sr = s.data() + hr * kBlock;
           acc_t bm = kNegInf;
           for (int64_t t = 0; t < nb; ++t) bm = sr[t] > bm ? sr[t] : bm;
-          const acc_t mn = std::max(m[r], bm);
+          const acc_t mn = std::max(m, bm);
           // every score -inf so far: nothing to add yet (exp(-inf - -inf) would be NaN)
           const acc_t shift = mn == kNegInf ? acc_t(0) : mn;
           acc_t sum = 0;
@@ -305,21 +326,26 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
             sr[t] = exp_le0(sr[t] - shift);
             sum += sr[t];
           }
-          if (m[r] != mn) {
-            const acc_t alpha = m[r] == kNegInf ? acc_t(0) : exp_le0(m[r] - mn);
-            l[r] *= alpha;
-            acc_t* ar = acc + r * Dv;
+          if (m != mn) {
+            const acc_t alpha = m == kNegInf ? acc_t(0) : exp_le0(m - mn);
+            l *= alpha;
+            acc_t* ar = part_acc.data() + it_r * Dv;
             for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
-            m[r] = mn;
+            m = mn;
           }
-          l[r] += sum;
+          l += sum;
         }
-        for (int64_t t = 0; t < nb; ++t) {  // each V row once for the R query rows
-          const acc_t* vr = load_row<scalar_t, acc_t>(vp + keys.voff[j0 + t] + h * vh, vbuf.data(), Dv);
-          for (int64_t r = 0; r < R; ++r) {
-            const acc_t p = s[r * kBlock + t];
-            acc_t* __restrict ar = acc + r * Dv;
-            for (int64_t d = 0; d < Dv; ++d) ar[d] += p * vr[d];
+        // values, in the same sequential order; each V row serves the R query rows of its group
+        for (int64_t t = 0; t < nb; ++t) {
+          const scalar_t* vrow = vp + keys.voff[j0 + t];
+          if (t + 1 < nb) prefetch_rows(vp + keys.voff[j0 + t + 1], Hkv, vh, Dv);
+          for (int64_t h = 0; h < Hkv; ++h) {
+            const acc_t* vr = load_row<scalar_t, acc_t>(vrow + h * vh, vbuf.data(), Dv);
+            for (int64_t r = 0; r < R; ++r) {
+              const acc_t p = s[(h * R + r) * kBlock + t];
+              acc_t* __restrict ar = part_acc.data() + ((ch * Hkv + h) * R + r) * Dv;
+              for (int64_t d = 0; d < Dv; ++d) ar[d] += p * vr[d];
+            }
           }
         }
       }
