@@ -147,6 +147,40 @@ inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n
   return s;
 }
 
+// out[r * stride] = q_r . k for the R rows q_r = q + r * D: k is loaded once per 4 rows, each row
+// keeps its own vector of partial sums (one horizontal sum per dot, not per element).
+template <typename acc_t>
+inline void dots(const acc_t* __restrict q, const acc_t* __restrict k, int64_t R, int64_t D, acc_t* out,
+                 int64_t stride) {
+  typedef acc_t vec __attribute__((vector_size(32)));
+  constexpr int64_t W = 32 / sizeof(acc_t);
+  const int64_t full = D / W * W;
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const acc_t* q0 = q + r * D;
+    vec a0 = {}, a1 = {}, a2 = {}, a3 = {}, kv, qv;
+    for (int64_t d = 0; d < full; d += W) {
+      std::memcpy(&kv, k + d, sizeof(vec));
+      std::memcpy(&qv, q0 + d, sizeof(vec));
+      a0 += qv * kv;
+      std::memcpy(&qv, q0 + D + d, sizeof(vec));
+      a1 += qv * kv;
+      std::memcpy(&qv, q0 + 2 * D + d, sizeof(vec));
+      a2 += qv * kv;
+      std::memcpy(&qv, q0 + 3 * D + d, sizeof(vec));
+      a3 += qv * kv;
+    }
+    const vec* a[4] = {&a0, &a1, &a2, &a3};
+    for (int u = 0; u < 4; ++u) {
+      acc_t sum = 0;
+      for (int64_t w = 0; w < W; ++w) sum += (*a[u])[w];
+      for (int64_t d = full; d < D; ++d) sum += q0[u * D + d] * k[d];
+      out[(r + u) * stride] = sum;
+    }
+  }
+  for (; r < R; ++r) out[r * stride] = dot(q + r * D, k, D);
+}
+
 // A K or V row as acc_t: the pool's own memory when it already is acc_t, else widened into buf.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* load_row(const scalar_t* __restrict src, acc_t* __restrict buf, int64_t n) {
@@ -278,7 +312,7 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
   std::vector<acc_t> part_m(items * R), part_l(items * R), part_acc(items * R * Dv);
 
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qs(Hkv * R * D), s(Hkv * R * kBlock), kbuf(D), vbuf(Dv);
+    std::vector<acc_t> qs(Hkv * R * D), s(Hkv * R * kBlock), kbuf(D), vbuf(2 * Dv);
     for (int64_t ch = lo; ch < hi; ++ch) {
       const int64_t b = chunk_row[ch];
       const int64_t row_first = keys.begin[b] + (ch - chunk_begin[b]) * chunk_len;
@@ -307,7 +341,7 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
             const acc_t* kr = load_row<scalar_t, acc_t>(krow + h * kh, kbuf.data(), D);
             const acc_t* qh = qs.data() + h * R * D;
             acc_t* sh = s.data() + h * R * kBlock + t;
-            for (int64_t r = 0; r < R; ++r) sh[r * kBlock] = dot(qh + r * D, kr, D);
+            dots(qh, kr, R, D, sh, kBlock);
           }
         }
         // online softmax per (kv head, query row): p = exp(s - m), rescale l and acc when m grows
@@ -335,16 +369,26 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
           }
           l += sum;
         }
-        // values, in the same sequential order; each V row serves the R query rows of its group
-        for (int64_t t = 0; t < nb; ++t) {
-          const scalar_t* vrow = vp + keys.voff[j0 + t];
-          if (t + 1 < nb) prefetch_rows(vp + keys.voff[j0 + t + 1], Hkv, vh, Dv);
+        // values, in the same sequential order; each V row serves the R query rows of its group, two
+        // keys per pass over the accumulators
+        for (int64_t t = 0; t < nb; t += 2) {
+          const bool two = t + 1 < nb;
+          const scalar_t* vrow0 = vp + keys.voff[j0 + t];
+          const scalar_t* vrow1 = vp + keys.voff[j0 + t + (two ? 1 : 0)];
+          if (t + 2 < nb) prefetch_rows(vp + keys.voff[j0 + t + 2], Hkv, vh, Dv);
+          if (t + 3 < nb) prefetch_rows(vp + keys.voff[j0 + t + 3], Hkv, vh, Dv);
           for (int64_t h = 0; h < Hkv; ++h) {
-            const acc_t* vr = load_row<scalar_t, acc_t>(vrow + h * vh, vbuf.data(), Dv);
+            const acc_t* __restrict v0 = load_row<scalar_t, acc_t>(vrow0 + h * vh, vbuf.data(), Dv);
+            const acc_t* __restrict v1 = two ? load_row<scalar_t, acc_t>(vrow1 + h * vh, vbuf.data() + Dv, Dv) : v0;
             for (int64_t r = 0; r < R; ++r) {
-              const acc_t p = s[(h * R + r) * kBlock + t];
+              const acc_t p0 = s[(h * R + r) * kBlock + t];
               acc_t* __restrict ar = part_acc.data() + ((ch * Hkv + h) * R + r) * Dv;
-              for (int64_t d = 0; d < Dv; ++d) ar[d] += p * vr[d];
+              if (two) {
+                const acc_t p1 = s[(h * R + r) * kBlock + t + 1];
+                for (int64_t d = 0; d < Dv; ++d) ar[d] += p0 * v0[d] + p1 * v1[d];
+              } else {  // (not 0 * v1: an infinite value would turn it into NaN)
+                for (int64_t d = 0; d < Dv; ++d) ar[d] += p0 * v0[d];
+              }
             }
           }
         }
