@@ -400,7 +400,9 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
   scalar_t* op = out.data_ptr<scalar_t>();  // (B, Hq, n, Dv) contiguous
   acc_t* lp = lse.data_ptr<acc_t>();        // (B, Hq, n) contiguous
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+  // (tiny next to the partials: threads only when the rows' partials are large, each wake-up costs)
+  const int64_t merge_work = std::max<int64_t>(1, (chunks / std::max<int64_t>(B, 1) + 1) * R * Dv);
+  at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 65536 / merge_work), [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> o(Dv);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
