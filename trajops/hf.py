@@ -153,7 +153,7 @@ class TrajectoryEvictionCache(Cache):
                 f"sliding_window={getattr(text_config, 'sliding_window', None)})"
             )
         self.capacity = _positive_int("capacity", capacity)
-        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        self._max_batch_size = _positive_int("max_batch_size", max_batch_size)
         self.page_size = _positive_int("page_size", page_size)
         if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"TrajectoryEvictionCache: alpha must be in [0, 1], got {alpha!r}")
@@ -182,6 +182,11 @@ class TrajectoryEvictionCache(Cache):
         super().__init__(layers=[_EvictionLayer(self, i) for i in range(num_layers)])
         self._pad_mask: Optional[Tensor] = None  # (rows, T) bool, set by mark_padding
         self._clear()
+
+    @property
+    def max_batch_size(self) -> int:  # transformers < 5.18 defines a read-only (deprecated) property of this name
+        """Rows the page pools are sized for."""
+        return self._max_batch_size
 
     # ------------------------------------------------------------------ state
     def _clear(self) -> None:

@@ -15,6 +15,8 @@ ops around kv_scores (trajops/reference/kv_cache.py with this scorer): fixed sha
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,8 @@ __all__ = ["kv_scores", "kv_write"]
 
 
 @triton.jit
-def _scores_kernel(traj_ptr, ts_ptr, live_ptr, phys_ptr, q_ptr, now_ptr, out_ptr, L, Dt, alpha, decay,
+def _scores_kernel(traj_ptr, ts_ptr, live_ptr, phys_ptr, q_ptr, now_ptr, out_ptr, L, Dt,
+                   alpha_hi, alpha_lo, rest_hi, rest_lo, decay_hi, decay_lo,
                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -42,7 +45,10 @@ def _scores_kernel(traj_ptr, ts_ptr, live_ptr, phys_ptr, q_ptr, now_ptr, out_ptr
     now = tl.load(now_ptr)
     ts = tl.load(ts_ptr + slot, mask=live, other=0)
     age = (now - ts).to(tl.float64)
-    score = alpha * dot + (1.0 - alpha) * tl.exp(-decay * age)
+    # float arguments arrive as fp32 on the GPU: each fp64 constant comes as an (hi, lo) fp32 pair, and
+    # scalar * fp64 tensor promotes exactly, so hi*x + lo*x is the fp64 product to ~1e-16
+    recency = tl.exp(-(decay_hi * age + decay_lo * age))
+    score = (alpha_hi * dot + alpha_lo * dot) + (rest_hi * recency + rest_lo * recency)
     score = tl.where(live, score.to(tl.float32), float("-inf"))
     tl.store(out_ptr + b * L + offs, score, mask=in_row)
 
@@ -60,8 +66,14 @@ def kv_scores(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.T
     grid = (B, triton.cdiv(L, BLOCK_L))
     _scores_kernel[grid](traj_pool.contiguous(), ts_pool.contiguous(), live_pool.contiguous().view(torch.uint8),
                          phys.contiguous(), unit_query.float().contiguous(), now.reshape(1), out, L, Dt,
-                         float(alpha), float(decay), BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+                         *_split(alpha), *_split(1.0 - alpha), *_split(decay), BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     return out
+
+
+def _split(x: float) -> tuple:
+    """x as hi + lo, two fp32 values whose fp64 sum is x to ~48 bits (the reference scores in fp64)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
 
 
 @triton.jit
