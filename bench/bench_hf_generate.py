@@ -6,7 +6,7 @@ attention; batch 2 of random prompts (row 1 left-padded by a quarter of the prom
 decoding of a fixed number of new tokens (min_new_tokens = max_new_tokens, so both providers
 produce the same count). The eviction cache holds 25 % of the total length.
 CPU: hidden 256, 4 layers, 8 heads / 2 KV heads, prompt 128 + 384 new (capacity 128), fp32.
-CUDA: hidden 1024, 8 layers, 16 heads / 4 KV heads, prompt 512 + 1536 new (capacity 512), bf16.
+CUDA: hidden 1024, 8 layers, 16 heads / 4 KV heads, prompt 256 + 768 new (capacity 256), bf16.
 (The padded prompt must fit the capacity: the cache pins the padding, see trajops.hf.)
 
 Providers (roles in harness.py): eager = the default dense DynamicCache (past_key_values=None);
@@ -42,7 +42,7 @@ def benchmarks(ctx: Context):
     if dev.type == "cuda":
         cfg_kw = dict(vocab_size=4096, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=4, intermediate_size=2816, max_position_embeddings=4096)
-        prompt, new, dtype = 512, 1536, torch.bfloat16
+        prompt, new, dtype = 256, 768, torch.bfloat16
     else:
         cfg_kw = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=2, intermediate_size=512, max_position_embeddings=2048)

@@ -281,3 +281,21 @@ def test_bad_inputs():
         trajops.paged_temperature_attention(q.requires_grad_(), c, 0, 1.0)
     with torch.no_grad():
         trajops.paged_temperature_attention(q, c, 0, 1.0)
+
+
+def test_rows_of_many_blocks_and_splits():
+    """Rows long enough that the kernels split them across programs and merge the partials."""
+    gen = torch.Generator().manual_seed(13)
+    c = PagedTrajectoryKVCache(1, 2 * 20, 8, 2, 8, 4, 2, 150, dtype=torch.float64)
+    for n in (60, 60, 60, 1):  # 181 tokens into capacity 150: evictions leave holes across pages
+        k = torch.randn(2, 2, n, 8, generator=gen, dtype=torch.float64)
+        c.append(0, k, k.flip(-1), torch.randn(2, n, 4, generator=gen), lengths=torch.tensor([n, n // 2]))
+        c.step()
+    q = torch.randn(2, 6, 2, 8, generator=gen, dtype=torch.float64)
+    tau = torch.rand(2, 6, 2, generator=gen, dtype=torch.float64) + 0.4
+    tau[1, 3, 1] = math.inf
+    out, lse = trajops.paged_temperature_attention(q, c, 0, tau, return_lse=True)
+    e_out, e_lse = _expected(q, c, 0, tau)
+    assert_close(out, e_out)
+    assert_close(lse, e_lse)
+    assert torch.isnan(lse[1, 3, 1]) and torch.isfinite(lse[0]).all()

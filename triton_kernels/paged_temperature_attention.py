@@ -3,14 +3,17 @@ trajops/reference/paged_temperature_attention.py; op registration: trajops/ops/p
 
 Public launcher:
 
-* :func:`paged_attention` ``(q, k_pool, v_pool, page_table, live_pool, c, slots) -> (out, lse)``
+* :func:`paged_attention` ``(q, k_pool, v_pool, page_table, live_pool, tau, scale, slots) -> (out, lse)``
 
 q (B, Hq, n, D) any strides; k_pool (P, S, Hkv, D), v_pool (P, S, Hkv, Dv) any strides (one layer);
-page_table (>= B, MP) int64, -1 = no page; live_pool (P, S) bool; c (B, Hq, n) = scale / tau in the
+page_table (>= B, MP) int64, -1 = no page; live_pool (P, S) bool; tau broadcastable to (B, Hq, n), any
+float dtype, read through its broadcast strides; the kernels form c = scale / tau in the
 compute dtype (fp32, fp64 for fp64), NaN where tau is invalid; slots None (the keys of row b are its
 logical slots 0..MP*S-1) or (B, k) int64 logical slots (-1 / out of range = no key, repeats count).
 Logical slot j of row b lives at page page_table[b, j // S], offset j % S; it is a key iff that page
-is >= 0 and live_pool[page, offset]. out (B, Hq, n, Dv) in q's dtype, lse (B, Hq, n) in c's dtype.
+is >= 0 and live_pool[page, offset]. out (B, Hq, n, Dv) in q's dtype, lse (B, Hq, n) in the compute dtype.
+Forming c inside the kernels matters on the GPU: decode attention is launch-bound at these sizes,
+and the host-side coefficient cost ~8 small launches, more than the attention itself.
 
 Flash-decoding design (no dense gather copy, no host sync, shapes fixed by the cache so the launch is
 CUDA-graph capturable):
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -91,9 +95,20 @@ def _softmax_block(acc, l_i, m_i, q, c2, k, v, ok, cdt: tl.constexpr, USE_DOT: t
 
 
 @triton.jit
-def _split_kernel(Q, K, V, PT, LIVE, SLOTS, C, O, LSE, MPART, LPART, APART,
+def _coefficient(TAU, b, head, qi, stb, sth, stn, scale_hi, scale_lo, mask, cdt: tl.constexpr):
+    """(c, bad): c = scale / tau in cdt, bad where tau is not positive finite (then c = NaN)."""
+    t = tl.load(TAU + b * stb + head * sth + qi * stn, mask=mask, other=1.0).to(cdt)
+    r = 1.0 / t
+    # float arguments are fp32 on the GPU: scale comes as hi + lo so that fp64 rows get an fp64 scale
+    c = scale_hi * r + scale_lo * r
+    bad = ~((t > 0) & (t < float("inf")))
+    return tl.where(bad, float("nan"), c).to(cdt), bad
+
+
+@triton.jit
+def _split_kernel(Q, K, V, PT, LIVE, SLOTS, TAU, O, LSE, MPART, LPART, APART,
                   sqb, sqh, sqm, sqd, skp, sks, skh, skd, svp, svs, svh, svd,
-                  sptb, sptp, slp, sls, sslb, ssln,
+                  sptb, sptp, slp, sls, sslb, ssln, stb, sth, stn, scale_hi, scale_lo,
                   Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, NS,
                   HAS_SLOTS: tl.constexpr, DIRECT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                   SKIP_EMPTY: tl.constexpr,
@@ -102,7 +117,7 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, C, O, LSE, MPART, LPART, APART,
     split = tl.program_id(1)
     b = bhk // Hkv
     hk = bhk % Hkv
-    cdt = C.dtype.element_ty
+    cdt = LSE.dtype.element_ty
     LOG2E = tl.full([], 1.4426950408889634, cdt)
     LN2 = tl.full([], 0.6931471805599453, cdt)
 
@@ -116,8 +131,8 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, C, O, LSE, MPART, LPART, APART,
     q_ptrs = Q + b * sqb + head[:, None] * sqh + (offs_r % n)[:, None] * sqm + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     row = bhk * R + offs_r  # = (b * Hq + head) * n + query: the row of c, out and lse
-    c = tl.load(C + row, mask=r_ok, other=0.0)
-    c2 = tl.where(c == c, c, 0.0) * LOG2E  # bad-tau rows run with c = 0, made NaN at the end
+    c, bad_tau = _coefficient(TAU, b, head, offs_r % n, stb, sth, stn, scale_hi, scale_lo, r_ok, cdt)
+    c2 = tl.where(bad_tau, 0.0, c) * LOG2E  # bad-tau rows run with c = 0, made NaN at the end
 
     K += hk * skh
     V += hk * svh
@@ -143,7 +158,7 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, C, O, LSE, MPART, LPART, APART,
 
     if DIRECT:
         empty = l_i == 0
-        bad = (c != c) & (~empty)
+        bad = bad_tau & (~empty)
         l_safe = tl.where(empty, 1.0, l_i).to(cdt)
         out = acc / l_safe[:, None]
         out = tl.where(bad[:, None], float("nan"), out)
@@ -160,11 +175,11 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, C, O, LSE, MPART, LPART, APART,
 
 
 @triton.jit
-def _merge_kernel(C, O, LSE, MPART, LPART, APART, Dv, NS,
+def _merge_kernel(TAU, O, LSE, MPART, LPART, APART, Dv, NS, Hq, n, stb, sth, stn,
                   BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One output row: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over its NS splits."""
     row = tl.program_id(0)
-    cdt = C.dtype.element_ty
+    cdt = LSE.dtype.element_ty
     LN2 = tl.full([], 0.6931471805599453, cdt)
     offs_s = tl.arange(0, BLOCK_S)
     m_all = tl.load(MPART + row * NS + offs_s, mask=offs_s < NS, other=float("-inf"))
@@ -182,9 +197,9 @@ def _merge_kernel(C, O, LSE, MPART, LPART, APART, Dv, NS,
         a = tl.load(APART + (row * NS + sc)[:, None] * Dv + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
                     other=0.0)
         acc += tl.sum(w[:, None] * a, 0)
-    c = tl.load(C + row)
+    t = tl.load(TAU + (row // (Hq * n)) * stb + ((row // n) % Hq) * sth + (row % n) * stn).to(cdt)
     empty = l_i == 0
-    bad = (c != c) & (~empty)
+    bad = (~((t > 0) & (t < float("inf")))) & (~empty)
     l_safe = tl.where(empty, 1.0, l_i).to(cdt)
     out = tl.where(bad, float("nan"), acc / l_safe)
     lse = tl.where(empty, float("-inf"), (m_use + tl.math.log2(l_safe)) * LN2)
@@ -251,9 +266,11 @@ def _num_splits(device: torch.device, programs: int, L: int, block_n: int) -> Tu
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
-                    live_pool: torch.Tensor, c: torch.Tensor, slots: Optional[torch.Tensor],
+                    live_pool: torch.Tensor, tau: torch.Tensor, scale: float, slots: Optional[torch.Tensor],
                     num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, n, Dv) in q's dtype and lse (B, Hq, n) in c's dtype; see the module docstring.
+    """out (B, Hq, n, Dv) in q's dtype and lse (B, Hq, n) in the compute dtype (fp64 for fp64 q, else
+    fp32); see the module docstring. tau: any float dtype, broadcastable to (B, Hq, n), read through
+    its (broadcast) strides; c = scale / tau is formed in the kernels (no extra launches).
 
     ``num_splits`` forces the number of key chunks per row (tests of the merge); None picks it from
     the shapes. No host sync: the launch depends on shapes only (CUDA-graph capturable).
@@ -262,14 +279,17 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     S, Hkv, Dv = k_pool.shape[1], k_pool.shape[2], v_pool.shape[3]
     MP = page_table.shape[1]
     out = torch.empty((B, Hq, n, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, n), dtype=c.dtype, device=q.device)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((B, Hq, n), dtype=cdt, device=q.device)
     L_logical = MP * S
     L = L_logical if slots is None else slots.shape[1]
     if B * Hq * n == 0:
         return out, lse
     if L == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    c = c.contiguous()
+    tau = tau.expand(B, Hq, n)  # a view: stride 0 on the broadcast dimensions
+    scale_hi = struct.unpack("f", struct.pack("f", scale))[0]
+    scale_lo = scale - scale_hi
     G = Hq // Hkv
     R = G * n
     cfg = _config(q.dtype, R, D, Dv)
@@ -284,15 +304,16 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         mpart = lpart = apart = lse  # never written
     else:
         rows = B * Hq * n
-        mpart = torch.empty((rows, ns), dtype=c.dtype, device=q.device)
-        lpart = torch.empty((rows, ns), dtype=c.dtype, device=q.device)
-        apart = torch.empty((rows, ns, Dv), dtype=c.dtype, device=q.device)
+        mpart = torch.empty((rows, ns), dtype=cdt, device=q.device)
+        lpart = torch.empty((rows, ns), dtype=cdt, device=q.device)
+        apart = torch.empty((rows, ns, Dv), dtype=cdt, device=q.device)
     live8 = live_pool.view(torch.uint8)
     slots_t = page_table if slots is None else slots  # never read without slots
     slot_strides = (0, 0) if slots is None else tuple(slots.stride())
     _split_kernel[(B * Hkv, ns, m_blocks)](
-        q, k_pool, v_pool, page_table, live8, slots_t, c, out, lse, mpart, lpart, apart,
+        q, k_pool, v_pool, page_table, live8, slots_t, tau, out, lse, mpart, lpart, apart,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *live8.stride(), *slot_strides,
+        *tau.stride(), scale_hi, scale_lo,
         Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns,
         HAS_SLOTS=slots is not None, DIRECT=direct,
         PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)
@@ -300,7 +321,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         **cfg)
     if not direct:
         block_s = triton.next_power_of_2(ns)
-        _merge_kernel[(B * Hq * n,)](c, out, lse, mpart, lpart, apart, Dv, ns,
+        _merge_kernel[(B * Hq * n,)](tau, out, lse, mpart, lpart, apart, Dv, ns, Hq, n, *tau.stride(),
                                      BLOCK_S=block_s, BLOCK_SC=min(16, block_s),
                                      BLOCK_DV=triton.next_power_of_2(Dv))
     return out, lse

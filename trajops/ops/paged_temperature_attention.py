@@ -125,10 +125,8 @@ def _triton(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=Non
     _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale)
     from ..triton_kernels import paged_temperature_attention as kernels
 
-    B, Hq, n, _ = q.shape
-    # NaN where tau is not positive finite; the kernel gives rows without keys 0 / -inf whatever c is
-    c = reference.temperature_coefficient(tau, (B, Hq, n), _scale(q, scale), compute_dtype(q.dtype))
-    return kernels.paged_attention(q, k_pool, v_pool, page_table, live_pool, c, slots)
+    # the kernels read tau through its broadcast strides and form c = scale / tau themselves
+    return kernels.paged_attention(q, k_pool, v_pool, page_table, live_pool, tau, _scale(q, scale), slots)
 
 
 def _has_triton_kernels() -> bool:
