@@ -16,6 +16,9 @@ Providers (roles in harness.py):
             the floor any dense cache can reach;
   target    trajops.paged_temperature_attention (reads K/V straight from the pools);
   roofline  one read of the live K and V bytes (k_pool.sum() + v_pool.sum() over the used pages).
+On CUDA also, as "other": trajops and the dense SDPA step each captured in a CUDA graph and replayed
+(on static copies of the same q and tau): decode at these sizes is bound by kernel launches and
+Python, which a graphed decode loop removes; these two rows show the kernels' own time.
 """
 from __future__ import annotations
 
@@ -46,6 +49,25 @@ def gather_sdpa(q, tau, k_pool, v_pool, page_table, live_pool):
 
 def dense_step(q, tau, k, v):
     return F.scaled_dot_product_attention((q / tau[..., None]).to(q.dtype), k, v, enable_gqa=True)
+
+
+def _graphed(fn, q, tau):
+    """fn(q, tau) captured in a CUDA graph on static copies of q and tau; returns a replay function."""
+    sq, st = q.clone(), tau.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            fn(sq, st)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = fn(sq, st)
+
+    def replay(*_):
+        graph.replay()
+        return out
+    return replay
 
 
 def _backend(device) -> str:
@@ -136,5 +158,14 @@ def benchmarks(ctx: Context):
                      lambda *_, k=k_used, v=v_used: k.sum() + v.sum(), role="roofline",
                      note="k_pool.sum() + v_pool.sum() over the used pages: one read of the cached K and V"),
         ]
+        if dev.type == "cuda":
+            provs += [
+                Provider("trajops_graph", "trajops, CUDA graph replay",
+                         _graphed(lambda q, tau, c=cache: trajops.paged_temperature_attention(q, c, 0, tau), q, tau),
+                         role="other", note="the trajops call captured once in a CUDA graph, replayed"),
+                Provider("dense_graph", "dense K/V + SDPA, CUDA graph replay",
+                         _graphed(lambda q, tau, k=k_dense, v=v_dense: dense_step(q, tau, k, v), q, tau),
+                         role="other", note="the dense SDPA step captured once in a CUDA graph, replayed"),
+            ]
         items.append((case, provs))
     return items
