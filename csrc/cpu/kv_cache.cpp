@@ -95,23 +95,6 @@ struct Scorer {
 typedef float v8 __attribute__((vector_size(32)));  // GCC vector: AVX where -march allows, SSE pairs otherwise
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-// exp(x) in float, branch-free so that loops of it vectorize; relative error below 2e-7 on [-87, 0].
-inline float fast_exp(float x) {
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
-}
 
 // Float scores of many slots at once (SIMD) and a bound on their distance to the exact scores
 // (fp64, rounded to fp32): rankings then need the exact score only near their cut-off. Returns

@@ -121,22 +121,7 @@ void check(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const Te
 // ---------------------------------------------------------------- math helpers
 // exp(x) in float for x <= 0 (softmax arguments), branch-free so that loops of it vectorize;
 // relative error below 2e-7 on [-87, 0], and exp(x < -87) ~ 1e-38 (0 to fp32 attention).
-inline float exp_le0(float x) {
-  x = std::max(x, -87.0f);
-  const float nr = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - nr * 0.693359375f) + nr * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(nr) + 127) << 23;
-  float sc;
-  std::memcpy(&sc, &bits, sizeof(float));
-  return p * sc;
-}
+inline float exp_le0(float x) { return fast_exp(x); }
 inline double exp_le0(double x) { return std::exp(x); }
 
 template <typename acc_t>
