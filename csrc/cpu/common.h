@@ -34,6 +34,16 @@ inline std::string shape_str(at::IntArrayRef s) {  // (2, 3) as Python prints a 
   return out + (s.size() == 1 ? ",)" : ")");
 }
 
+// Shape `shape` broadcasts to `target` (trailing-aligned, 1 or equal).
+inline bool broadcastable(at::IntArrayRef shape, at::IntArrayRef target) {
+  if (shape.size() > target.size()) return false;
+  for (size_t i = 1; i <= shape.size(); ++i) {
+    const auto s = shape[shape.size() - i], t = target[target.size() - i];
+    if (s != 1 && s != t) return false;
+  }
+  return true;
+}
+
 // exp(x) in float, branch-free so that loops of it vectorize; relative error below 2e-7 on [-87, 0].
 inline float fast_exp(float x) {
   x = std::max(x, -87.0f);

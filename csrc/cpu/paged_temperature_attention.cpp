@@ -44,15 +44,6 @@ using OptTensor = c10::optional<Tensor>;
 constexpr const char* kOp = "paged_temperature_attention";
 constexpr int64_t kBlock = 16;  // keys per online-softmax step (scores of a block stay in L1)
 
-bool broadcastable(at::IntArrayRef shape, at::IntArrayRef target) {
-  if (shape.size() > target.size()) return false;
-  for (size_t i = 1; i <= shape.size(); ++i) {
-    const auto s = shape[shape.size() - i], t = target[target.size() - i];
-    if (s != 1 && s != t) return false;
-  }
-  return true;
-}
-
 std::string py_float(double x) {  // Python's repr of a float (1.0, -0.5, inf, nan, 1e+20)
   if (std::isnan(x)) return "nan";
   if (std::isinf(x)) return x > 0 ? "inf" : "-inf";

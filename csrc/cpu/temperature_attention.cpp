@@ -41,15 +41,6 @@ using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 constexpr const char* kOp = "temperature_attention";
 
-bool broadcastable(at::IntArrayRef shape, at::IntArrayRef target) {
-  if (shape.size() > target.size()) return false;
-  for (size_t i = 1; i <= shape.size(); ++i) {
-    const auto s = shape[shape.size() - i], t = target[target.size() - i];
-    if (s != 1 && s != t) return false;
-  }
-  return true;
-}
-
 // ---------------------------------------------------------------- checks
 // Messages match trajops/ops/temperature_attention.py so every backend fails the same way.
 void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau, const OptTensor& mask,
