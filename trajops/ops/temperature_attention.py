@@ -217,8 +217,8 @@ def _triton_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
     _check(q, k, v, tau, attn_mask, scale)
     from ..triton_kernels import temperature_attention as kernels
 
-    c = _coefficient(q, k, tau, attn_mask, causal, scale)
-    return kernels.attention_fwd(q, k, v, c, _mask4(q, k, attn_mask), causal)
+    # c = scale / tau (NaN where tau is invalid) is formed inside the kernels from tau's strides
+    return kernels.attention_fwd(q, k, v, tau, _scale(q, scale), _mask4(q, k, attn_mask), causal)
 
 
 def _triton_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
@@ -227,11 +227,11 @@ def _triton_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale,
     _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
     from ..triton_kernels import temperature_attention as kernels
 
-    c = _coefficient(q, k, tau, attn_mask, causal, scale)
-    dq, dk, dv, rowdot = kernels.attention_bwd(
-        grad_out, grad_lse, q, k, v, c, _mask4(q, k, attn_mask), causal, out, lse
+    dq, dk, dv, dtau_rows = kernels.attention_bwd(
+        grad_out, grad_lse, q, k, v, tau, _scale(q, scale), _mask4(q, k, attn_mask), causal, out, lse
     )
-    return dq, dk, dv, _dtau(rowdot, c, tau, _scale(q, scale)).contiguous()
+    # per-row dtau (0 on rows without a key) summed to tau's own shape: a deterministic reduction
+    return dq, dk, dv, dtau_rows.sum_to_size(tau.shape).to(tau.dtype).contiguous()
 
 
 register_kernels("temperature_attention", _reference_forward, _triton_forward)

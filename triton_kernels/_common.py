@@ -1,0 +1,195 @@
+"""Shared host-side helpers of the Triton kernels: launch with a shared-memory budget, fallback on
+``OutOfResources``, and an ahead-of-time (AOT) resource check that needs no GPU.
+
+Why: a kernel's shared memory depends on its tiles, its pipeline stages (each stage holds a copy of
+every pipelined tile: K, V *and* the mask tile) and on the dtype, and only the compiler knows the
+exact number. A wrong guess used to surface on the user's GPU as a Triton traceback
+(``OutOfResources: shared memory, Required: 262144``). Here every launcher
+
+* lists its candidate configurations from fastest to smallest (:class:`Config`), each with an
+  estimate of its shared memory, and launches the first one whose estimate fits the device
+  (:func:`launch`);
+* catches ``OutOfResources`` at the first launch of a variant, moves on to the next candidate and
+  remembers the one that worked for that variant (no second failure, no retry cost later);
+* raises a ``ValueError`` naming the limit when no candidate fits, before any launch.
+
+:func:`capture` records the launches a launcher would make (its arguments, its chosen config and the
+device's specialization) instead of running them; :func:`aot_compile` then compiles each recorded
+launch for an sm_90 or sm_80 target with Triton's own binder, so the test on the CPU-only CI sees
+exactly the specialization (``tt.divisibility``, equal-to-1 integers, constexprs) of a real launch
+and reads the compiler's shared memory, registers and spills (tests/test_triton_resources.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import threading
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import triton
+
+__all__ = ["INTERPRET", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
+           "device_spec", "Captured"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Opt-in shared memory per block (bytes), by compute capability major: what Triton checks against.
+SMEM_LIMITS = {9: 232448, 8: 166912, 7: 101376}
+# Estimates are rough (layout-conversion scratch is not counted): keep a margin below the limit so
+# the first choice almost never needs the OutOfResources fallback.
+_ESTIMATE_MARGIN = 0.92
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """What a launcher may ask about the device it launches on."""
+    capability: Tuple[int, int]
+    smem: int  # max shared memory per block (opt-in), bytes
+    sm_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One launch configuration: constexpr tiles + num_warps/num_stages, and its shared-memory estimate."""
+    tiles: Tuple[Tuple[str, int], ...]
+    num_warps: int = 4
+    num_stages: int = 1
+    smem: int = 0  # estimated bytes
+
+    @staticmethod
+    def make(smem: int = 0, num_warps: int = 4, num_stages: int = 1, **tiles) -> "Config":
+        return Config(tuple(sorted(tiles.items())), num_warps, num_stages, smem)
+
+    @property
+    def kwargs(self) -> dict:
+        if INTERPRET:
+            return dict(self.tiles)
+        return dict(self.tiles, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def __getitem__(self, name: str) -> int:
+        return dict(self.tiles)[name]
+
+
+@dataclasses.dataclass
+class Captured:
+    """A launch recorded by :func:`capture`: enough to compile it ahead of time."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    key: tuple
+
+
+_state = threading.local()
+_chosen: Dict[tuple, int] = {}  # (kernel name, variant key, smem limit) -> index of the working candidate
+_lock = threading.Lock()
+
+
+def _capturing() -> Optional[Tuple[DeviceSpec, List[Captured]]]:
+    return getattr(_state, "capture", None)
+
+
+@contextlib.contextmanager
+def capture(spec: DeviceSpec) -> Iterator[List[Captured]]:
+    """Record launches (for :func:`aot_compile`) instead of running them, as if on a device ``spec``."""
+    prev = _capturing()
+    _state.capture = (spec, [])
+    try:
+        yield _state.capture[1]
+    finally:
+        _state.capture = prev
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_spec(index: int) -> DeviceSpec:
+    import torch
+
+    p = torch.cuda.get_device_properties(index)
+    smem = getattr(p, "shared_memory_per_block_optin", 0) or SMEM_LIMITS.get(p.major, 101376)
+    return DeviceSpec((p.major, p.minor), int(smem), int(p.multi_processor_count))
+
+
+def device_spec(device) -> DeviceSpec:
+    """The DeviceSpec launches on ``device`` are planned for (the captured target while capturing)."""
+    cap = _capturing()
+    if cap is not None:
+        return cap[0]
+    if getattr(device, "type", "cuda") != "cuda" or INTERPRET:
+        return DeviceSpec((9, 0), SMEM_LIMITS[9], 8)  # interpreter: any plan works, few programs
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_spec(index)
+
+
+def _name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+def launch(kernel, grid: Callable[[Config], tuple], args: Sequence, candidates: Sequence[Config], key: tuple,
+           device, what: str, **flags) -> Config:
+    """Launch ``kernel[grid(cfg)](*args, **flags, **cfg.kwargs)`` with the first candidate that fits.
+
+    ``candidates`` go from fastest to smallest; ``key`` names the variant (every constexpr that changes
+    the kernel's resources: dtype, head sizes, mask, causal...). The first candidate whose estimate
+    fits the device's shared memory is tried; on ``OutOfResources`` the next one is, and the one that
+    worked is remembered for ``key``. No candidate fitting raises ValueError (``what`` names the case).
+    Returns the config used (launchers size their grids and scratch from it).
+    """
+    spec = device_spec(device)
+    budget = int(spec.smem * _ESTIMATE_MARGIN)
+    mem_key = (_name(kernel), key, spec.smem)
+    start = _chosen.get(mem_key)
+    if start is None:
+        start = next((i for i, c in enumerate(candidates) if c.smem <= budget), None)
+        if start is None:
+            smallest = min(c.smem for c in candidates)
+            raise ValueError(
+                f"{what}: no kernel configuration fits this GPU's shared memory ({spec.smem} bytes per block); "
+                f"the smallest needs about {smallest} bytes")
+    cap = _capturing()
+    if cap is not None:
+        cfg = candidates[start]
+        cap[1].append(Captured(kernel, grid(cfg), tuple(args), dict(flags, **cfg.kwargs), key))
+        return cfg
+    from triton.runtime.errors import OutOfResources
+
+    for i in range(start, len(candidates)):
+        cfg = candidates[i]
+        try:
+            kernel[grid(cfg)](*args, **flags, **cfg.kwargs)
+        except OutOfResources as e:
+            if i + 1 == len(candidates):
+                raise ValueError(f"{what}: no kernel configuration fits this GPU ({e})") from None
+            continue
+        if i != start or mem_key not in _chosen:
+            with _lock:
+                _chosen[mem_key] = i
+            if i != start:
+                warnings.warn(f"{what}: the planned tiles ran out of resources on this GPU; using smaller ones "
+                              f"({dict(cfg.tiles)}, {cfg.num_stages} stages) for this variant from now on",
+                              RuntimeWarning, stacklevel=3)
+        return cfg
+    raise AssertionError("unreachable")
+
+
+def aot_compile(c: Captured, capability: int):
+    """Compile a captured launch for ``cuda:<capability>`` (e.g. 90, 80) without a GPU; returns Triton's
+    CompiledKernel (``.metadata.shared``, ``.n_regs``, ``.n_spills`` after ``._init_handles`` is not
+    possible without a GPU, so read ``metadata`` and the cubin's resource usage from ``asm``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = c.kernel
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(c.kwargs, debug=False)
+    bound_args, specialization, options = binder(*c.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
