@@ -1,6 +1,7 @@
 # make test   build, then every test: C++ and reference on CPU, Triton kernels under TRITON_INTERPRET=1
 # make bench  build, then the benchmark suite; prints the ratio table, writes bench/results/
 # make demo   build, then train the demo char LM with/without STP (~3 min on CPU; DEMO_ARGS="--minutes 1")
+# make gpu    on a machine with a CUDA GPU and no network: every CUDA test + the GPU benchmark (<= 6 min)
 #
 # The venv sees system site-packages so that a machine that already has torch (a GPU box with its
 # own CUDA build) keeps it; otherwise torch==$(TORCH_VERSION) is installed (the CPU build here).
@@ -9,6 +10,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.trajops-installed
+# The lowest Triton we support (the GPU boxes' version), in a side directory: the AOT resource test
+# compiles every kernel variant with it too (tests/test_triton_resources.py).
+TRITON_LOWEST_VERSION ?= 3.6.0
+TRITON_LOWEST := $(VENV)/triton-lowest
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # Op-level tests: they run again on the reference and on the Triton kernels (interpreter).
 OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_stp_loss.py \
@@ -18,7 +23,7 @@ OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_s
 # Class-level tests of the KV cache: too slow for the interpreter, they run on C++ and the reference.
 REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_nn_kv_cache.py
 
-.PHONY: all install build test test-cpp test-triton test-reference bench demo clean
+.PHONY: all install build test test-cpp test-triton test-reference bench demo gpu gpu-test gpu-bench clean
 
 all: test
 
@@ -27,6 +32,7 @@ $(STAMP): pyproject.toml setup.py
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q ninja "setuptools>=64" wheel
 	TRAJOPS_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,triton,hf]"
+	$(PY) -m pip install -q --no-deps --target $(TRITON_LOWEST) "triton==$(TRITON_LOWEST_VERSION)"
 	@touch $@
 
 install: $(STAMP)
@@ -39,7 +45,7 @@ test: build
 	$(MAKE) --no-print-directory test-cpp test-reference test-triton
 
 test-cpp:
-	TRAJOPS_REQUIRE_EXT=1 $(PYTEST) tests
+	TRAJOPS_REQUIRE_EXT=1 TRAJOPS_TRITON_LOWEST=$(abspath $(TRITON_LOWEST)) $(PYTEST) tests
 
 test-reference:
 	TRAJOPS_BACKEND=reference $(PYTEST) -m "not slow" $(REF_TESTS)
@@ -49,6 +55,23 @@ test-triton:
 
 bench: build
 	$(PY) bench/run.py
+
+# GPU box (no network, python3 with torch + triton + pytest): install nothing from a registry; the
+# editable install of the Triton path takes seconds offline. Writes bench/results/<gpu>.{md,json,png}.
+GPU_PY ?= python3
+GPU_BENCH_ARGS ?= --budget-s 0.4
+GPU_XDIST = $(shell $(GPU_PY) -c "import xdist" >/dev/null 2>&1 && echo "-n 8")
+gpu: gpu-test gpu-bench
+
+gpu-test:
+	@$(GPU_PY) -c "import trajops.triton_kernels" >/dev/null 2>&1 || \
+		TRAJOPS_NO_EXT=1 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	$(GPU_PY) -m pytest -q -p no:cacheprovider $(GPU_XDIST) tests/*_cuda.py
+
+gpu-bench:
+	@$(GPU_PY) -c "import trajops.triton_kernels" >/dev/null 2>&1 || \
+		TRAJOPS_NO_EXT=1 $(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	$(GPU_PY) bench/run.py --device cuda $(GPU_BENCH_ARGS)
 
 # Offline: the default text is the Python standard library's own source. Writes demo/out/.
 DEMO_ARGS ?=

@@ -50,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--ops", nargs="+", help="only these ops (default: every bench_<op>.py)")
     ap.add_argument("--repeats", type=int,
                     help="exactly N samples per provider (default: 5..25 within ~3 s each; quick: 3)")
+    ap.add_argument("--budget-s", type=float,
+                    help="seconds of sampling per provider (default 3; make gpu uses 0.4 to fit its 6 minutes)")
     ap.add_argument("--out", default=os.path.join(BENCH, "results"), help="results directory")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     args = ap.parse_args(argv)
@@ -59,6 +61,8 @@ def main(argv=None):
     st = harness.Settings()
     if args.quick:
         st = harness.Settings(repeats=3, min_reps=3, budget_s=0.2, min_block_s=1e-3)
+    if args.budget_s:
+        st.budget_s = args.budget_s
     if args.repeats:
         st.repeats = st.min_reps = args.repeats
 

@@ -32,15 +32,18 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import triton
 
 __all__ = ["INTERPRET", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
-           "device_spec", "Captured"]
+           "resource_usage", "device_spec", "plan", "Captured"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Opt-in shared memory per block (bytes), by compute capability major: what Triton checks against.
 SMEM_LIMITS = {9: 232448, 8: 166912, 7: 101376}
-# Estimates are rough (layout-conversion scratch is not counted): keep a margin below the limit so
-# the first choice almost never needs the OutOfResources fallback.
-_ESTIMATE_MARGIN = 0.92
+# Estimates are rough (layout-conversion scratch is not counted); the OutOfResources fallback and the
+# AOT test (tests/test_triton_resources.py) catch what they miss.
+_ESTIMATE_MARGIN = 1.0
+# Register words per thread that a config's tiles may hold: calibrated on sm_90 with the AOT check
+# (attention tiles estimated at <= 224 compiled without spills, 240+ spilled).
+REG_BUDGET = 224
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +61,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 1
     smem: int = 0  # estimated bytes
+    regs: int = 0  # estimated 32-bit registers per thread held by tiles (0: not estimated)
 
     @staticmethod
-    def make(smem: int = 0, num_warps: int = 4, num_stages: int = 1, **tiles) -> "Config":
-        return Config(tuple(sorted(tiles.items())), num_warps, num_stages, smem)
+    def make(smem: int = 0, num_warps: int = 4, num_stages: int = 1, regs: int = 0, **tiles) -> "Config":
+        return Config(tuple(sorted(tiles.items())), num_warps, num_stages, smem, regs)
 
     @property
     def kwargs(self) -> dict:
@@ -94,12 +98,23 @@ def _capturing() -> Optional[Tuple[DeviceSpec, List[Captured]]]:
 
 @contextlib.contextmanager
 def capture(spec: DeviceSpec) -> Iterator[List[Captured]]:
-    """Record launches (for :func:`aot_compile`) instead of running them, as if on a device ``spec``."""
-    prev = _capturing()
-    _state.capture = (spec, [])
+    """Record every Triton launch (for :func:`aot_compile`) instead of running it, as if on a device
+    ``spec``: launchers run unchanged on CPU tensors (their outputs stay uninitialized). Test-only:
+    it patches ``JITFunction.run`` for the duration, so it is not thread-safe."""
+    from triton.runtime.jit import JITFunction
+
+    prev, prev_run = _capturing(), JITFunction.run
+    records: List[Captured] = []
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        records.append(Captured(self, grid, args, kwargs, ()))
+
+    _state.capture = (spec, records)
+    JITFunction.run = run
     try:
-        yield _state.capture[1]
+        yield records
     finally:
+        JITFunction.run = prev_run
         _state.capture = prev
 
 
@@ -130,6 +145,26 @@ def _name(kernel) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
+def plan(kernel, candidates: Sequence[Config], key: tuple, device, what: str) -> Config:
+    """The config :func:`launch` will try first for this variant (for launchers whose scratch or grid
+    depends on the tiles: size them from this, then launch with the same candidates)."""
+    return candidates[_first(kernel, candidates, key, device_spec(device), what)]
+
+
+def _first(kernel, candidates, key, spec: DeviceSpec, what: str) -> int:
+    budget = int(spec.smem * _ESTIMATE_MARGIN)
+    start = _chosen.get((_name(kernel), key, spec.smem))
+    if start is None:
+        start = next((i for i, c in enumerate(candidates) if c.smem <= budget and c.regs <= REG_BUDGET), None)
+    if start is None:  # nothing without spills: the fastest that fits shared memory
+        start = next((i for i, c in enumerate(candidates) if c.smem <= budget), None)
+    if start is None:
+        raise ValueError(
+            f"{what}: no kernel configuration fits this GPU's shared memory ({spec.smem} bytes per block); "
+            f"the smallest needs about {min(c.smem for c in candidates)} bytes")
+    return start
+
+
 def launch(kernel, grid: Callable[[Config], tuple], args: Sequence, candidates: Sequence[Config], key: tuple,
            device, what: str, **flags) -> Config:
     """Launch ``kernel[grid(cfg)](*args, **flags, **cfg.kwargs)`` with the first candidate that fits.
@@ -141,20 +176,11 @@ def launch(kernel, grid: Callable[[Config], tuple], args: Sequence, candidates: 
     Returns the config used (launchers size their grids and scratch from it).
     """
     spec = device_spec(device)
-    budget = int(spec.smem * _ESTIMATE_MARGIN)
     mem_key = (_name(kernel), key, spec.smem)
-    start = _chosen.get(mem_key)
-    if start is None:
-        start = next((i for i, c in enumerate(candidates) if c.smem <= budget), None)
-        if start is None:
-            smallest = min(c.smem for c in candidates)
-            raise ValueError(
-                f"{what}: no kernel configuration fits this GPU's shared memory ({spec.smem} bytes per block); "
-                f"the smallest needs about {smallest} bytes")
-    cap = _capturing()
-    if cap is not None:
+    start = _first(kernel, candidates, key, spec, what)
+    if _capturing() is not None:  # recorded by the patched JITFunction.run, never fails
         cfg = candidates[start]
-        cap[1].append(Captured(kernel, grid(cfg), tuple(args), dict(flags, **cfg.kwargs), key))
+        kernel[grid(cfg)](*args, **flags, **cfg.kwargs)
         return cfg
     from triton.runtime.errors import OutOfResources
 
@@ -178,9 +204,9 @@ def launch(kernel, grid: Callable[[Config], tuple], args: Sequence, candidates: 
 
 
 def aot_compile(c: Captured, capability: int):
-    """Compile a captured launch for ``cuda:<capability>`` (e.g. 90, 80) without a GPU; returns Triton's
-    CompiledKernel (``.metadata.shared``, ``.n_regs``, ``.n_spills`` after ``._init_handles`` is not
-    possible without a GPU, so read ``metadata`` and the cubin's resource usage from ``asm``)."""
+    """Compile a captured launch for ``cuda:<capability>`` (e.g. 90, 80) without a GPU, with the
+    specialization Triton's own binder derives from the launch's arguments; returns the
+    CompiledKernel (``metadata.shared``: dynamic shared memory; see :func:`resource_usage`)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -193,3 +219,21 @@ def aot_compile(c: Captured, capability: int):
     bound_args, specialization, options = binder(*c.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
     return compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def resource_usage(compiled) -> dict:
+    """{"shared", "regs", "stack", "local"} of a compiled kernel, read from its cubin with the cuobjdump
+    that Triton ships (no GPU needed). A nonzero stack frame or local memory means register spills."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    return {"shared": int(compiled.metadata.shared), "regs": int(fields.get("REG", 0)),
+            "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0))}

@@ -43,11 +43,13 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import Config, launch, plan
 
 __all__ = ["paged_attention"]
 
@@ -233,6 +235,24 @@ def _target_programs(device: torch.device) -> int:
     return 8  # interpreter: a few splits, so that the merge path is exercised by small tests
 
 
+def _candidates(dtype: torch.dtype, R: int, D: int, Dv: int) -> List[Config]:
+    """The planned tiles of _config, then fewer stages and shorter key blocks (each with its
+    shared-memory estimate: stages x (K + V tiles) + the q tile), for _common.launch."""
+    cfg = _config(dtype, R, D, Dv)
+    if _INTERPRET:
+        return [Config.make(**cfg)]
+    esize = torch.finfo(dtype).bits // 8
+    fixed = {k: v for k, v in cfg.items() if k not in ("BLOCK_N", "num_warps", "num_stages")}
+    out, bn = [], cfg["BLOCK_N"]
+    while True:
+        for st in range(cfg["num_stages"], 0, -1):
+            smem = st * bn * (cfg["BLOCK_D"] + cfg["BLOCK_DV"]) * esize + cfg["BLOCK_M"] * cfg["BLOCK_D"] * esize
+            out.append(Config.make(smem, cfg["num_warps"], st, BLOCK_N=bn, **fixed))
+        if bn <= 16:
+            return out
+        bn //= 2
+
+
 def _config(dtype: torch.dtype, R: int, D: int, Dv: int) -> dict:
     bd, bdv = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
     if dtype == torch.float64:
@@ -292,7 +312,11 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     scale_lo = scale - scale_hi
     G = Hq // Hkv
     R = G * n
-    cfg = _config(q.dtype, R, D, Dv)
+    cands = _candidates(q.dtype, R, D, Dv)
+    key = (q.dtype, cands[0]["BLOCK_M"], cands[0]["BLOCK_D"], cands[0]["BLOCK_DV"], slots is not None)
+    what = f"paged_temperature_attention on {q.device} ({q.dtype}, D={D}, Dv={Dv}, {G * n} rows per kv head)"
+    cfg = plan(_split_kernel, cands, key, q.device, what)
+    # chunks are whole planned key blocks; a fallback to a shorter block keeps them whole
     m_blocks = triton.cdiv(R, cfg["BLOCK_M"])
     if num_splits is None:
         ns, chunk = _num_splits(q.device, B * Hkv * m_blocks, L, cfg["BLOCK_N"])
@@ -310,15 +334,15 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     live8 = live_pool.view(torch.uint8)
     slots_t = page_table if slots is None else slots  # never read without slots
     slot_strides = (0, 0) if slots is None else tuple(slots.stride())
-    _split_kernel[(B * Hkv, ns, m_blocks)](
-        q, k_pool, v_pool, page_table, live8, slots_t, tau, out, lse, mpart, lpart, apart,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *live8.stride(), *slot_strides,
-        *tau.stride(), scale_hi, scale_lo,
-        Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns,
-        HAS_SLOTS=slots is not None, DIRECT=direct,
-        PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)
-        SKIP_EMPTY=SKIP_EMPTY,
-        **cfg)
+    launch(_split_kernel, lambda c: (B * Hkv, ns, m_blocks),
+           (q, k_pool, v_pool, page_table, live8, slots_t, tau, out, lse, mpart, lpart, apart,
+            *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *live8.stride(), *slot_strides,
+            *tau.stride(), scale_hi, scale_lo,
+            Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns),
+           cands, key, q.device, what,
+           HAS_SLOTS=slots is not None, DIRECT=direct,
+           PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)
+           SKIP_EMPTY=SKIP_EMPTY)
     if not direct:
         block_s = triton.next_power_of_2(ns)
         _merge_kernel[(B * Hq * n,)](tau, out, lse, mpart, lpart, apart, Dv, ns, Hq, n, *tau.stride(),

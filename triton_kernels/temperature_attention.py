@@ -242,31 +242,34 @@ def _row_stats(TAUh, LSE, DELTA, row0, offs_m, Tq, stm, scale_hi, scale_lo, cdt:
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
+def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
                 Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv, scale_hi, scale_lo,
                 CAUSAL: tl.constexpr, DIAG: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
                 EVEN_DV: tl.constexpr, PREC: tl.constexpr):
+    # Scores in (query, key) orientation with the resident kT, vT as the right-hand operands: on
+    # sm_90 they then stay in shared memory instead of registers (k, v as left operands made every
+    # dk/dv tile spill).
     cdt = dk.dtype
     offs_m = start_m + rows
     m64 = tl.cast(start_m, tl.int64)
-    qT = _tile(Qh + m64 * sqm, dcols, rows, sqd, sqm, D, Tq - start_m, not EVEN_D, True)
+    q = _tile(Qh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
     do = _tile(DOh + m64 * sdm, rows, dvcols, sdm, sdd, Tq - start_m, Dv, True, not EVEN_DV)
     c, lse, delta = _row_stats(TAUh, LSE, DELTA, row0, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
-    sT = tl.dot(k, qT, input_precision=PREC).to(cdt)  # (BLOCK_N, BLOCK_M) logits / c
-    pT = tl.math.exp2(sT * (c * 1.4426950408889634)[None, :] - (lse * 1.4426950408889634)[None, :])
+    s = tl.dot(q, kT, input_precision=PREC).to(cdt)  # (BLOCK_M, BLOCK_N) logits / c
+    p = tl.math.exp2(s * (c * 1.4426950408889634)[:, None] - (lse * 1.4426950408889634)[:, None])
     if CAUSAL:
         if DIAG:  # rows of this block straddle the diagonal
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pT, 0.0)
+            p = tl.where(offs_n[None, :] <= offs_m[:, None] + shift, p, 0.0)
     if MASK_KIND == 1:
-        pT = tl.where(kmask[:, None], pT, 0.0)
+        p = tl.where(kmask[None, :], p, 0.0)
     if MASK_KIND == 2:
-        mt = tl.load(Mh + m64 * smm + cols[:, None] * smn + rows[None, :] * smm,
-                     mask=(offs_m[None, :] < Tq) & (offs_n[:, None] < Tk), other=0)
-        pT = tl.where(mt != 0, pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PREC).to(cdt)
-    dsT = pT * (dpT - delta[None, :]) * c[None, :]
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+        mt = tl.load(Mh + m64 * smm + rows[:, None] * smm + cols[None, :] * smn,
+                     mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk), other=0)
+        p = tl.where(mt != 0, p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PREC)
+    dp = tl.dot(do, vT, input_precision=PREC).to(cdt)
+    ds = p * (dp - delta[:, None]) * c[:, None]
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -291,10 +294,10 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV,
     rows = tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, BLOCK_D)
     dvcols = tl.arange(0, BLOCK_DV)
-    k = _tile(K + b64 * skb + tl.cast(hk, tl.int64) * skh + n64 * skn, cols, dcols, skn, skd, Tk - start_n, D,
-              True, not EVEN_D)
-    v = _tile(V + b64 * svb + tl.cast(hk, tl.int64) * svh + n64 * svn, cols, dvcols, svn, svd, Tk - start_n, Dv,
-              True, not EVEN_DV)
+    kT = _tile(K + b64 * skb + tl.cast(hk, tl.int64) * skh + n64 * skn, dcols, cols, skd, skn, D, Tk - start_n,
+               not EVEN_D, True)
+    vT = _tile(V + b64 * svb + tl.cast(hk, tl.int64) * svh + n64 * svn, dvcols, cols, svd, svn, Dv, Tk - start_n,
+               not EVEN_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], cdt)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], cdt)
     shift = Tk - Tq
@@ -319,11 +322,11 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV,
         if MASK_KIND == 1:  # key padding: one vector for every query block of this head
             kmask = kmask & (tl.load(Mh + cols * smn, mask=offs_n < Tk, other=0) != 0)
         for start_m in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
+            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
                                  Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv,
                                  scale_hi, scale_lo, CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, PREC)
         for start_m in range(mid, end, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
+            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
                                  Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv,
                                  scale_hi, scale_lo, CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, PREC)
     n_ok = offs_n < Tk
@@ -421,6 +424,19 @@ def _estimate(kind: str, esize: int, bm: int, bn: int, stages: int, bd: int, bdv
     return max(stages, 1) * (bn * (bd + bdv) * esize + mtile) + resident
 
 
+def _regs(kind: str, esize: int, bm: int, bn: int, warps: int, bd: int, bdv: int) -> int:
+    """32-bit registers per thread held by the tiles: fp32 accumulators, resident operands, and the
+    (BM, BN) fp32 score/probability tiles (2 forward, 3 backward). See _common.REG_BUDGET."""
+    threads = 32 * warps
+    if kind == "fwd":
+        words = bm * bdv + 2 * bm * bn + bm * bd * esize // 4
+    elif kind == "dkdv":
+        words = bn * (bd + bdv) + bn * (bd + bdv) * esize // 4 + 3 * bm * bn
+    else:
+        words = bm * bd + bm * (bd + bdv) * esize // 4 + 3 * bm * bn
+    return words // threads
+
+
 def _preferred(kind: str, esize: int, bd: int, tq: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) measured fastest (H100/H200 sweeps, bench/sweep)."""
     if esize == 8:
@@ -437,8 +453,8 @@ def _preferred(kind: str, esize: int, bd: int, tq: int) -> Tuple[int, int, int, 
         return (128, 128, 8, 3) if big else (128, 64, 4, 3)
     if bd > 128:
         return (32, 64, 4, 2) if kind == "dkdv" else (64, 32, 4, 2)
-    if kind == "dkdv":
-        return (64, 128, 8, 3) if big else (64, 64, 4, 3)
+    if kind == "dkdv":  # (64, 128, 8 warps) spills on sm_90: dk, dv, k, v of 128 keys are 192 regs
+        return (64, 64, 8, 3) if big else (64, 64, 4, 3)
     return (128, 64, 8, 3) if big else (64, 64, 4, 3)
 
 
@@ -456,7 +472,8 @@ def _candidates(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, tq: in
     def add(m, n, w, s):
         if (m, n, w, s) not in seen:
             seen.add((m, n, w, s))
-            out.append(Config.make(_estimate(kind, esize, m, n, s, bd, bdv, mask_kind), w, s, BLOCK_M=m, BLOCK_N=n))
+            out.append(Config.make(_estimate(kind, esize, m, n, s, bd, bdv, mask_kind), w, s,
+                                   _regs(kind, esize, m, n, w, bd, bdv), BLOCK_M=m, BLOCK_N=n))
 
     streamed, resident = ("BLOCK_M", "BLOCK_N") if kind == "dkdv" else ("BLOCK_N", "BLOCK_M")
     dims = {"BLOCK_M": bm, "BLOCK_N": bn}

@@ -1,0 +1,161 @@
+"""Ahead-of-time resource check of every Triton kernel variant a launcher picks (no GPU needed).
+
+    python tests/triton_resources.py [--cc 90 80] [--jobs N] [--filter SUBSTR] [--list]
+
+Each variant calls a real host launcher on CPU tensors under ``_common.capture``: the launcher picks
+its tiles for the target's shared memory exactly as it would on that GPU, and the recorded launch is
+compiled for ``cuda:<cc>`` with Triton's own binder, i.e. with the specialization (divisibility-16
+pointers and integers, equal-to-1 strides, constexprs) of a real launch. Prints one JSON line per
+(variant, cc): shared memory, registers, stack/local bytes (spills), and whether it fits.
+tests/test_triton_resources.py runs it against the installed Triton and, when the test set-up
+installed it, the lowest supported Triton (3.6) in a side directory.
+
+Inputs are shaped like real calls (Tq = Tk = 1024 unless the variant is about decode): the tiles and
+the integer specialization depend on the shapes, so a toy shape would check another kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real targets, never the interpreter
+
+import torch  # noqa: E402
+
+from trajops.triton_kernels import _common  # noqa: E402
+from trajops.triton_kernels import paged_temperature_attention as paged  # noqa: E402
+from trajops.triton_kernels import temperature_attention as attn  # noqa: E402
+
+LIMITS = {90: _common.SMEM_LIMITS[9], 80: _common.SMEM_LIMITS[8]}
+SPECS = {90: _common.DeviceSpec((9, 0), LIMITS[90], 132), 80: _common.DeviceSpec((8, 0), LIMITS[80], 108)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def _attention(dtype, D, Dv, mask_kind, causal, Tq=1024, Tk=1024, Hq=4, Hkv=1, backward=True):
+    def run():
+        dt = DTYPES[dtype]
+        q = torch.empty(1, Hq, Tq, D, dtype=dt)
+        k = torch.empty(1, Hkv, Tk, D, dtype=dt)
+        v = torch.empty(1, Hkv, Tk, Dv, dtype=dt)
+        tau = torch.ones(1, Hq, Tq)
+        mask = None
+        if mask_kind == 1:
+            mask = torch.ones(1, Tk, dtype=torch.bool)[:, None, None, :].expand(1, Hq, Tq, Tk)
+        elif mask_kind == 2:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool)[None, None].expand(1, Hq, Tq, Tk)
+        out, lse = attn.attention_fwd(q, k, v, tau, D ** -0.5, mask, causal)
+        if backward:
+            attn.attention_bwd(torch.empty_like(out), None, q, k, v, tau, D ** -0.5, mask, causal, out, lse)
+    return run
+
+
+def _paged(dtype, D, G, n=1):
+    def run():
+        dt = DTYPES[dtype]
+        P, S, Hkv, B = 64, 16, 2, 2
+        q = torch.empty(B, Hkv * G, n, D, dtype=dt)
+        kp = torch.empty(P, S, Hkv, D, dtype=dt)
+        pt = torch.zeros(B, 32, dtype=torch.int64)
+        live = torch.ones(P, S, dtype=torch.bool)
+        paged.paged_attention(q, kp, kp, pt, live, torch.ones(1), D ** -0.5, None)
+    return run
+
+
+def variants():
+    """(label, thunk) for every configuration class the launchers distinguish. Tiles depend on the
+    element size, the padded head sizes, the mask kind and decode vs prefill; registers also on
+    causal. fp16 has bf16's element size and tiles (bf16 stands for both). fp64 with a mask is
+    never launched on a GPU (the op routes it to the reference: Triton 3.6 cannot compile it)."""
+    out = []
+    for dtype in ("bf16", "fp32"):
+        for D in (64, 128, 256):
+            out.append((f"attn {dtype} D={D} nomask", _attention(dtype, D, D, 0, False)))
+            out.append((f"attn {dtype} D={D} keypad causal", _attention(dtype, D, D, 1, True)))
+            out.append((f"attn {dtype} D={D} fullmask causal", _attention(dtype, D, D, 2, True)))
+            out.append((f"attn {dtype} D={D} decode fullmask", _attention(dtype, D, D, 2, False, Tq=1,
+                                                                            backward=False)))
+        out.append((f"attn {dtype} D=80 Dv=40 keypad", _attention(dtype, 80, 40, 1, False, Hkv=1)))
+    for D in (64, 128, 256):
+        out.append((f"attn fp64 D={D} causal", _attention("fp64", D, D, 0, True, Tq=256, Tk=256)))
+    for dtype in ("bf16", "fp32", "fp64"):
+        for D in (128, 256):
+            out.append((f"paged {dtype} D={D} G=8", _paged(dtype, D, 8)))
+    return out
+
+
+def _key(c: _common.Captured):
+    sig = []
+    for a in c.args:
+        if isinstance(a, torch.Tensor):
+            sig.append(str(a.dtype))
+        elif isinstance(a, int):
+            sig.append((a == 1, a % 16 == 0))
+        else:
+            sig.append(type(a).__name__)
+    return (c.kernel.fn.__qualname__, tuple(sorted((k, repr(v)) for k, v in c.kwargs.items())), tuple(sig))
+
+
+def collect(cc: int, filt: str = ""):
+    """[(label, Captured)] with duplicates (same kernel, constexprs and specialization) removed."""
+    seen, out = set(), []
+    for label, thunk in variants():
+        if filt and filt not in label:
+            continue
+        with _common.capture(SPECS[cc]) as rec:
+            thunk()
+        for c in rec:
+            k = _key(c)
+            if k not in seen:
+                seen.add(k)
+                out.append((f"{label} :: {c.kernel.fn.__name__}", c))
+    return out
+
+
+def _compile_one(cc: int, filt: str, i: int) -> dict:
+    label, c = collect(cc, filt)[i]
+    t0 = time.time()
+    try:
+        usage = _common.resource_usage(_common.aot_compile(c, cc))
+    except Exception as e:  # noqa: BLE001 -- a compile failure is a finding, reported as such
+        first = str(e).strip().splitlines()
+        return {"label": label, "cc": cc, "error": f"{type(e).__name__}: {first[0] if first else ''}"}
+    tiles = {k: v for k, v in c.kwargs.items() if k.startswith("BLOCK") or k.startswith("num_")}
+    ok = usage["shared"] <= LIMITS[cc] and usage["stack"] == 0 and usage["local"] == 0
+    return {"label": label, "cc": cc, **usage, "limit": LIMITS[cc], "ok": ok, "tiles": tiles,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cc", type=int, nargs="+", default=[90, 80], choices=sorted(LIMITS))
+    ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("--filter", default="", help="only variants whose label contains this")
+    ap.add_argument("--list", action="store_true", help="list the launches, compile nothing")
+    args = ap.parse_args(argv)
+    import triton
+
+    print(json.dumps({"triton": triton.__version__, "file": triton.__file__}), flush=True)
+    jobs = [(cc, i) for cc in args.cc for i in range(len(collect(cc, args.filter)))]
+    if args.list:
+        for cc in args.cc:
+            for label, c in collect(cc, args.filter):
+                print(cc, label, {k: v for k, v in c.kwargs.items() if k.startswith(("BLOCK", "num_"))})
+        return
+    import multiprocessing
+
+    # spawn, not fork: a forked child of a process that imported torch can hang
+    with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        futs = [ex.submit(_compile_one, cc, args.filter, i) for cc, i in jobs]
+        for f in cf.as_completed(futs):
+            print(json.dumps(f.result()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
