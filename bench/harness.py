@@ -335,8 +335,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_all(items: Sequence[tuple], device: torch.device, st: Settings, notes: Sequence[str] = ()) -> dict:
-    """Benchmark every (Case, [Provider]) in `items`; returns the JSON-able result document."""
+def run_all(items: Sequence[tuple], device: torch.device, st: Settings, notes: Sequence[str] = (),
+            partial: Optional[Callable[[dict], None]] = None) -> dict:
+    """Benchmark every (Case, [Provider]) in `items`; returns the JSON-able result document.
+    ``partial(doc)`` is called after every case with the document so far (a run cut short by a time
+    limit, as on a leased GPU, then still leaves its finished cases on disk)."""
     def log(msg):
         print(msg, flush=True)
 
@@ -350,6 +353,13 @@ def run_all(items: Sequence[tuple], device: torch.device, st: Settings, notes: S
                 "providers": {p.name: {"label": p.label, "role": p.role, "note": p.note,
                                        "extrapolate": p.extrapolate, **res[p.name]} for p in providers},
             })
+        if partial is not None:
+            partial(_document(entries, device, st, list(notes) + ["partial run: cases after the last one listed "
+                                                                   "were not reached"]))
+    return _document(entries, device, st, notes)
+
+
+def _document(entries: list, device: torch.device, st: Settings, notes: Sequence[str]) -> dict:
     try:
         import triton
         triton_v = triton.__version__

@@ -28,11 +28,13 @@ sys.path.insert(0, REPO)
 from trajops.triton_kernels import _common  # noqa: E402
 from trajops.triton_kernels import temperature_attention as attn  # noqa: E402
 
-FWD = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3),
-       (64, 64, 4, 4)]
-DKDV = [(64, 64, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2),
-        (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
-DQ = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)]
+# First H200 sweep (2026-12-04, bench/results/sweep_attention_nvidia-h200-1.json): forward best
+# 128x128/8 warps/3 stages; dk/dv best 32x64/4/3 (2.97 ms backward vs 3.91 at 64x64/8/3); dq 128x64/8/3.
+FWD = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
+FWD_TMA = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3)]
+DKDV = [(32, 64, 4, 3), (32, 64, 4, 4), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 3), (16, 64, 4, 3),
+        (32, 128, 4, 3), (64, 64, 4, 4)]
+DQ = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3), (128, 32, 8, 3)]
 
 
 def bench(fn):
@@ -56,7 +58,8 @@ def main():
     def row(kind, causal, cfg, ms, err=""):
         r = {"kind": kind, "causal": causal, "cfg": cfg, "ms": ms, "error": err}
         res["rows"].append(r)
-        print(f"{kind:6s} causal={int(causal)} {str(cfg):18s} " + (f"{ms:.4f} ms" if ms else f"FAILED {err}"), flush=True)
+        print(f"{kind:6s} causal={int(causal)} {str(cfg):18s} " + (f"{ms:.4f} ms {err}" if ms else f"FAILED {err}"),
+              flush=True)
 
     for causal in (True, False):
         qs = (q / tau[..., None]).to(q.dtype)
@@ -73,8 +76,18 @@ def main():
         row("trajops", causal, "fwd default", bench(lambda: attn.attention_fwd(q, k, v, tau, scale, None, causal)))
         row("trajops", causal, "bwd default",
             bench(lambda: attn.attention_bwd(do, None, q, k, v, tau, scale, None, causal, out, lse)))
-        kinds = [("fwd", FWD)] + ([("dkdv", DKDV), ("dq", DQ)] if causal else [])
+        attn.USE_TMA = True
+        _common._chosen.clear()
+        o_tma, l_tma = attn.attention_fwd(q, k, v, tau, scale, None, causal)
+        err = float((o_tma.float() - out.float()).abs().max()) + float((l_tma - lse).abs().max())
+        row("trajops", causal, "fwd default TMA", bench(lambda: attn.attention_fwd(q, k, v, tau, scale, None, causal)),
+            f"max |TMA - pointer| = {err:.3g}")
+        res.setdefault("tma_err", []).append(err)
+        attn.USE_TMA = False
+        kinds = [("fwd", FWD), ("fwd_tma", FWD_TMA)] + ([("dkdv", DKDV), ("dq", DQ)] if causal else [])
         for kind, cfgs in kinds:
+            attn.USE_TMA = kind == "fwd_tma"
+            label, kind = kind, ("fwd" if kind == "fwd_tma" else kind)
             for cfg in cfgs[: 2 if args.quick else None]:
                 bm, bn, w, s = cfg
                 attn.TILE_OVERRIDES[kind] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -87,14 +100,23 @@ def main():
                     t0 = time.time()
                     fn()
                     torch.cuda.synchronize()
-                    row(kind, causal, cfg, bench(fn))
+                    row(label, causal, cfg, bench(fn))
                     print(f"        (compile + first call {time.time() - t0:.1f} s)", flush=True)
                 except Exception as e:  # noqa: BLE001 -- a failing config is a result
-                    row(kind, causal, cfg, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    row(label, causal, cfg, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 finally:
                     attn.TILE_OVERRIDES.pop(kind, None)
+            attn.USE_TMA = False
     with open(os.path.join(args.out, "sweep_attention.json"), "w") as f:
         json.dump(res, f, indent=1)
+    # TMA forward wins if it is right and faster at the default tiles on both masks
+    t = {(r["causal"], r["cfg"]): r["ms"] for r in res["rows"] if r["kind"] == "trajops"}
+    wins = all(t.get((c, "fwd default TMA")) and t[(c, "fwd default TMA")] < 0.98 * t[(c, "fwd default")]
+               for c in (True, False))
+    ok = all(e < 0.05 for e in res.get("tma_err", [1.0]))
+    with open(os.path.join(args.out, "decision.env"), "w") as f:
+        f.write(f"TRAJOPS_ATTN_TMA={int(wins and ok)}\n")
+    print(f"TMA forward: faster={wins} correct={ok} -> TRAJOPS_ATTN_TMA={int(wins and ok)}", flush=True)
 
 
 if __name__ == "__main__":

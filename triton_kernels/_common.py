@@ -154,6 +154,10 @@ def plan(kernel, candidates: Sequence[Config], key: tuple, device, what: str) ->
 def _first(kernel, candidates, key, spec: DeviceSpec, what: str) -> int:
     budget = int(spec.smem * _ESTIMATE_MARGIN)
     start = _chosen.get((_name(kernel), key, spec.smem))
+    # The first candidate is the measured-fastest tiles: taken whenever it fits shared memory, even if
+    # it spills a little (a sweep found it faster). Smaller ones must also fit the register budget.
+    if start is None and candidates and candidates[0].smem <= budget:
+        start = 0
     if start is None:
         start = next((i for i, c in enumerate(candidates) if c.smem <= budget and c.regs <= REG_BUDGET), None)
     if start is None:  # nothing without spills: the fastest that fits shared memory
@@ -165,9 +169,10 @@ def _first(kernel, candidates, key, spec: DeviceSpec, what: str) -> int:
     return start
 
 
-def launch(kernel, grid: Callable[[Config], tuple], args: Sequence, candidates: Sequence[Config], key: tuple,
+def launch(kernel, grid: Callable[[Config], tuple], args, candidates: Sequence[Config], key: tuple,
            device, what: str, **flags) -> Config:
     """Launch ``kernel[grid(cfg)](*args, **flags, **cfg.kwargs)`` with the first candidate that fits.
+    ``args`` may be a callable cfg -> args (TMA descriptors carry the tile shape).
 
     ``candidates`` go from fastest to smallest; ``key`` names the variant (every constexpr that changes
     the kernel's resources: dtype, head sizes, mask, causal...). The first candidate whose estimate
@@ -178,16 +183,17 @@ def launch(kernel, grid: Callable[[Config], tuple], args: Sequence, candidates: 
     spec = device_spec(device)
     mem_key = (_name(kernel), key, spec.smem)
     start = _first(kernel, candidates, key, spec, what)
+    argf = args if callable(args) else (lambda cfg: args)
     if _capturing() is not None:  # recorded by the patched JITFunction.run, never fails
         cfg = candidates[start]
-        kernel[grid(cfg)](*args, **flags, **cfg.kwargs)
+        kernel[grid(cfg)](*argf(cfg), **flags, **cfg.kwargs)
         return cfg
     from triton.runtime.errors import OutOfResources
 
     for i in range(start, len(candidates)):
         cfg = candidates[i]
         try:
-            kernel[grid(cfg)](*args, **flags, **cfg.kwargs)
+            kernel[grid(cfg)](*argf(cfg), **flags, **cfg.kwargs)
         except OutOfResources as e:
             if i + 1 == len(candidates):
                 raise ValueError(f"{what}: no kernel configuration fits this GPU ({e})") from None
