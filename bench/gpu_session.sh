@@ -14,7 +14,7 @@ python3 -c "import trajops.triton_kernels" 2>/dev/null || \
 timeout "${SWEEP_S:-170}" python3 bench/sweep_attention.py --out "$OUT" 2>&1 | grep -v "compile + first"
 set -a; [ -f "$OUT/decision.env" ] && . "$OUT/decision.env"; set +a
 rm -f "$OUT/decision.env"  # (a device call returns at most 8 files)
-echo "TRAJOPS_ATTN_TMA=${TRAJOPS_ATTN_TMA:-0}"
+echo "TRAJOPS_ATTN_TMA=${TRAJOPS_ATTN_TMA:-0} TRAJOPS_ATTN_ATOMIC_DQ=${TRAJOPS_ATTN_ATOMIC_DQ:-0}"
 # the commands of `make gpu-test` / `make gpu-bench`, spelled out (no dependency on make being there)
 XD=$(python3 -c "import xdist" >/dev/null 2>&1 && echo "-n 8")
 timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider $XD tests/*_cuda.py > "$OUT/tests.log" 2>&1

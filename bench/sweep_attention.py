@@ -27,6 +27,7 @@ sys.path.insert(0, REPO)
 
 from trajops.triton_kernels import _common  # noqa: E402
 from trajops.triton_kernels import temperature_attention as attn  # noqa: E402
+from trajops.triton_kernels import temperature_attention_bwd as attn_bwd  # noqa: E402
 
 # First H200 sweep (2026-12-04, bench/results/sweep_attention_nvidia-h200-1.json): forward best
 # 128x128/8 warps/3 stages; dk/dv best 32x64/4/3 (2.97 ms backward vs 3.91 at 64x64/8/3); dq 128x64/8/3.
@@ -35,6 +36,7 @@ FWD_TMA = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
 DKDV = [(32, 64, 4, 3), (32, 64, 4, 4), (32, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 3), (16, 64, 4, 3),
         (32, 128, 4, 3), (64, 64, 4, 4)]
 DQ = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3), (128, 32, 8, 3)]
+DKDV_ATOMIC = [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 3)]
 
 
 def bench(fn):
@@ -84,10 +86,24 @@ def main():
             f"max |TMA - pointer| = {err:.3g}")
         res.setdefault("tma_err", []).append(err)
         attn.USE_TMA = False
-        kinds = [("fwd", FWD), ("fwd_tma", FWD_TMA)] + ([("dkdv", DKDV), ("dq", DQ)] if causal else [])
+        if causal:  # the atomic-dq backward against the two-kernel one, at the default tiles
+            attn_bwd.ATOMIC_DQ = "1"
+            _common._chosen.clear()
+            ga = attn.attention_bwd(do, None, q, k, v, tau, scale, None, causal, out, lse)
+            row("trajops", causal, "bwd default atomic-dq",
+                bench(lambda: attn.attention_bwd(do, None, q, k, v, tau, scale, None, causal, out, lse)))
+            attn_bwd.ATOMIC_DQ = "0"
+            gd = attn.attention_bwd(do, None, q, k, v, tau, scale, None, causal, out, lse)
+            rel = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+                      for a, b in zip(ga, gd))
+            res["atomic_rel_err"] = rel
+            print(f"        atomic-dq vs two-kernel: max relative difference {rel:.3g}", flush=True)
+        kinds = [("fwd", FWD), ("fwd_tma", FWD_TMA)] + (
+            [("dkdv", DKDV), ("dkdv_atomic", DKDV_ATOMIC), ("dq", DQ)] if causal else [])
         for kind, cfgs in kinds:
             attn.USE_TMA = kind == "fwd_tma"
-            label, kind = kind, ("fwd" if kind == "fwd_tma" else kind)
+            attn_bwd.ATOMIC_DQ = "1" if kind == "dkdv_atomic" else "0"
+            label, kind = kind, {"fwd_tma": "fwd", "dkdv_atomic": "dkdv"}.get(kind, kind)
             for cfg in cfgs[: 2 if args.quick else None]:
                 bm, bn, w, s = cfg
                 attn.TILE_OVERRIDES[kind] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
@@ -107,6 +123,7 @@ def main():
                 finally:
                     attn.TILE_OVERRIDES.pop(kind, None)
             attn.USE_TMA = False
+            attn_bwd.ATOMIC_DQ = "0"
     with open(os.path.join(args.out, "sweep_attention.json"), "w") as f:
         json.dump(res, f, indent=1)
     # TMA forward wins if it is right and faster at the default tiles on both masks
@@ -114,9 +131,14 @@ def main():
     wins = all(t.get((c, "fwd default TMA")) and t[(c, "fwd default TMA")] < 0.98 * t[(c, "fwd default")]
                for c in (True, False))
     ok = all(e < 0.05 for e in res.get("tma_err", [1.0]))
+    a_fast = bool(t.get((True, "bwd default atomic-dq"))) and t[(True, "bwd default atomic-dq")] < 0.95 * t[
+        (True, "bwd default")]
+    a_ok = res.get("atomic_rel_err", 1.0) < 2e-2
     with open(os.path.join(args.out, "decision.env"), "w") as f:
-        f.write(f"TRAJOPS_ATTN_TMA={int(wins and ok)}\n")
+        f.write(f"TRAJOPS_ATTN_TMA={int(wins and ok)}\nTRAJOPS_ATTN_ATOMIC_DQ={'auto' if a_fast and a_ok else '0'}\n")
     print(f"TMA forward: faster={wins} correct={ok} -> TRAJOPS_ATTN_TMA={int(wins and ok)}", flush=True)
+    print(f"atomic dq: faster={a_fast} close={a_ok} -> TRAJOPS_ATTN_ATOMIC_DQ={'auto' if a_fast and a_ok else '0'}",
+          flush=True)
 
 
 if __name__ == "__main__":

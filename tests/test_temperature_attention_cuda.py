@@ -244,11 +244,19 @@ def test_bad_tau_and_determinism():
     v = torch.randn(1, 2, 70, 64, device=DEV, generator=g, dtype=torch.bfloat16, requires_grad=True)
     tau = torch.rand(1, 2, 70, device=DEV, generator=g) + 0.5
     runs = []
-    for _ in range(2):
-        out, lse = trajops.temperature_attention(q, k, v, tau, causal=True, return_lse=True)
-        runs.append((out, lse, *torch.autograd.grad(out.float().sum(), (q, k, v))))
+    # Under torch.use_deterministic_algorithms(True) the backward takes the two-kernel path (no
+    # atomics): bitwise repeatable. (By default it may accumulate dq with fp32 atomics: see
+    # triton_kernels/temperature_attention_bwd.py, TRAJOPS_ATTN_ATOMIC_DQ.)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for _ in range(2):
+            out, lse = trajops.temperature_attention(q, k, v, tau, causal=True, return_lse=True)
+            runs.append((out, lse, *torch.autograd.grad(out.float().sum(), (q, k, v))))
+    finally:
+        torch.use_deterministic_algorithms(was)
     for a, b in zip(*runs):
-        assert torch.equal(a, b)  # no atomics: bitwise repeatable
+        assert torch.equal(a, b)
     bad = tau.clone()
     bad[0, 1, 40] = 0.0
     out, lse = trajops.temperature_attention(q, k, v, bad, causal=True, return_lse=True)

@@ -32,14 +32,17 @@ import torch  # noqa: E402
 from trajops.triton_kernels import _common  # noqa: E402
 from trajops.triton_kernels import paged_temperature_attention as paged  # noqa: E402
 from trajops.triton_kernels import temperature_attention as attn  # noqa: E402
+from trajops.triton_kernels import temperature_attention_bwd as attn_bwd  # noqa: E402
 
 LIMITS = {90: _common.SMEM_LIMITS[9], 80: _common.SMEM_LIMITS[8]}
 SPECS = {90: _common.DeviceSpec((9, 0), LIMITS[90], 132), 80: _common.DeviceSpec((8, 0), LIMITS[80], 108)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-def _attention(dtype, D, Dv, mask_kind, causal, Tq=1024, Tk=1024, Hq=4, Hkv=1, backward=True):
+def _attention(dtype, D, Dv, mask_kind, causal, Tq=1024, Tk=1024, Hq=4, Hkv=1, backward=True, tma=False,
+               atomic=False):
     def run():
+        attn.USE_TMA, attn_bwd.ATOMIC_DQ = tma, ("1" if atomic else "0")
         dt = DTYPES[dtype]
         q = torch.empty(1, Hq, Tq, D, dtype=dt)
         k = torch.empty(1, Hkv, Tk, D, dtype=dt)
@@ -82,6 +85,11 @@ def variants():
             out.append((f"attn {dtype} D={D} decode fullmask", _attention(dtype, D, D, 2, False, Tq=1,
                                                                             backward=False)))
         out.append((f"attn {dtype} D=80 Dv=40 keypad", _attention(dtype, 80, 40, 1, False, Hkv=1)))
+    # the opt-in paths (TRAJOPS_ATTN_TMA, TRAJOPS_ATTN_ATOMIC_DQ): Hopper TMA forward, atomic-dq backward
+    for D in (64, 128, 256):
+        out.append((f"attn bf16 D={D} keypad causal tma atomic-dq", _attention("bf16", D, D, 1, True, tma=True,
+                                                                               atomic=True)))
+        out.append((f"attn bf16 D={D} fullmask tma", _attention("bf16", D, D, 2, False, backward=False, tma=True)))
     for D in (64, 128, 256):
         out.append((f"attn fp64 D={D} causal", _attention("fp64", D, D, 0, True, Tq=256, Tk=256)))
     for dtype in ("bf16", "fp32", "fp64"):

@@ -11,6 +11,8 @@ the price of a deterministic backward.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,7 +21,18 @@ from ._common import INTERPRET, launch
 from .temperature_attention import (_allowed, _block, _candidates, _coefficient, _key_ranges, _mask_args,
                                     _precision, _row_program, _scale_pair, _tile, _what)
 
-__all__ = ["attention_bwd"]
+__all__ = ["attention_bwd", "use_atomic_dq"]
+
+# dq through fp32 atomics inside the dk/dv kernel (5 tensor-core products per block pair instead of 7,
+# not bitwise repeatable): "1" on, "0" off, "auto" on unless torch.use_deterministic_algorithms(True).
+# Off until a GPU sweep shows it faster (bench/sweep_attention.py).
+ATOMIC_DQ = os.environ.get("TRAJOPS_ATTN_ATOMIC_DQ", "0")
+
+
+def use_atomic_dq(q: torch.Tensor) -> bool:
+    if ATOMIC_DQ == "0" or q.dtype == torch.float64:  # fp64 (gradcheck) keeps the exact two-kernel path
+        return False
+    return ATOMIC_DQ == "1" or not torch.are_deterministic_algorithms_enabled()
 
 
 @triton.jit
@@ -53,10 +66,10 @@ def _row_stats(TAUh, LSE, DELTA, row0, offs_m, Tq, stm, scale_hi, scale_lo, cdt:
 
 
 @triton.jit
-def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
+def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, DQACC, kmask, row0, start_m, rows, cols, offs_n,
                 Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv, scale_hi, scale_lo,
                 CAUSAL: tl.constexpr, DIAG: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-                EVEN_DV: tl.constexpr, PREC: tl.constexpr):
+                EVEN_DV: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # Scores in (query, key) orientation with the resident kT, vT as the right-hand operands: on
     # sm_90 they then stay in shared memory instead of registers (k, v as left operands made every
     # dk/dv tile spill).
@@ -81,16 +94,20 @@ def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, star
     dp = tl.dot(do, vT, input_precision=PREC).to(cdt)
     ds = p * (dp - delta[:, None]) * c[:, None]
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC, out_dtype=dk.dtype)
+    if ATOMIC_DQ:  # dq += ds k (c included) into an fp32 (rows, D) buffer: 5 products per block, not 7
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC, out_dtype=dk.dtype)
+        tl.atomic_add(DQACC + (row0 + offs_m)[:, None] * D + dcols[None, :], dq,
+                      mask=(offs_m[:, None] < Tq) & (dcols[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV,
+def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV, DQACC,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  stb, sth, stm, smb, smh, smm, smn, sdb, sdh, sdm, sdd,
                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                  scale_hi, scale_lo, Hq, Hkv, G, Tq, Tk, D, Dv,
-                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                  EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -133,13 +150,15 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV,
         if MASK_KIND == 1:  # key padding: one vector for every query block of this head
             kmask = kmask & (tl.load(Mh + cols * smn, mask=offs_n < Tk, other=0) != 0)
         for start_m in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
+            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, DQACC, kmask, row0, start_m, rows, cols,
+                                 offs_n,
                                  Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv,
-                                 scale_hi, scale_lo, CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, PREC)
+                                 scale_hi, scale_lo, CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, PREC, ATOMIC_DQ)
         for start_m in range(mid, end, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, kmask, row0, start_m, rows, cols, offs_n,
+            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, DQACC, kmask, row0, start_m, rows, cols,
+                                 offs_n,
                                  Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv,
-                                 scale_hi, scale_lo, CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, PREC)
+                                 scale_hi, scale_lo, CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, PREC, ATOMIC_DQ)
     n_ok = offs_n < Tk
     tl.store(DK + b64 * sdkb + tl.cast(hk, tl.int64) * sdkh + n64 * sdkn + cols[:, None] * sdkn + dcols[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (dcols[None, :] < D))
@@ -217,6 +236,31 @@ def _dq_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DQ, DTAU,
 
 
 
+@triton.jit
+def _dq_finalize_kernel(Q, DQACC, TAU, LSE, DQ, DTAU, sqb, sqh, sqm, sqd, stb, sth, stm, sdqb, sdqh, sdqm, sdqd,
+                        scale_hi, scale_lo, Hq, Tq, R, D,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq (q's dtype) from the fp32 atomic accumulator, and dtau per row = -(q . dq) * c / scale
+    (0 on rows without a key): one pass over q and the accumulator."""
+    offs_r = tl.cast(tl.program_id(0), tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dcols = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < R
+    ok = r_ok[:, None] & (dcols[None, :] < D)
+    t = offs_r % Tq
+    bh = offs_r // Tq
+    b, h = bh // Hq, bh % Hq
+    cdt = LSE.dtype.element_ty
+    q = tl.load(Q + (b * sqb + h * sqh + t * sqm)[:, None] + dcols[None, :] * sqd, mask=ok, other=0.0).to(cdt)
+    dq = tl.load(DQACC + offs_r[:, None] * D + dcols[None, :], mask=ok, other=0.0).to(cdt)
+    tau = tl.load(TAU + b * stb + h * sth + t * stm, mask=r_ok, other=1.0).to(cdt)
+    scale = tl.zeros_like(tau) + scale_hi + scale_lo
+    c = tl.where((tau > 0) & (tau < float("inf")), scale / tau, float("nan"))
+    lse = tl.load(LSE + offs_r, mask=r_ok, other=0.0)
+    c = tl.where(lse == float("-inf"), 0.0, c)
+    tl.store(DQ + (b * sdqb + h * sdqh + t * sdqm)[:, None] + dcols[None, :] * sdqd, dq.to(DQ.dtype.element_ty), mask=ok)
+    tl.store(DTAU + offs_r, -tl.sum(q * dq, 1) * (c / scale), mask=r_ok)
+
+
 def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: bool, out, lse):
     """(dq, dk, dv) in the inputs' shapes and dtypes (contiguous) and dtau per query row (B, Hq, Tq) in
     the compute dtype, to be summed to tau's shape by the caller."""
@@ -233,8 +277,8 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
     delta = torch.empty((B, Hq, Tq), dtype=lse.dtype, device=q.device)
     R = B * Hq * Tq
     dlse = grad_lse.contiguous() if grad_lse is not None else delta
-    block_r = 16 if INTERPRET else 64
     bd, bdv = _block(D), _block(Dv)
+    block_r = 16 if INTERPRET else max(16, min(64, 8192 // bdv))  # (BLOCK_R, Dv) fp32 tiles: 64 regs/thread
     _delta_kernel[(triton.cdiv(R, block_r),)](out, grad_out, dlse, delta, R, Dv, HAS_DLSE=grad_lse is not None,
                                              BLOCK_R=block_r, BLOCK_DV=bdv)
     m8, ms, mk = _mask_args(mask, q)
@@ -244,11 +288,20 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
                  BLOCK_D=bd, BLOCK_DV=bdv)
     key = (q.dtype, bd, bdv, mk, bool(causal))
     sp = _scale_pair(scale)
+    atomic = use_atomic_dq(q)
+    dqacc = torch.zeros((R, D), dtype=torch.float32, device=q.device) if atomic else delta  # never read if not
     launch(_dkdv_kernel, lambda cfg: (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv),
-           (q, k, v, tau, m8, grad_out, lse, delta, dk, dv,
+           (q, k, v, tau, m8, grad_out, lse, delta, dk, dv, dqacc,
             *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dk.stride(), *dv.stride(),
             *sp, Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv),
-           _candidates("dkdv", es, bd, bdv, mk, Tq), ("dkdv",) + key, q.device, what, **flags)
+           _candidates("dkdv", es, bd, bdv, mk, Tq), ("dkdv", atomic) + key, q.device, what, ATOMIC_DQ=atomic,
+           **flags)
+    if atomic:
+        block_r = 16 if INTERPRET else 32
+        _dq_finalize_kernel[(triton.cdiv(R, block_r),)](
+            q, dqacc, tau, lse, dq, dtau, *q.stride(), *tau.stride(), *dq.stride(), *sp, Hq, Tq, R, D,
+            BLOCK_R=block_r, BLOCK_D=bd)
+        return dq, dk, dv, dtau
     launch(_dq_kernel, lambda cfg: (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq),
            (q, k, v, tau, m8, grad_out, lse, delta, dq, dtau,
             *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dq.stride(),
