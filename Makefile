@@ -60,7 +60,7 @@ bench: build
 # editable install of the Triton path takes seconds offline. Writes bench/results/<gpu>.{md,json,png}.
 GPU_PY ?= python3
 GPU_BENCH_ARGS ?= --budget-s 0.3 --first temperature_attention paged_temperature_attention multiscale_attention
-GPU_XDIST = $(shell $(GPU_PY) -c "import xdist" >/dev/null 2>&1 && echo "-n 8")
+GPU_XDIST = $(shell $(GPU_PY) -c "import xdist" >/dev/null 2>&1 && echo "-n auto")
 gpu: gpu-test gpu-bench
 
 gpu-test:

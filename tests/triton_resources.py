@@ -71,30 +71,42 @@ def _paged(dtype, D, G, n=1):
     return run
 
 
-def variants():
-    """(label, thunk) for every configuration class the launchers distinguish. Tiles depend on the
-    element size, the padded head sizes, the mask kind and decode vs prefill; registers also on
-    causal. fp16 has bf16's element size and tiles (bf16 stands for both). fp64 with a mask is
-    never launched on a GPU (the op routes it to the reference: Triton 3.6 cannot compile it)."""
+def variants(full: bool = False):
+    """(label, thunk) per configuration class the launchers distinguish. Tiles depend on the element
+    size, the padded head sizes, the mask kind and decode vs prefill; registers also on causal.
+
+    The core set (the CPU CI compiles it on 2 cores in a few minutes) takes, per class, the largest
+    tiles: the full (B, Hq, Tq, Tk) mask (its tile is pipelined in shared memory) and the key-padding
+    mask (the Hopper TMA forward and the default backward), for D = 64, 128, 256 in bf16 (fp16 has
+    bf16's element size and tiles), the fp32 and fp64 classes at their largest head sizes, the
+    opt-in atomic-dq backward, decode, Dv != D, and the paged kernels. ``full`` adds every mask kind
+    x head size x dtype. fp64 with a mask is never launched on a GPU (the op routes it to the
+    reference)."""
     out = []
-    for dtype in ("bf16", "fp32"):
-        for D in (64, 128, 256):
-            out.append((f"attn {dtype} D={D} nomask", _attention(dtype, D, D, 0, False)))
-            out.append((f"attn {dtype} D={D} keypad causal", _attention(dtype, D, D, 1, True)))
-            out.append((f"attn {dtype} D={D} fullmask causal", _attention(dtype, D, D, 2, True)))
-            out.append((f"attn {dtype} D={D} decode fullmask", _attention(dtype, D, D, 2, False, Tq=1,
-                                                                            backward=False)))
-        out.append((f"attn {dtype} D=80 Dv=40 keypad", _attention(dtype, 80, 40, 1, False, Hkv=1)))
-    # the opt-in paths (TRAJOPS_ATTN_TMA, TRAJOPS_ATTN_ATOMIC_DQ): Hopper TMA forward, atomic-dq backward
     for D in (64, 128, 256):
-        out.append((f"attn bf16 D={D} keypad causal tma atomic-dq", _attention("bf16", D, D, 1, True, tma=True,
-                                                                               atomic=True)))
-        out.append((f"attn bf16 D={D} fullmask tma", _attention("bf16", D, D, 2, False, backward=False, tma=True)))
-    for D in (64, 128, 256):
-        out.append((f"attn fp64 D={D} causal", _attention("fp64", D, D, 0, True, Tq=256, Tk=256)))
-    for dtype in ("bf16", "fp32", "fp64"):
-        for D in (128, 256):
-            out.append((f"paged {dtype} D={D} G=8", _paged(dtype, D, 8)))
+        out.append((f"attn bf16 D={D} keypad causal", _attention("bf16", D, D, 1, True, tma=True)))
+        out.append((f"attn bf16 D={D} fullmask causal", _attention("bf16", D, D, 2, True, tma=True)))
+    out.append(("attn bf16 D=128 decode fullmask", _attention("bf16", 128, 128, 2, False, Tq=1, backward=False,
+                                                              tma=True)))
+    out.append(("attn bf16 D=80 Dv=40 keypad", _attention("bf16", 80, 40, 1, False, tma=True)))
+    out.append(("attn bf16 D=128 keypad causal atomic-dq", _attention("bf16", 128, 128, 1, True, tma=True,
+                                                                      atomic=True)))
+    for D in (128, 256):
+        out.append((f"attn fp32 D={D} fullmask causal", _attention("fp32", D, D, 2, True)))
+    out.append(("attn fp64 D=128 causal", _attention("fp64", 128, 128, 0, True, Tq=256, Tk=256)))
+    for dtype, D in (("bf16", 128), ("fp32", 256), ("fp64", 128)):
+        out.append((f"paged {dtype} D={D} G=8", _paged(dtype, D, 8)))
+    if full:
+        for dtype in ("bf16", "fp32"):
+            for D in (64, 128, 256):
+                for mk, name in ((0, "nomask"), (1, "keypad"), (2, "fullmask")):
+                    for causal in (False, True):
+                        out.append((f"attn {dtype} D={D} {name} causal={causal} (full)",
+                                    _attention(dtype, D, D, mk, causal, tma=True)))
+                out.append((f"attn {dtype} D={D} decode (full)", _attention(dtype, D, D, 2, False, Tq=1,
+                                                                            backward=False, tma=True)))
+        for D in (64, 256):
+            out.append((f"attn fp64 D={D} causal (full)", _attention("fp64", D, D, 0, True, Tq=256, Tk=256)))
     return out
 
 
@@ -110,11 +122,11 @@ def _key(c: _common.Captured):
     return (c.kernel.fn.__qualname__, tuple(sorted((k, repr(v)) for k, v in c.kwargs.items())), tuple(sig))
 
 
-def collect(cc: int, filt: str = ""):
+def collect(cc: int, filt: str = "", full: bool = False):
     """[(label, Captured)] with duplicates (same kernel, constexprs and specialization) removed."""
     seen, out = set(), []
-    for label, thunk in variants():
-        if filt and filt not in label:
+    for label, thunk in variants(full):
+        if filt and not any(f in label for f in filt.split("|")):
             continue
         with _common.capture(SPECS[cc]) as rec:
             thunk()
@@ -126,8 +138,8 @@ def collect(cc: int, filt: str = ""):
     return out
 
 
-def _compile_one(cc: int, filt: str, i: int) -> dict:
-    label, c = collect(cc, filt)[i]
+def _compile_one(cc: int, filt: str, full: bool, i: int) -> dict:
+    label, c = collect(cc, filt, full)[i]
     t0 = time.time()
     try:
         usage = _common.resource_usage(_common.aot_compile(c, cc))
@@ -144,23 +156,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cc", type=int, nargs="+", default=[90, 80], choices=sorted(LIMITS))
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    ap.add_argument("--filter", default="", help="only variants whose label contains this")
+    ap.add_argument("--filter", default="", help="only variants whose label contains this (A|B: either)")
     ap.add_argument("--list", action="store_true", help="list the launches, compile nothing")
+    ap.add_argument("--full", action="store_true", help="every mask kind x head size x dtype (slow)")
     args = ap.parse_args(argv)
     import triton
 
     print(json.dumps({"triton": triton.__version__, "file": triton.__file__}), flush=True)
-    jobs = [(cc, i) for cc in args.cc for i in range(len(collect(cc, args.filter)))]
+    jobs = [(cc, i) for cc in args.cc for i in range(len(collect(cc, args.filter, args.full)))]
     if args.list:
         for cc in args.cc:
-            for label, c in collect(cc, args.filter):
+            for label, c in collect(cc, args.filter, args.full):
                 print(cc, label, {k: v for k, v in c.kwargs.items() if k.startswith(("BLOCK", "num_"))})
         return
     import multiprocessing
 
     # spawn, not fork: a forked child of a process that imported torch can hang
     with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-        futs = [ex.submit(_compile_one, cc, args.filter, i) for cc, i in jobs]
+        futs = [ex.submit(_compile_one, cc, args.filter, args.full, i) for cc, i in jobs]
         for f in cf.as_completed(futs):
             print(json.dumps(f.result()), flush=True)
 

@@ -235,12 +235,13 @@ def _target_programs(device: torch.device) -> int:
     return 8  # interpreter: a few splits, so that the merge path is exercised by small tests
 
 
-def _candidates(dtype: torch.dtype, R: int, D: int, Dv: int) -> List[Config]:
+@functools.lru_cache(maxsize=None)  # ~30 us of Python per call otherwise: a decode step is launch-bound
+def _candidates(dtype: torch.dtype, R: int, D: int, Dv: int) -> Tuple[Config, ...]:
     """The planned tiles of _config, then fewer stages and shorter key blocks (each with its
     shared-memory estimate: stages x (K + V tiles) + the q tile), for _common.launch."""
     cfg = _config(dtype, R, D, Dv)
     if _INTERPRET:
-        return [Config.make(**cfg)]
+        return (Config.make(**cfg),)
     esize = torch.finfo(dtype).bits // 8
     fixed = {k: v for k, v in cfg.items() if k not in ("BLOCK_N", "num_warps", "num_stages")}
     out, bn = [], cfg["BLOCK_N"]
@@ -249,7 +250,7 @@ def _candidates(dtype: torch.dtype, R: int, D: int, Dv: int) -> List[Config]:
             smem = st * bn * (cfg["BLOCK_D"] + cfg["BLOCK_DV"]) * esize + cfg["BLOCK_M"] * cfg["BLOCK_D"] * esize
             out.append(Config.make(smem, cfg["num_warps"], st, BLOCK_N=bn, **fixed))
         if bn <= 16:
-            return out
+            return tuple(out)
         bn //= 2
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, launch
 from .temperature_attention import (_allowed, _block, _candidates, _coefficient, _key_ranges, _mask_args,
-                                    _precision, _row_program, _scale_pair, _tile, _what)
+                                    _precision, _query_block, _scale_pair, _tile, _what)
 
 __all__ = ["attention_bwd", "use_atomic_dq"]
 
@@ -195,15 +195,9 @@ def _dq_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DQ, DTAU,
                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, bh, b, h, hk = _row_program(Tq, Hq, G, CAUSAL, BLOCK_M)
+    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols = _query_block(
+        Tq, Hq, G, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_DV)
     cdt = LSE.dtype.element_ty
-    b64, h64, hk64 = tl.cast(b, tl.int64), tl.cast(h, tl.int64), tl.cast(hk, tl.int64)
-    start_m = pid_m * BLOCK_M
-    m64 = tl.cast(start_m, tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = start_m + rows
-    dcols = tl.arange(0, BLOCK_D)
-    dvcols = tl.arange(0, BLOCK_DV)
     q = _tile(Q + b64 * sqb + h64 * sqh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
     do = _tile(DO + b64 * sdb + h64 * sdh + m64 * sdm, rows, dvcols, sdm, sdd, Tq - start_m, Dv, True, not EVEN_DV)
     row0 = tl.cast(bh, tl.int64) * Tq
