@@ -1,7 +1,7 @@
 # make test   build, then every test: C++ and reference on CPU, Triton kernels under TRITON_INTERPRET=1
 # make bench  build, then the benchmark suite; prints the ratio table, writes bench/results/
 # make demo   build, then train the demo char LM with/without STP (~3 min on CPU; DEMO_ARGS="--minutes 1")
-# make gpu    on a machine with a CUDA GPU and no network: every CUDA test + the GPU benchmark (<= 6 min)
+# make gpu    on a machine with a CUDA GPU and no network: every CUDA test + the GPU benchmark
 #
 # The venv sees system site-packages so that a machine that already has torch (a GPU box with its
 # own CUDA build) keeps it; otherwise torch==$(TORCH_VERSION) is installed (the CPU build here).
