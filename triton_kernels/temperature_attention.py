@@ -320,7 +320,7 @@ def _regs(kind: str, esize: int, bm: int, bn: int, warps: int, bd: int, bdv: int
     return words // threads
 
 
-def _preferred(kind: str, esize: int, bd: int, tq: int) -> Tuple[int, int, int, int]:
+def _preferred(kind: str, esize: int, bd: int, tq: int, major: int = 9) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) measured fastest (H100/H200, bench/sweep_attention.py;
     bench/results/sweep_attention_*.json)."""
     if esize == 8:
@@ -335,6 +335,12 @@ def _preferred(kind: str, esize: int, bd: int, tq: int) -> Tuple[int, int, int, 
             return 16, (32 if bd == 128 else 16), 8, 1
         return (64 if bd <= 128 else 32), 16, 8, 2
     big = bd > 64
+    if major < 9 and bd <= 128 and tq > 16 and kind != "dkdv":
+        # sm_80 (mma.sync keeps both operands in registers): the largest tiles that compile without
+        # spills there (AOT check); the Hopper ones below spill 150-600 B. Not timed on an A100.
+        if kind == "fwd":
+            return (128, 64, 8, 2) if big else (64, 64, 4, 3)
+        return (64, 32, 4, 3) if big else (64, 64, 4, 2)
     if kind == "fwd":
         if tq <= 16:
             return 16, (128 if bd <= 64 else 64), 4, 3
@@ -348,7 +354,8 @@ def _preferred(kind: str, esize: int, bd: int, tq: int) -> Tuple[int, int, int, 
     return (128, 64, 8, 3) if big else (64, 64, 4, 3)
 
 
-def _candidates(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, tq: int) -> Tuple[Config, ...]:
+def _candidates(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, tq: int, major: int = 9
+                ) -> Tuple[Config, ...]:
     """The preferred tiles, then smaller ones (fewer stages, then a shorter streamed block, then a
     shorter resident block), each with its estimate; launch() takes the first that fits."""
     if kind in TILE_OVERRIDES:
@@ -356,12 +363,13 @@ def _candidates(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, tq: in
         return tuple(over) if isinstance(over, (list, tuple)) else (Config.make(**over),)
     if INTERPRET:  # numpy emulation: small tiles keep the interpreter fast
         return (Config.make(BLOCK_M=16, BLOCK_N=16),)
-    return _planned(kind, esize, bd, bdv, mask_kind, tq <= 16)
+    return _planned(kind, esize, bd, bdv, mask_kind, tq <= 16, major)
 
 
 @functools.lru_cache(maxsize=None)  # ~50 us of Python per call otherwise: host time of every launch
-def _planned(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, decode: bool) -> Tuple[Config, ...]:
-    bm, bn, warps, stages = _preferred(kind, esize, bd, 1 if decode else 1024)
+def _planned(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, decode: bool, major: int
+             ) -> Tuple[Config, ...]:
+    bm, bn, warps, stages = _preferred(kind, esize, bd, 1 if decode else 1024, major)
     out, seen = [], set()
 
     def add(m, n, w, s):
@@ -442,7 +450,7 @@ def attention_fwd(q, k, v, tau, scale: float, mask, causal: bool) -> Tuple[torch
     m8, ms, mk = _mask_args(mask, q)
     bd, bdv = _block(D), _block(Dv)
     es = q.element_size()
-    cands = _candidates("fwd", es, bd, bdv, mk, Tq)
+    cands = _candidates("fwd", es, bd, bdv, mk, Tq, device_spec(q.device).capability[0])
     key = ("fwd", q.dtype, bd, bdv, mk, bool(causal), Tq <= 16)
     what = _what(q, k, v, mk, causal)
     grid = lambda cfg: (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731

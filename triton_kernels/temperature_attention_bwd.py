@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, launch
+from ._common import INTERPRET, device_spec, launch
 from .temperature_attention import (_allowed, _block, _candidates, _coefficient, _key_ranges, _mask_args,
                                     _precision, _query_block, _scale_pair, _tile, _what)
 
@@ -282,13 +282,14 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
                  BLOCK_D=bd, BLOCK_DV=bdv)
     key = (q.dtype, bd, bdv, mk, bool(causal))
     sp = _scale_pair(scale)
+    major = device_spec(q.device).capability[0]
     atomic = use_atomic_dq(q)
     dqacc = torch.zeros((R, D), dtype=torch.float32, device=q.device) if atomic else delta  # never read if not
     launch(_dkdv_kernel, lambda cfg: (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv),
            (q, k, v, tau, m8, grad_out, lse, delta, dk, dv, dqacc,
             *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dk.stride(), *dv.stride(),
             *sp, Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv),
-           _candidates("dkdv", es, bd, bdv, mk, Tq), ("dkdv", atomic) + key, q.device, what, ATOMIC_DQ=atomic,
+           _candidates("dkdv", es, bd, bdv, mk, Tq, major), ("dkdv", atomic) + key, q.device, what, ATOMIC_DQ=atomic,
            **flags)
     if atomic:
         block_r = 16 if INTERPRET else 32
@@ -300,5 +301,5 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
            (q, k, v, tau, m8, grad_out, lse, delta, dq, dtau,
             *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dq.stride(),
             *sp, Hq, Hq // Hkv, Tq, Tk, D, Dv),
-           _candidates("dq", es, bd, bdv, mk, Tq), ("dq",) + key, q.device, what, **flags)
+           _candidates("dq", es, bd, bdv, mk, Tq, major), ("dq",) + key, q.device, what, **flags)
     return dq, dk, dv, dtau
