@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
