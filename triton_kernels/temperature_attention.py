@@ -83,15 +83,18 @@ def _row_program(Tq, Hq, G, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _query_block(Tq, Hq, G, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr):
+def _query_block(Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The prologue of a program that owns a query block: (pid_m, bh, b, h, kv head as int64, start_m,
-    start_m as int64, rows, query offsets, head-dim columns, value-dim columns)."""
+    start_m as int64, rows, query offsets, head-dim columns, value-dim columns, the q tile)."""
     pid_m, bh, b, h, hk = _row_program(Tq, Hq, G, CAUSAL, BLOCK_M)
     start_m = pid_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
-    return (pid_m, bh, tl.cast(b, tl.int64), tl.cast(h, tl.int64), tl.cast(hk, tl.int64), start_m,
-            tl.cast(start_m, tl.int64), rows, start_m + rows, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV))
+    b64, h64, m64 = tl.cast(b, tl.int64), tl.cast(h, tl.int64), tl.cast(start_m, tl.int64)
+    dcols = tl.arange(0, BLOCK_D)
+    q = _tile(Q + b64 * sqb + h64 * sqh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
+    return (pid_m, bh, b64, h64, tl.cast(hk, tl.int64), start_m, m64, rows, start_m + rows, dcols,
+            tl.arange(0, BLOCK_DV), q)
 
 
 @triton.jit
@@ -262,10 +265,9 @@ def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE,
                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols = _query_block(
-        Tq, Hq, G, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_DV)
+    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q = _query_block(
+        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV)
     cdt = LSE.dtype.element_ty
-    q = _tile(Q + b64 * sqb + h64 * sqh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
     c2 = _coefficient(TAU + b64 * stb + h64 * sth, offs_m, Tq, stm, scale_hi, scale_lo, cdt) * 1.4426950408889634
     Kh = K + b64 * skb + hk64 * skh
     Vh = V + b64 * svb + hk64 * svh

@@ -195,10 +195,9 @@ def _dq_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DQ, DTAU,
                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols = _query_block(
-        Tq, Hq, G, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_DV)
+    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q = _query_block(
+        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV)
     cdt = LSE.dtype.element_ty
-    q = _tile(Q + b64 * sqb + h64 * sqh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
     do = _tile(DO + b64 * sdb + h64 * sdh + m64 * sdm, rows, dvcols, sdm, sdd, Tq - start_m, Dv, True, not EVEN_DV)
     row0 = tl.cast(bh, tl.int64) * Tq
     c, lse, delta = _row_stats(TAU + b64 * stb + h64 * sth, LSE, DELTA, row0, offs_m, Tq, stm, scale_hi, scale_lo,
