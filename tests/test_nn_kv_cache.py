@@ -44,7 +44,10 @@ def test_matches_seed_replay(cap):
     rng = random.Random(cap)
     gen = torch.Generator().manual_seed(cap)
     # a small bank (plus the zero vector) so that exact ties happen and the tie rule decides
+    # and tiny trajectories (0 < |t| < eps = 1e-8: cos(t, t) < 1, so the seed may evict a token of
+    # the same call)
     bank = [torch.randn(E, generator=gen) for _ in range(5)] + [torch.zeros(E)]
+    bank += [3e-9 * torch.randn(E, generator=gen) for _ in range(2)]
     ours, seed = TrajectoryAwareKVCache(cap, E), SeedReplay(cap)
     counter = 0
     for step in range(300):
@@ -79,3 +82,14 @@ def test_empty_and_bad_inputs():
         c.update_cache(torch.ones(2, 3), torch.ones(2, 3), torch.ones(3))
     with pytest.raises(ValueError, match="current_trajectory"):
         c.update_cache(torch.ones(1, 2, 3), torch.ones(1, 2, 3), torch.ones(4))
+
+
+def test_tiny_trajectory_evicts_as_the_seed():
+    # issue 20, item 5: the seed evicts its own first new token here (0.7 * 0.02 + 0.3 < 0.7 * 0.1 + 0.3 * 0.905)
+    ours, seed = TrajectoryAwareKVCache(2, 2), SeedReplay(2)
+    old, new = torch.tensor([[[1.0, 1.0], [2.0, 2.0]]]), torch.tensor([[[3.0, 3.0], [4.0, 4.0]]])
+    for keys, t in ((old, torch.tensor([1.0, 0.0])), (new, torch.tensor([1e-9, 1e-9]))):
+        ours.update_cache(keys, keys, t)
+        seed.update([int(x) for x in keys[0, :, 0]], [0, 0], t.double())
+    got, _ = ours.get_relevant_cache(torch.tensor([1.0, 0.0]))
+    assert sorted(int(x) for x in got[:, 0]) == sorted(seed.keys) == [2, 4]

@@ -65,6 +65,9 @@ class PagedTrajectoryKVCache:
             raise ValueError(f"PagedTrajectoryKVCache: alpha must be in [0, 1], got {alpha}")
         if not (math.isfinite(decay) and decay >= 0.0):
             raise ValueError(f"PagedTrajectoryKVCache: decay must be a finite number >= 0, got {decay}")
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            # an integer pool would silently truncate K/V
+            raise TypeError(f"PagedTrajectoryKVCache: dtype must be float32, float64, float16 or bfloat16, got {dtype}")
         self.max_pages_per_seq = -(-capacity // page_size)
         if self.max_pages_per_seq > num_pages:
             raise ValueError(

@@ -77,14 +77,16 @@ def _split(x: float) -> tuple:
 
 
 @triton.jit
-def _write_kernel(pool_ptr, src_ptr, written_ptr, n, H, D, s_b, s_h, s_t, s_d,
+def _write_kernel(pool_ptr, src_ptr, written_ptr, n, slots, H, D, s_b, s_h, s_t, s_d,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0)  # b * n + t
     b = tok // n
     t = tok % n
     ph = tl.load(written_ptr + tok)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_end = tl.where(ph >= 0, H, 0)  # a skipped token (-1) writes no head
+    # a skipped token (-1) writes no head; nor does a slot outside the pool (corrupt input on a GPU,
+    # where checking it on the host would sync: it is dropped instead of written out of bounds)
+    h_end = tl.where((ph >= 0) & (ph < slots), H, 0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = (heads[:, None] < h_end) & (cols[None, :] < D)
@@ -95,7 +97,7 @@ def _write_kernel(pool_ptr, src_ptr, written_ptr, n, H, D, s_b, s_h, s_t, s_d,
 
 def kv_write(k_pool: torch.Tensor, v_pool: torch.Tensor, written: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
-    """k_pool/v_pool (P, S, H, D) in place: token (b, t) -> physical slot written[b, t] (skip -1)."""
+    """k_pool/v_pool (P, S, H, D) in place: token (b, t) -> physical slot written[b, t] (skip -1 and slots >= P*S)."""
     B, n = written.shape
     H, D = k_pool.shape[2], k_pool.shape[3]
     if B * n == 0 or H * D == 0:
@@ -105,5 +107,5 @@ def kv_write(k_pool: torch.Tensor, v_pool: torch.Tensor, written: torch.Tensor, 
     w = written.contiguous()
     for pool, src in ((k_pool, k), (v_pool, v)):
         src = src.to(pool.dtype)  # torch's rounding (the interpreter's bf16 cast truncates); new tokens only
-        _write_kernel[(B * n, triton.cdiv(H, BLOCK_H))](pool, src, w, n, H, D, *src.stride(),
+        _write_kernel[(B * n, triton.cdiv(H, BLOCK_H))](pool, src, w, n, k_pool.shape[0] * k_pool.shape[1], H, D, *src.stride(),
                                                          BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D)

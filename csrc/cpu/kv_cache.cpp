@@ -37,13 +37,13 @@ constexpr double kKvEps = 1e-8;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------- checks
-// Messages match trajops/ops/kv_cache.py.
-void check_pool(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool, const Tensor& page_table,
-                const Tensor& query) {
+// Messages and order match trajops/ops/kv_cache.py, so that every backend fails the same way. Shapes
+// first, then (before any access) every value the kernels index with or count from.
+void check_pool(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool, const Tensor& page_table) {
   TORCH_CHECK_VALUE(traj_pool.dim() == 3 && traj_pool.scalar_type() == at::kFloat, kOp,
                     ": traj_pool must be float32 (num_pages, page_size, traj_dim), got ",
                     dtype_name(traj_pool.scalar_type()), " ", traj_pool.sizes());
-  const auto P = traj_pool.size(0), S = traj_pool.size(1), Dt = traj_pool.size(2);
+  const auto P = traj_pool.size(0), S = traj_pool.size(1);
   TORCH_CHECK_VALUE(ts_pool.dim() == 2 && ts_pool.size(0) == P && ts_pool.size(1) == S &&
                         ts_pool.scalar_type() == at::kLong,
                     kOp, ": ts_pool must be int64 (", P, ", ", S, "), got ", dtype_name(ts_pool.scalar_type()), " ",
@@ -55,10 +55,40 @@ void check_pool(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& li
   TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.scalar_type() == at::kLong, kOp,
                     ": page_table must be int64 (max_batch, max_pages), got ", dtype_name(page_table.scalar_type()),
                     " ", page_table.sizes());
-  TORCH_CHECK_VALUE((query.dim() == 2 || query.dim() == 3) && query.size(-1) == Dt &&
-                        query.size(0) <= page_table.size(0),
-                    kOp, ": trajectories must be (B, ", Dt, ") or (B, n, ", Dt, ") with B <= ", page_table.size(0),
-                    ", got ", query.sizes());
+}
+
+// query (B, Dt) or new_traj (B, n, Dt), floating point, B <= max_batch.
+void check_trajectories(const char* name, const Tensor& t, int64_t dims, const Tensor& traj_pool,
+                        const Tensor& page_table) {
+  const auto Dt = traj_pool.size(2), MB = page_table.size(0);
+  const std::string want = dims == 2 ? "(B, " + std::to_string(Dt) + ")" : "(B, n, " + std::to_string(Dt) + ")";
+  TORCH_CHECK_VALUE(t.dim() == dims && t.size(-1) == Dt && t.size(0) <= MB && at::isFloatingType(t.scalar_type()),
+                    kOp, ": ", name, " must be a floating-point ", want, " tensor with B <= ", MB, ", got ",
+                    dtype_name(t.scalar_type()), " ", t.sizes());
+}
+
+void check_int(const char* name, const Tensor& t, at::IntArrayRef shape, const std::string& what) {
+  TORCH_CHECK_VALUE(t.sizes() == shape && t.scalar_type() == at::kLong, kOp, ": ", name, " must be int64 ", what,
+                    ", got ", dtype_name(t.scalar_type()), " ", t.sizes());
+}
+
+std::string dims_str(int64_t n) { return "(" + std::to_string(n) + ",)"; }
+
+void check_read(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool, const Tensor& page_table,
+                const Tensor& query, const Tensor& now) {
+  check_pool(traj_pool, ts_pool, live_pool, page_table);
+  check_trajectories("query", query, 2, traj_pool, page_table);
+  check_int("now", now, {}, "0-d");
+}
+
+// The first B rows of the (contiguous) page table hold -1 or a page in [0, P).
+void check_page_table_values(const int64_t* pt, int64_t B, int64_t MP, int64_t P) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < MP; ++j) {
+      const int64_t v = pt[b * MP + j];
+      TORCH_CHECK_INDEX(v >= -1 && v < P, kOp, ": page_table entries must be -1 or a page in [0, ", P, "), got ", v,
+                        " at [", b, ", ", j, "]");
+    }
 }
 
 Tensor unit(const Tensor& t) {  // t / max(|t|, eps) in fp64 rounded to fp32, exactly as the reference's kv_unit
@@ -196,10 +226,11 @@ void row_phys(const int64_t* pt, int64_t MP, int64_t S, std::vector<int64_t>& ph
 // ---------------------------------------------------------------- kv_relevance / kv_topk
 Tensor kv_relevance_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool,
                         const Tensor& page_table, const Tensor& query, const Tensor& now, double alpha, double decay) {
-  check_pool(traj_pool, ts_pool, live_pool, page_table, query);
+  check_read(traj_pool, ts_pool, live_pool, page_table, query, now);
   const auto B = query.size(0), MP = page_table.size(1), S = traj_pool.size(1);
   auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
   auto pt = page_table.contiguous();
+  check_page_table_values(pt.data_ptr<int64_t>(), B, MP, traj.size(0));
   auto q = unit(query).contiguous();
   auto out = at::empty({B, MP * S}, query.options().dtype(at::kFloat));
   const Scorer score = make_scorer(traj, ts, live, now.item<int64_t>(), alpha, decay);
@@ -216,12 +247,15 @@ Tensor kv_relevance_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Te
 }
 
 // Order of candidates: score (desc when best_first, else asc), then older ts, then lower slot.
+// A NaN score ranks as -inf (least relevant), which also keeps the order a strict weak ordering.
 struct RankLess {
   const float* score;
   const int64_t* ts;  // per logical slot
   bool best_first;
+  static float key(float s) { return std::isnan(s) ? -std::numeric_limits<float>::infinity() : s; }
   bool operator()(int64_t x, int64_t y) const {
-    if (score[x] != score[y]) return best_first ? score[x] > score[y] : score[x] < score[y];
+    const float sx = key(score[x]), sy = key(score[y]);
+    if (sx != sy) return best_first ? sx > sy : sx < sy;
     if (ts[x] != ts[y]) return ts[x] < ts[y];
     return x < y;
   }
@@ -307,11 +341,12 @@ void select_ranked(std::vector<int64_t>& cand, int64_t take, bool best_first, co
 std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool,
                                        const Tensor& page_table, const Tensor& query, const Tensor& now, double alpha,
                                        double decay, int64_t k) {
-  check_pool(traj_pool, ts_pool, live_pool, page_table, query);
+  check_read(traj_pool, ts_pool, live_pool, page_table, query, now);
   TORCH_CHECK_VALUE(k >= 0, kOp, ": k must be >= 0, got ", k);
   const auto B = query.size(0), MP = page_table.size(1), S = traj_pool.size(1), L = MP * S;
   auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
   auto pt = page_table.contiguous();
+  check_page_table_values(pt.data_ptr<int64_t>(), B, MP, traj.size(0));
   auto q = unit(query).contiguous();
   auto slots = at::full({B, k}, -1, query.options().dtype(at::kLong));
   auto scores = at::full({B, k}, -std::numeric_limits<double>::infinity(), query.options().dtype(at::kFloat));
@@ -352,25 +387,71 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
     Tensor& traj_pool, Tensor& ts_pool, Tensor& live_pool, Tensor& pinned_pool, Tensor& page_table, Tensor& live_count,
     const Tensor& capacity, Tensor& free_pages, Tensor& free_top, Tensor& evicted_total, const Tensor& now,
     const Tensor& new_traj, const Tensor& lengths, const c10::optional<Tensor>& pin, double alpha, double decay) {
-  check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj);
+  check_pool(traj_pool, ts_pool, live_pool, page_table);
+  check_trajectories("new_traj", new_traj, 3, traj_pool, page_table);
+  const auto P = traj_pool.size(0), S = traj_pool.size(1), Dt = traj_pool.size(2), MP = page_table.size(1);
+  const auto MB = page_table.size(0), L = MP * S, B = new_traj.size(0), n = new_traj.size(1);
+  TORCH_CHECK_VALUE(pinned_pool.dim() == 2 && pinned_pool.size(0) == P && pinned_pool.size(1) == S &&
+                        pinned_pool.scalar_type() == at::kBool,
+                    kOp, ": pinned_pool must be bool (", P, ", ", S, "), got ", dtype_name(pinned_pool.scalar_type()),
+                    " ", pinned_pool.sizes());
+  check_int("live_count", live_count, {MB}, dims_str(MB));
+  check_int("capacity", capacity, {MB}, dims_str(MB));
+  check_int("free_pages", free_pages, {P}, dims_str(P));
+  check_int("free_top", free_top, {}, "0-d");
+  check_int("evicted_total", evicted_total, {MB}, dims_str(MB));
+  check_int("now", now, {}, "0-d");
+  check_int("lengths", lengths, {B}, dims_str(B));
+  if (pin.has_value())
+    TORCH_CHECK_VALUE(pin->dim() == 2 && pin->size(0) == B && pin->size(1) == n && pin->scalar_type() == at::kBool,
+                      kOp, ": pin must be bool (", B, ", ", n, "), got ", dtype_name(pin->scalar_type()), " ",
+                      pin->sizes());
   for (const Tensor* t : {&traj_pool, &ts_pool, &live_pool, &pinned_pool, &page_table, &live_count, &free_pages,
                           &evicted_total})
     TORCH_CHECK(t->is_contiguous(), kOp, ": the cache state tensors must be contiguous");
-  const auto P = traj_pool.size(0), S = traj_pool.size(1), Dt = traj_pool.size(2), MP = page_table.size(1);
-  const auto L = MP * S, B = new_traj.size(0), n = new_traj.size(1);
+  // values, before any access (same order as the Python checks)
+  const int64_t* ptp = page_table.data_ptr<int64_t>();
+  check_page_table_values(ptp, B, MP, P);
+  int64_t top = free_top.item<int64_t>();
+  TORCH_CHECK_INDEX(top >= 0 && top <= P, kOp, ": free_top must be in [0, ", P, "], got ", top);
+  for (int64_t i = 0; i < top; ++i) {
+    const int64_t page = free_pages.data_ptr<int64_t>()[i];
+    TORCH_CHECK_INDEX(page >= 0 && page < P, kOp, ": free_pages[:free_top] must hold pages in [0, ", P, "), got ",
+                      page, " at ", i);
+  }
+  {  // each page held once by the rows' tables and the stack: page releases then always fit the stack
+    std::vector<char> seen(P, 0);
+    auto hold = [&](int64_t page) {
+      TORCH_CHECK_VALUE(!seen[page], kOp, ": page ", page,
+                        " is held twice by page_table[:B] and free_pages[:free_top]");
+      seen[page] = 1;
+    };
+    for (int64_t i = 0; i < B * MP; ++i)
+      if (ptp[i] >= 0) hold(ptp[i]);
+    for (int64_t i = 0; i < top; ++i) hold(free_pages.data_ptr<int64_t>()[i]);
+  }
+  auto lens = lengths.contiguous(), caps = capacity.contiguous();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t c = live_count.data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(c >= 0 && c <= L, kOp, ": live_count must be in [0, ", L, "], got ", c, " for row ", b);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t c = caps.data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(c >= 0, kOp, ": capacity must be >= 0, got ", c, " for row ", b);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t m = lens.data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(m >= 0 && m <= n, kOp, ": lengths must be in [0, ", n, "], got ", m, " for row ", b);
+  }
   const int64_t tnow = now.item<int64_t>();
   auto units = unit(new_traj).contiguous();
-  auto lens = lengths.to(at::kLong).contiguous();
-  auto caps = capacity.to(at::kLong).contiguous();
   c10::optional<Tensor> pins;
-  if (pin.has_value()) pins = pin->to(at::kBool).contiguous();
+  if (pin.has_value()) pins = pin->contiguous();
 
-  const int64_t* ptp = page_table.data_ptr<int64_t>();
   const bool* livep = live_pool.data_ptr<bool>();
   const bool* pinp = pinned_pool.data_ptr<bool>();
   const Scorer score = make_scorer(traj_pool, ts_pool, live_pool, tnow, alpha, decay);
   std::vector<int64_t> stack(free_pages.data_ptr<int64_t>(), free_pages.data_ptr<int64_t>() + P);
-  int64_t top = free_top.item<int64_t>();
 
   // ---- phase 1: plan every row (reads only)
   std::vector<RowPlan> plans(B);
@@ -383,7 +464,6 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
     RowPlan& p = plans[b];
     const int64_t m = lens.data_ptr<int64_t>()[b], cap = caps.data_ptr<int64_t>()[b];
     const int64_t live_b = live_count.data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(m >= 0 && m <= n, kOp, ": lengths must be in [0, ", n, "], got ", m, " for row ", b);
     p.m = m;
     row_phys(ptp + b * MP, MP, S, phys);
     cand.clear();

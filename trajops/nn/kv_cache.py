@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import reference as _ref
 from ..kv_cache import PagedTrajectoryKVCache
 
 __all__ = ["TrajectoryAwareKVCache"]
@@ -73,9 +74,40 @@ class TrajectoryAwareKVCache:
         n = new_keys.shape[0] * new_keys.shape[1]
         if n:
             # every (b, s) token in the seed's loop order, as n new tokens of the one sequence
-            cache.append(0, new_keys.reshape(1, 1, n, E), new_values.reshape(1, 1, n, E), traj.to(new_keys.device))
+            traj = traj.to(new_keys.device)
+            k_new = self._tokens_kept(cache, traj, n)
+            # the kept tokens are the last k_new of the call: rotate them to the front, where the op
+            # takes `lengths` valid tokens from
+            order = (torch.arange(n, device=new_keys.device) + (n - k_new)) % n
+            keys = new_keys.reshape(n, E).index_select(0, order).view(1, 1, n, E)
+            values = new_values.reshape(n, E).index_select(0, order).view(1, 1, n, E)
+            cache.append(0, keys, values, traj, lengths=k_new.view(1))
         cache.step()
         self._time += 1
+
+    def _tokens_kept(self, cache: PagedTrajectoryKVCache, traj: Tensor, n: int) -> Tensor:
+        """How many of the call's n tokens the seed keeps (0-d int64 on the cache's device, no sync).
+
+        The seed adds tokens one by one and, once full, evicts the least relevant entry, which may be
+        a token of this very call: those share the call's trajectory t and timestamp and score
+        s_new = 0.7 cos(t, t) + 0.3, and cos(t, t) = min(|t| / eps, 1)^2 is below 1 only when
+        0 < |t| < eps. Old entries keep their scores during the call, so the seed evicts the old
+        entries scoring <= s_new in rank order (ties: the older entry, i.e. old before new; NaN
+        counts as the lowest, as its argmin does) — and at least one when the cache was full before
+        the call (the first eviction then has no new token to choose) — and then the earliest new
+        tokens. Whenever |t| >= eps or t = 0 this keeps all min(n, capacity) last tokens, as the op
+        alone does.
+        """
+        cap = self.max_cache_size
+        live0 = cache.live_count[0]
+        evictions = (live0 + n - cap).clamp_min(0)
+        u = _ref.kv_unit(traj[0]).double()
+        s_new = (cache.alpha * (u * u).sum() + (1.0 - cache.alpha)).float()
+        scores = cache.relevance(traj)[0]
+        live = cache.live_slots()[0]
+        below = live & ((scores <= s_new) | torch.isnan(scores) | torch.isnan(s_new))
+        e_old = torch.minimum(torch.maximum(below.sum(), (live0 == cap).long()), torch.minimum(evictions, live0))
+        return n - (evictions - e_old)
 
     def _live_in_order(self) -> Tensor:
         """Live logical slots in insertion order (timestamp, then slot: new tokens take ascending slots)."""

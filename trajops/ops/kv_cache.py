@@ -26,7 +26,8 @@ __all__: list = []
 _OP = "kv_cache"
 
 
-def _check_pool(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor) -> None:
+def _check_pool(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor) -> None:
+    """Ranks, shapes and dtypes of the pools and the page table (no values: fake impls run this too)."""
     torch._check_value(
         traj_pool.dim() == 3 and traj_pool.dtype == torch.float32,
         lambda: f"{_OP}: traj_pool must be float32 (num_pages, page_size, traj_dim), got {traj_pool.dtype} "
@@ -46,32 +47,143 @@ def _check_pool(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_tabl
         lambda: f"{_OP}: page_table must be int64 (max_batch, max_pages), got {page_table.dtype} "
         f"{list(page_table.shape)}",
     )
+
+
+def _check_trajectories(name: str, t: Tensor, dims: int, traj_pool: Tensor, page_table: Tensor) -> None:
+    """query (B, Dt) or new_traj (B, n, Dt), floating point, B <= max_batch."""
+    Dt, MB = traj_pool.shape[2], page_table.shape[0]
+    want = f"(B, {Dt})" if dims == 2 else f"(B, n, {Dt})"
     torch._check_value(
-        query.dim() in (2, 3) and query.shape[-1] == Dt and query.shape[0] <= page_table.shape[0],
-        lambda: f"{_OP}: trajectories must be (B, {Dt}) or (B, n, {Dt}) with B <= {page_table.shape[0]}, got "
-        f"{list(query.shape)}",
+        t.dim() == dims and t.shape[-1] == Dt and t.shape[0] <= MB and t.dtype.is_floating_point,
+        lambda: f"{_OP}: {name} must be a floating-point {want} tensor with B <= {MB}, got {t.dtype} {list(t.shape)}",
     )
 
 
+def _check_int(name: str, t: Tensor, shape: tuple, what: str) -> None:
+    torch._check_value(
+        tuple(t.shape) == shape and t.dtype == torch.long,
+        lambda: f"{_OP}: {name} must be int64 {what}, got {t.dtype} {list(t.shape)}",
+    )
+
+
+def _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top, evicted_total, now,
+                 new_traj, lengths, pin) -> None:
+    """Shapes and dtypes of kv_evict_append_'s state and per-call arguments (C++: the same checks, same order)."""
+    P, S = traj_pool.shape[0], traj_pool.shape[1]
+    MB = page_table.shape[0]
+    torch._check_value(
+        tuple(pinned_pool.shape) == (P, S) and pinned_pool.dtype == torch.bool,
+        lambda: f"{_OP}: pinned_pool must be bool ({P}, {S}), got {pinned_pool.dtype} {list(pinned_pool.shape)}",
+    )
+    _check_int("live_count", live_count, (MB,), f"({MB},)")
+    _check_int("capacity", capacity, (MB,), f"({MB},)")
+    _check_int("free_pages", free_pages, (P,), f"({P},)")
+    _check_int("free_top", free_top, (), "0-d")
+    _check_int("evicted_total", evicted_total, (MB,), f"({MB},)")
+    _check_int("now", now, (), "0-d")
+    B, n = new_traj.shape[0], new_traj.shape[1]
+    _check_int("lengths", lengths, (B,), f"({B},)")
+    if pin is not None:
+        torch._check_value(
+            tuple(pin.shape) == (B, n) and pin.dtype == torch.bool,
+            lambda: f"{_OP}: pin must be bool ({B}, {n}), got {pin.dtype} {list(pin.shape)}",
+        )
+
+
+def _check_devices(tensors: dict) -> None:
+    devs = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devs.values()))
+    bad = [name for name, d in devs.items() if d != first]
+    torch._check_value(not bad, lambda: f"{_OP}: every tensor must be on {first}, got {bad[0]} on {devs[bad[0]]}")
+
+
+def _first_bad(bad: Tensor) -> tuple:
+    """Index (tuple) of the first True of a CPU bool tensor, or None."""
+    idx = torch.nonzero(bad.reshape(-1))
+    if idx.numel() == 0:
+        return None
+    return tuple(int(i) for i in torch.unravel_index(idx[0, 0], bad.shape))
+
+
+def _check_page_table_values(page_table: Tensor, B: int, P: int) -> None:
+    """CPU only (reads values): the first B rows hold -1 or a page in [0, P)."""
+    pt = page_table[:B]
+    at = _first_bad((pt < -1) | (pt >= P))
+    if at is not None:
+        raise IndexError(f"{_OP}: page_table entries must be -1 or a page in [0, {P}), got {int(pt[at])} at "
+                         f"[{at[0]}, {at[1]}]")
+
+
+def _check_state_values(P, L, page_table, live_count, capacity, free_pages, free_top, new_traj, lengths) -> None:
+    """CPU only: every value kv_evict_append_ indexes with or counts from (C++: same checks, same order)."""
+    B, n = new_traj.shape[0], new_traj.shape[1]
+    _check_page_table_values(page_table, B, P)
+    top = int(free_top)
+    if not 0 <= top <= P:
+        raise IndexError(f"{_OP}: free_top must be in [0, {P}], got {top}")
+    at = _first_bad((free_pages[:top] < 0) | (free_pages[:top] >= P))
+    if at is not None:
+        raise IndexError(f"{_OP}: free_pages[:free_top] must hold pages in [0, {P}), got {int(free_pages[at])} at "
+                         f"{at[0]}")
+    held = torch.cat([page_table[:B].reshape(-1), free_pages[:top]])
+    held = held[held >= 0]
+    if held.numel():
+        uniq, inverse = torch.unique(held, return_inverse=True)
+        pos = torch.arange(held.numel())
+        first = torch.full((uniq.numel(),), held.numel()).scatter_reduce(0, inverse, pos, "amin")
+        at = _first_bad(first[inverse] != pos)
+        if at is not None:
+            raise ValueError(f"{_OP}: page {int(held[at])} is held twice by page_table[:B] and free_pages[:free_top]")
+    for name, t, lo, hi in (("live_count", live_count[:B], 0, L), ("capacity", capacity[:B], 0, None),
+                            ("lengths", lengths, 0, n)):
+        at = _first_bad((t < lo) | (t > hi) if hi is not None else t < lo)
+        if at is not None:
+            rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"{_OP}: {name} must be {rng}, got {int(t[at])} for row {at[0]}")
+
+
 # ---------------------------------------------------------------- fake impls
+def _check_read(traj_pool, ts_pool, live_pool, page_table, query, now) -> None:
+    _check_pool(traj_pool, ts_pool, live_pool, page_table)
+    _check_trajectories("query", query, 2, traj_pool, page_table)
+    _check_int("now", now, (), "0-d")
+    _check_devices({"traj_pool": traj_pool, "ts_pool": ts_pool, "live_pool": live_pool, "page_table": page_table,
+                    "query": query, "now": now})
+
+
 @torch.library.register_fake("trajops::kv_relevance")
 def _relevance_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
     return query.new_empty((query.shape[0], page_table.shape[1] * traj_pool.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("trajops::kv_topk")
 def _topk_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
     torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
     B = query.shape[0]
     return query.new_empty((B, k), dtype=torch.long), query.new_empty((B, k), dtype=torch.float32)
 
 
+def _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                 free_top, evicted_total, now, new_traj, lengths, pin) -> None:
+    _check_pool(traj_pool, ts_pool, live_pool, page_table)
+    _check_trajectories("new_traj", new_traj, 3, traj_pool, page_table)
+    _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top, evicted_total, now,
+                 new_traj, lengths, pin)
+    for t in (traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, free_pages, evicted_total):
+        torch._check(t.is_contiguous(), lambda: f"{_OP}: the cache state tensors must be contiguous")
+    _check_devices({"traj_pool": traj_pool, "ts_pool": ts_pool, "live_pool": live_pool, "pinned_pool": pinned_pool,
+                    "page_table": page_table, "live_count": live_count, "capacity": capacity,
+                    "free_pages": free_pages, "free_top": free_top, "evicted_total": evicted_total, "now": now,
+                    "new_traj": new_traj, "lengths": lengths, "pin": pin})
+
+
 @torch.library.register_fake("trajops::kv_evict_append_")
 def _evict_append_fake(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
                        free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj)
+    _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                 free_top, evicted_total, now, new_traj, lengths, pin)
     B, n = new_traj.shape[0], new_traj.shape[1]
     return (new_traj.new_empty((B, n), dtype=torch.long), new_traj.new_empty((B, n), dtype=torch.long),
             new_traj.new_empty((), dtype=torch.bool))
@@ -79,7 +191,9 @@ def _evict_append_fake(traj_pool, ts_pool, live_pool, pinned_pool, page_table, l
 
 # ---------------------------------------------------------------- kernels
 # One checked wrapper per op around the reference; the Triton variant only swaps in the fused scorer
-# (the ranking and bookkeeping around it are the reference's device-side torch ops).
+# (the ranking and bookkeeping around it are the reference's device-side torch ops). Values (page
+# numbers, stack entries, counts) are checked here on CPU, where reading them costs no sync; on CUDA
+# the reference treats corrupt entries as absent and flags the result instead (NaN scores, ok False).
 def _triton_scorer():
     from ..triton_kernels import kv_cache as kernels
 
@@ -87,21 +201,30 @@ def _triton_scorer():
 
 
 def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, *, scorer=None):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
+    if page_table.device.type == "cpu":
+        _check_page_table_values(page_table, query.shape[0], traj_pool.shape[0])
     return reference.kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay,
                                   scorer=scorer)
 
 
 def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, *, scorer=None):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, query)
+    _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
     torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    if page_table.device.type == "cpu":
+        _check_page_table_values(page_table, query.shape[0], traj_pool.shape[0])
     return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, scorer=scorer)
 
 
 def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
                   free_top, evicted_total, now, new_traj, lengths, pin: Optional[Tensor], alpha, decay, *,
                   scorer=None):
-    _check_pool(traj_pool, ts_pool, live_pool, page_table, new_traj)
+    _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                 free_top, evicted_total, now, new_traj, lengths, pin)
+    if page_table.device.type == "cpu":
+        P, S = traj_pool.shape[0], traj_pool.shape[1]
+        _check_state_values(P, page_table.shape[1] * S, page_table, live_count, capacity, free_pages, free_top,
+                            new_traj, lengths)
     return reference.kv_evict_append_(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity,
                                       free_pages, free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay,
                                       scorer=scorer)
@@ -139,13 +262,24 @@ def _write_fake(k_pool, v_pool, written, k, v):
     _check_write(k_pool, v_pool, written, k, v)
 
 
+def _check_written_values(k_pool: Tensor, written: Tensor) -> None:
+    """As C++ on CPU; on CUDA the kernel drops slots outside the pool instead (no sync)."""
+    if written.device.type == "cpu":
+        slots = k_pool.shape[0] * k_pool.shape[1]
+        at = _first_bad(written >= slots)
+        if at is not None:
+            raise ValueError(f"{_OP}: written slot {int(written[at])} is outside the pool of {slots} slots")
+
+
 def _write(k_pool, v_pool, written, k, v):
     _check_write(k_pool, v_pool, written, k, v)
+    _check_written_values(k_pool, written)
     reference.kv_write_(k_pool, v_pool, written, k, v)
 
 
 def _write_triton(k_pool, v_pool, written, k, v):
     _check_write(k_pool, v_pool, written, k, v)
+    _check_written_values(k_pool, written)
     torch._check(k_pool.is_contiguous() and v_pool.is_contiguous(),
                  lambda: f"{_OP}: k_pool and v_pool must be contiguous")
     from ..triton_kernels import kv_cache as kernels

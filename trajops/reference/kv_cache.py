@@ -16,6 +16,20 @@ older entry); dead slots score -inf. Ties in any
 ranking are broken by older timestamp, then lower logical slot, which is also the insertion order
 of the entries (new tokens take free slots in ascending logical order).
 
+Non-finite values: a trajectory with a NaN or an infinite component has a NaN unit vector, so every
+score it takes part in is NaN (a NaN query: every slot of the row; a NaN entry: that slot, for every
+query); NaN alpha/decay likewise. In every ranking a NaN score counts as -inf, i.e. least relevant:
+eviction takes NaN-scored entries first, kv_topk returns them after every other live slot (with their
+NaN score, never as -1). Dead slots always come after live ones. So with a NaN query a row ranks by age
+alone (oldest evicted first), as the seed's argmin over NaN scores does.
+
+Corrupt state (the ops check it on CPU and raise; these functions, which also run on CUDA where
+checking would sync, never index outside a tensor): page-table entries outside [-1, P) are read as
+-1 and flag their row (kv_relevance: NaN scores; kv_topk: slots -1, scores NaN); in kv_evict_append_
+any of those, free_top outside [0, P], a stack entry below free_top outside [0, P), a page held twice
+by page_table[:B] and free_pages[:free_top], lengths outside
+[0, n], live_count outside [0, max_slots] or a negative capacity make ok False and change nothing.
+
 These functions loop over the batch in Python (a shape, never a value: no host sync) and are
 vectorized over slots; the C++ and Triton kernels fuse the same steps.
 """
@@ -61,7 +75,7 @@ def kv_logical_to_physical(page_table: Tensor, page_size: int) -> Tensor:
 
 
 def _scatter_rows_(dst: Tensor, idx: Tensor, src: Tensor) -> None:
-    """dst[idx[i]] = src[i] for every i with idx[i] >= 0, in place; dst (R, ...), idx (N,), src (N, ...).
+    """dst[idx[i]] = src[i] for every i with 0 <= idx[i] < R, in place; dst (R, ...), idx (N,), src (N, ...).
 
     No host sync (a boolean-mask index would need one): entries with idx < 0 are sent to the
     slot of a written entry with that entry's value, so duplicates carry equal values and the
@@ -69,7 +83,8 @@ def _scatter_rows_(dst: Tensor, idx: Tensor, src: Tensor) -> None:
     """
     if idx.numel() == 0:
         return
-    valid = idx >= 0
+    valid = (idx >= 0) & (idx < dst.shape[0])  # out-of-range indices are dropped, never written
+    idx = torch.where(valid, idx, -1)
     anchor = torch.argmax(idx).view(1)  # a written entry, if there is one
     anchor_idx = idx.index_select(0, anchor)[0]  # (index_select: a 0-d tensor index would sync)
     # no entry written at all: every entry rewrites row 0 with its own value
@@ -105,6 +120,12 @@ def kv_scores(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, phys: Tenso
     return torch.where(present, score, torch.full_like(score, -math.inf))
 
 
+def _sanitize_pages(page_table: Tensor, P: int) -> Tuple[Tensor, Tensor]:
+    """(page table with entries outside [-1, P) replaced by -1, per-row bool: the row had none)."""
+    inside = (page_table >= -1) & (page_table < P)
+    return torch.where(inside, page_table, -1), inside.all(1)
+
+
 def kv_relevance(
     traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor, now: Tensor,
     alpha: float, decay: float, *, scorer: Optional[Scorer] = None,
@@ -113,14 +134,19 @@ def kv_relevance(
 
     ``scorer``: as in :func:`kv_topk`."""
     B = query.shape[0]
-    phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
-    return (scorer or kv_scores)(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
+    pt, row_ok = _sanitize_pages(page_table[:B], traj_pool.shape[0])
+    phys = kv_logical_to_physical(pt, traj_pool.shape[1])
+    score = (scorer or kv_scores)(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
+    return torch.where(row_ok[:, None], score, math.nan)
 
 
-def _rank(score: Tensor, ts: Tensor, descending: bool) -> Tensor:
-    """Permutation of the last dim ordering by score (desc or asc), then ts asc, then index asc."""
+def _rank(score: Tensor, ts: Tensor, descending: bool, last: Tensor) -> Tensor:
+    """Permutation of the last dim: entries with ``last`` False first; among them by score (desc or
+    asc; NaN counts as -inf), then ts asc, then index asc (stable sorts, least significant key first)."""
+    key = torch.where(torch.isnan(score), -math.inf, score)
     order = torch.argsort(ts, dim=-1, stable=True)
-    return order.gather(-1, torch.argsort(score.gather(-1, order), dim=-1, descending=descending, stable=True))
+    order = order.gather(-1, torch.argsort(key.gather(-1, order), dim=-1, descending=descending, stable=True))
+    return order.gather(-1, torch.argsort(last.gather(-1, order).to(torch.uint8), dim=-1, stable=True))
 
 
 def kv_topk(
@@ -129,23 +155,26 @@ def kv_topk(
 ) -> Tuple[Tensor, Tensor]:
     """The k most relevant live logical slots per sequence: (slots (B, k) int64, scores (B, k) fp32).
 
-    Ordered by score descending, ties by older timestamp then lower slot; padded with -1 / -inf
-    when fewer than k slots are live. ``scorer`` replaces the reference scoring (a fused kernel
-    with the signature of :func:`kv_scores`).
+    Ordered by score descending (NaN as -inf), ties by older timestamp then lower slot; every live
+    slot that fits is returned, padded with -1 / -inf when fewer than k slots are live. ``scorer``
+    replaces the reference scoring (a fused kernel with the signature of :func:`kv_scores`).
     """
     scorer = scorer or kv_scores
     B = query.shape[0]
-    phys = kv_logical_to_physical(page_table[:B], traj_pool.shape[1])
+    pt, row_ok = _sanitize_pages(page_table[:B], traj_pool.shape[0])
+    phys = kv_logical_to_physical(pt, traj_pool.shape[1])
     score = scorer(traj_pool, ts_pool, live_pool, phys, kv_unit(query), now, alpha, decay)
+    present = (phys >= 0) & live_pool.reshape(-1)[phys.clamp_min(0)]
     ts = ts_pool.reshape(-1)[phys.clamp_min(0)]
     L = score.shape[1]
     if k > L:  # pad so that every sequence has k candidates
         score = torch.cat([score, score.new_full((B, k - L), -math.inf)], 1)
         ts = torch.cat([ts, ts.new_zeros((B, k - L))], 1)
-    order = _rank(score, ts, descending=True)[:, :k]
+        present = torch.cat([present, present.new_zeros((B, k - L))], 1)
+    order = _rank(score, ts, descending=True, last=~present)[:, :k]
     top = score.gather(1, order)
-    slots = torch.where(top > -math.inf, order, torch.full_like(order, -1))
-    return slots, top
+    slots = torch.where(present.gather(1, order) & row_ok[:, None], order, -1)
+    return slots, torch.where(row_ok[:, None], top, math.nan)
 
 
 def kv_evict_append_(
@@ -165,8 +194,9 @@ def kv_evict_append_(
     live slot return to the stack.
 
     Returns (evicted (B, n) logical slots, -1 padded; written (B, n) physical slots per new token,
-    -1 for tokens not written; ok 0-d bool). When ok is False (the free-page stack ran out) nothing
-    is modified and evicted and written are all -1. ``scorer``: as in :func:`kv_topk`.
+    -1 for tokens not written; ok 0-d bool). When ok is False (the free-page stack ran out, or the
+    state is corrupt: see the module docstring) nothing is modified and evicted and written are all -1.
+    ``scorer``: as in :func:`kv_topk`.
     """
     scorer = scorer or kv_scores
     P, S, Dt = traj_pool.shape
@@ -178,9 +208,20 @@ def kv_evict_append_(
     ar_n = torch.arange(n, device=dev)
     # Work on copies; commit them only if every sequence fits in the pool.
     traj_w, ts_w, live_w, pinned_w = traj_pool.clone(), ts_pool.clone(), live_pool.clone(), pinned_pool.clone()
-    pt_w, cnt_w, free_w, top_w, tot_w = (page_table.clone(), live_count.clone(), free_pages.clone(),
-                                         free_top.clone(), evicted_total.clone())
-    ok = torch.ones((), dtype=torch.bool, device=dev)
+    pt_w, cnt_w, free_w, tot_w = page_table.clone(), live_count.clone(), free_pages.clone(), evicted_total.clone()
+    # Corrupt state flags ok False (nothing is then committed); sanitized copies keep every index
+    # inside its tensor meanwhile. Valid state passes through unchanged.
+    pt_w[:B], rows_ok = _sanitize_pages(page_table[:B], P)
+    below_top = torch.arange(P, device=dev) < free_top
+    ok = (rows_ok.all() & (free_top >= 0) & (free_top <= P)
+          & (~below_top | ((free_pages >= 0) & (free_pages < P))).all()
+          & ((lengths >= 0) & (lengths <= n)).all()
+          & ((live_count[:B] >= 0) & (live_count[:B] <= L)).all() & (capacity[:B] >= 0).all())
+    top_w = free_top.clamp(0, P)
+    held = torch.cat([torch.where(pt_w[:B] >= 0, pt_w[:B], P).reshape(-1),
+                      torch.where(below_top, free_pages.clamp(0, P - 1), P)])
+    ok = ok & (torch.zeros(P + 1, dtype=torch.long, device=dev).index_add_(0, held, torch.ones_like(held))[:P] <= 1).all()
+    lengths = lengths.clamp(0, n)
     evicted = torch.full((B, n), -1, dtype=torch.long, device=dev)
     written = torch.full((B, n), -1, dtype=torch.long, device=dev)
     units = kv_unit(new_traj)
@@ -204,7 +245,7 @@ def kv_evict_append_(
         score = scorer(traj_w, ts_w, live_w, phys.unsqueeze(0), newest.unsqueeze(0), now, alpha, decay)[0]
         score = torch.where(cand, score, torch.full_like(score, math.inf))
         ts = torch.where(cand, ts_w.reshape(-1)[idx], torch.full_like(idx, torch.iinfo(torch.long).max))
-        order = _rank(score.unsqueeze(0), ts.unsqueeze(0), descending=False)[0]
+        order = _rank(score.unsqueeze(0), ts.unsqueeze(0), descending=False, last=~cand.unsqueeze(0))[0]
         chosen = ar_L < e
         ev_slots = torch.where(chosen, order, torch.full_like(order, -1))
         evicted[b] = torch.cat([ev_slots, ev_slots.new_full((max(n - L, 0),), -1)])[:n]
@@ -218,7 +259,7 @@ def kv_evict_append_(
         empty = pt < 0
         rank_e = torch.cumsum(empty.long(), 0) - 1
         take = empty & (rank_e < need_pages)
-        popped = free_w[(top_w - 1 - rank_e).clamp(0, P - 1)]
+        popped = free_w[(top_w - 1 - rank_e).clamp(0, P - 1)].clamp(0, P - 1)  # (a no-op when ok)
         pt = torch.where(take, popped, pt)
         top_w = top_w - torch.minimum(need_pages, top_w)
         phys = kv_logical_to_physical(pt.unsqueeze(0), S)[0]
