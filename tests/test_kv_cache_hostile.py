@@ -10,8 +10,10 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conftest import INTERPRETER
+from conftest import CPU_BACKEND, INTERPRETER
 from trajops import reference as R
 from trajops.kv_cache import PagedTrajectoryKVCache
 
@@ -249,3 +251,30 @@ def test_triton_write_kernel_drops_slots_outside_the_pool():
     k_pool, v_pool = torch.zeros(2, 4, 1, 3), torch.zeros(2, 4, 1, 3)
     kernels.kv_write(k_pool, v_pool, torch.tensor([[1, 8, -5, 100]]), torch.ones(1, 1, 4, 3), torch.ones(1, 1, 4, 3))
     assert k_pool.view(8, 3).sum(1).tolist() == [0, 3, 0, 0, 0, 0, 0, 0]
+
+
+_SPECIALS = [E1, [0.0, 1.0], [-1.0, 0.5], [0.0, 0.0], [3e-9, -4e-9], NAN, INF, [-math.inf, math.inf]]
+
+
+@pytest.mark.skipif(CPU_BACKEND == "reference", reason="differential test: the backend under test is the reference")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.lists(st.sampled_from(range(len(_SPECIALS))), min_size=2, max_size=2),
+                                st.integers(0, 3), st.integers(0, 2)), min_size=1, max_size=6),
+       query=st.sampled_from(range(len(_SPECIALS))), capacity=st.integers(1, 5))
+def test_non_finite_streams_match_the_reference(steps, query, capacity):
+    """Random streams of finite, zero, tiny, NaN and Inf trajectories: the registered kernels and the
+    reference make the same decisions (state, evicted, written) and the same relevance / top-k."""
+    c = PagedTrajectoryKVCache(1, 8, 2, 1, 2, 2, 2, capacity)
+    sa, sb = _state(c), _state(c)
+    for rows, n, m in steps:
+        traj = torch.tensor([[_SPECIALS[r]] * n for r in rows]).view(2, n, 2)
+        lengths = torch.tensor([min(m, n), n])
+        got = _evict(sa, traj, lengths)
+        want = _evict(sb, traj, lengths, fn=R.kv_evict_append_)
+        for a, b in zip(list(got) + [sa[k] for k in STATE], list(want) + [sb[k] for k in STATE]):
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+        sa["now"] += 1
+        sb["now"] += 1
+    q = torch.tensor([_SPECIALS[query], _SPECIALS[(query + 1) % len(_SPECIALS)]])
+    _both(OPS.kv_relevance, R.kv_relevance, *_read_args(sa, q), 0.7, 0.1)
+    _both(OPS.kv_topk, R.kv_topk, *_read_args(sa, q), 0.7, 0.1, 5)
