@@ -22,7 +22,7 @@ TOL = 1e-6
 
 
 def table(n=L, e=E, dtype=torch.float32):
-    return sinusoidal_table(n, e, dtype)
+    return sinusoidal_table(n, e, dtype) if e else torch.zeros(n, 0, dtype=dtype)
 
 
 def ape(d, tab=None, pos=None):
