@@ -193,12 +193,16 @@ def run_case(c: Case) -> dict:
 
 
 def _limit_memory() -> None:
-    # A safety net for this shared machine: a corrupt size that slips through must fail to allocate
-    # (an exception) instead of paging the machine to death. The worker itself needs about 1 GiB.
+    # A safety net for a shared machine: a corrupt size that slips through must fail to allocate (an
+    # exception) instead of paging the machine to death. The worker itself needs about 1 GiB of address
+    # space; a CUDA context reserves far more, so there is no limit where a GPU is visible (or with
+    # HOSTILE_MEMORY_GIB=0).
     try:
         import resource
 
         gib = float(os.environ.get("HOSTILE_MEMORY_GIB", "8"))
+        if gib <= 0 or torch.cuda.is_available():
+            return
         limit = int(gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     except (ImportError, ValueError, OSError):
