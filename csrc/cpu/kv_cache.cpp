@@ -34,6 +34,7 @@ namespace {
 using at::Tensor;
 constexpr const char* kOp = "kv_cache";
 constexpr double kKvEps = 1e-8;
+constexpr int64_t kMaxK = 2147483647;  // as trajops/ops/kv_cache.py
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------- checks
@@ -343,6 +344,7 @@ std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts
                                        double decay, int64_t k) {
   check_read(traj_pool, ts_pool, live_pool, page_table, query, now);
   TORCH_CHECK_VALUE(k >= 0, kOp, ": k must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(k <= kMaxK, kOp, ": k must be <= ", kMaxK, ", got ", k);  // outputs are (B, k)
   const auto B = query.size(0), MP = page_table.size(1), S = traj_pool.size(1), L = MP * S;
   auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
   auto pt = page_table.contiguous();
@@ -577,7 +579,8 @@ void kv_write_cpu(Tensor& k_pool, Tensor& v_pool, const Tensor& written, const T
   auto wr = written.contiguous();
   const int64_t* w = wr.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * n; ++i)
-    TORCH_CHECK_VALUE(w[i] < slots, kOp, ": written slot ", w[i], " is outside the pool of ", slots, " slots");
+    TORCH_CHECK_VALUE(w[i] >= -1 && w[i] < slots, kOp, ": written slot ", w[i], " is outside the pool of ", slots,
+                      " slots (-1 = not written)");
   const auto esize = k_pool.element_size();
   for (auto [pool, src] : {std::pair<Tensor*, const Tensor*>{&k_pool, &k}, {&v_pool, &v}}) {
     const Tensor s = src->to(pool->scalar_type());  // no copy when the dtypes agree

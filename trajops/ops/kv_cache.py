@@ -24,6 +24,7 @@ from .._library import register_kernels
 __all__: list = []
 
 _OP = "kv_cache"
+_MAX_K = 2**31 - 1
 
 
 def _check_pool(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor) -> None:
@@ -88,6 +89,12 @@ def _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_
             tuple(pin.shape) == (B, n) and pin.dtype == torch.bool,
             lambda: f"{_OP}: pin must be bool ({B}, {n}), got {pin.dtype} {list(pin.shape)}",
         )
+
+
+def _check_k(k: int) -> None:
+    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    # outputs are (B, k): a k beyond int32 is a bug, not an allocation to attempt
+    torch._check_value(k <= _MAX_K, lambda: f"{_OP}: k must be <= {_MAX_K}, got {k}")
 
 
 def _check_devices(tensors: dict) -> None:
@@ -160,7 +167,7 @@ def _relevance_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha
 @torch.library.register_fake("trajops::kv_topk")
 def _topk_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
     _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
-    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    _check_k(k)
     B = query.shape[0]
     return query.new_empty((B, k), dtype=torch.long), query.new_empty((B, k), dtype=torch.float32)
 
@@ -210,7 +217,7 @@ def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, dec
 
 def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, *, scorer=None):
     _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
-    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    _check_k(k)
     if page_table.device.type == "cpu":
         _check_page_table_values(page_table, query.shape[0], traj_pool.shape[0])
     return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, scorer=scorer)
@@ -266,9 +273,10 @@ def _check_written_values(k_pool: Tensor, written: Tensor) -> None:
     """As C++ on CPU; on CUDA the kernel drops slots outside the pool instead (no sync)."""
     if written.device.type == "cpu":
         slots = k_pool.shape[0] * k_pool.shape[1]
-        at = _first_bad(written >= slots)
+        at = _first_bad((written < -1) | (written >= slots))
         if at is not None:
-            raise ValueError(f"{_OP}: written slot {int(written[at])} is outside the pool of {slots} slots")
+            raise ValueError(f"{_OP}: written slot {int(written[at])} is outside the pool of {slots} slots "
+                             "(-1 = not written)")
 
 
 def _write(k_pool, v_pool, written, k, v):

@@ -101,6 +101,8 @@ def kv_write_(k_pool: Tensor, v_pool: Tensor, written: Tensor, k: Tensor, v: Ten
     (page * page_size + offset), -1 for tokens not written; k, v (B, H, n, D), cast to the pools' dtype.
     """
     H, D = k_pool.shape[2], k_pool.shape[3]
+    if H * D == 0:  # nothing to write (and view(-1, H, 0) would be ambiguous)
+        return
     idx = written.reshape(-1)
     for pool, new in ((k_pool, k), (v_pool, v)):
         _scatter_rows_(pool.view(-1, H, D), idx, new.transpose(1, 2).reshape(-1, H, D).to(pool.dtype))
