@@ -111,7 +111,7 @@ def kv_write_(k_pool: Tensor, v_pool: Tensor, written: Tensor, k: Tensor, v: Ten
 def kv_scores(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, phys: Tensor, unit_query: Tensor, now: Tensor,
               alpha: float, decay: float) -> Tensor:
     """Relevance (B, L) fp32 of physical slots phys (B, L) (-1 = none) for unit queries (B, Dt); -inf if not live."""
-    flat_traj = traj_pool.reshape(-1, traj_pool.shape[-1])
+    flat_traj = traj_pool.reshape(traj_pool.shape[0] * traj_pool.shape[1], traj_pool.shape[-1])  # (Dt may be 0)
     idx = phys.clamp_min(0)
     present = (phys >= 0) & live_pool.reshape(-1)[idx]
     # fp64 arithmetic rounded once to fp32: every backend then agrees on the fp32 scores (and so on
@@ -282,7 +282,7 @@ def kv_evict_append_(
         _scatter_rows_(pinned_w.view(-1), ev_phys, torch.zeros_like(ev_phys, dtype=torch.bool))
         _scatter_rows_(live_w.view(-1), tok_phys, torch.ones_like(tok_phys, dtype=torch.bool))
         _scatter_rows_(ts_w.view(-1), tok_phys, now.expand(n))
-        _scatter_rows_(traj_w.view(-1, Dt), tok_phys, units[b])
+        _scatter_rows_(traj_w.view(P * S, Dt), tok_phys, units[b])
         _scatter_rows_(pinned_w.view(-1), tok_phys,
                        pin[b].to(torch.bool) if pin is not None else torch.zeros_like(tok_phys, dtype=torch.bool))
         # release pages with no live slot
