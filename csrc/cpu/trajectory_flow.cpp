@@ -41,6 +41,10 @@ Shape shape_of(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2)};
 }
 
+// Position p only sees ws = min(window, p) <= T - 1 steps, so any window >= T means the same as
+// T; clamping it here keeps every index sum below (i + window <= 2 T) far from int64 overflow.
+int64_t clamp_window(int64_t window, int64_t T) { return std::min(window, std::max<int64_t>(T, 1)); }
+
 // Each task recomputes up to `window` steps before its first row, so tasks stay >= 2 * window.
 int64_t chunk_rows(int64_t T, int64_t window) {
   return std::max<int64_t>(1, std::min<int64_t>(T, std::max<int64_t>(64, 2 * window)));
@@ -234,6 +238,7 @@ at::Tensor trajectory_flow_cpu(const at::Tensor& x_in, int64_t window, double ep
   const Shape s = shape_of(x);
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
+  window = clamp_window(window, s.T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "trajectory_flow_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -260,6 +265,7 @@ at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Ten
   const Shape s = shape_of(x);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
+  window = clamp_window(window, s.T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "trajectory_flow_backward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
