@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "py_format.h"
 
 #include <algorithm>
 #include <cmath>
@@ -45,13 +46,13 @@ void check_hidden(const char* op, at::TensorList hidden) {
   TORCH_CHECK_VALUE(h0.dim() == 3, op, ": hidden[0] must have shape (B, T, D), got shape ", h0.sizes());
   const auto st = h0.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-                   ": hidden must be float32, float64, float16 or bfloat16, got ", dtype_name(st));
+                   ": hidden must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
   for (size_t i = 1; i < hidden.size(); ++i) {
     const auto& h = hidden[i];
     TORCH_CHECK_VALUE(h.sizes() == h0.sizes(), op, ": every layer must have the shape of hidden[0] ", h0.sizes(),
                       ", got ", h.sizes(), " for hidden[", i, "]");
-    TORCH_CHECK_TYPE(h.scalar_type() == st, op, ": every layer must have the dtype of hidden[0] (", dtype_name(st),
-                     "), got ", dtype_name(h.scalar_type()), " for hidden[", i, "]");
+    TORCH_CHECK_TYPE(h.scalar_type() == st, op, ": every layer must have the dtype of hidden[0] (", py_dtype(st),
+                     "), got ", py_dtype(h.scalar_type()), " for hidden[", i, "]");
     TORCH_CHECK(h.device() == h0.device(), op, ": every layer must be on the device of hidden[0] (", h0.device(),
                 "), got ", h.device(), " for hidden[", i, "]");
   }
@@ -59,17 +60,23 @@ void check_hidden(const char* op, at::TensorList hidden) {
 
 void check_index(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const char* spec,
                  const at::Tensor& h0) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", py_dtype(t.scalar_type()));
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", spec, " = ", shape_str(shape),
                     ", got shape ", t.sizes());
   TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), "), got ",
               t.device());
 }
 
+// Dtype, shape and device of every argument are checked first and index values last, in the
+// order of trajops/ops/stp_loss.py, so that an input with several faults gets the same message.
 void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, const at::Tensor& h0) {
   if (!lengths.has_value()) return;
+  check_index(op, "lengths", *lengths, {h0.size(0)}, "(B,)", h0);
+}
+
+void check_length_values(const char* op, const c10::optional<at::Tensor>& lengths, const at::Tensor& h0) {
+  if (!lengths.has_value()) return;
   const int64_t B = h0.size(0), T = h0.size(1);
-  check_index(op, "lengths", *lengths, {B}, "(B,)", h0);
   const auto len = lengths->contiguous();
   const int64_t* l = len.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -78,12 +85,17 @@ void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, con
   }
 }
 
-void check_triples(const char* op, const at::Tensor& triples, const c10::optional<at::Tensor>& lengths,
-                   const at::Tensor& h0) {
-  const int64_t B = h0.size(0), T = h0.size(1);
+void check_triples(const char* op, const at::Tensor& triples, const at::Tensor& h0) {
+  const int64_t B = h0.size(0);
   TORCH_CHECK_VALUE(triples.dim() == 3 && triples.size(0) >= 1, op,
                     ": triples must have shape (n_spans, B, 3) with n_spans >= 1, got shape ", triples.sizes());
   check_index(op, "triples", triples, {triples.size(0), B, 3}, "(n_spans, B, 3)", h0);
+}
+
+// Run after check_length_values: the lengths are then known to lie in [0, T].
+void check_triple_values(const char* op, const at::Tensor& triples, const c10::optional<at::Tensor>& lengths,
+                         const at::Tensor& h0) {
+  const int64_t B = h0.size(0), T = h0.size(1);
   const auto tri = triples.contiguous();
   const int64_t* p = tri.data_ptr<int64_t>();
   at::Tensor len;
@@ -106,8 +118,8 @@ void check_triples(const char* op, const at::Tensor& triples, const c10::optiona
 
 void check_grad(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& h0) {
   const auto acc = h0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", dtype_name(acc), ", got ",
-                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", py_dtype(acc), ", got ",
+                   py_dtype(t.scalar_type()));
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), ")");
 }
@@ -265,8 +277,10 @@ std::tuple<at::Tensor, at::Tensor> stp_loss_cpu(at::TensorList hidden_in, const 
                                                 const c10::optional<at::Tensor>& lengths) {
   const char* op = "stp_loss";
   check_hidden(op, hidden_in);
+  check_triples(op, triples_in, hidden_in[0]);
   check_lengths(op, lengths, hidden_in[0]);
-  check_triples(op, triples_in, lengths, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
+  check_triple_values(op, triples_in, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const auto triples = triples_in.contiguous();
   const int64_t L = hidden.size(), S = triples.size(0), B = hidden[0].size(0), T = hidden[0].size(1);
@@ -366,12 +380,14 @@ std::vector<at::Tensor> stp_loss_backward_cpu(const at::Tensor& grad_loss_in, co
                                               const c10::optional<at::Tensor>& lengths) {
   const char* op = "stp_loss_backward";
   check_hidden(op, hidden_in);
+  check_triples(op, triples_in, hidden_in[0]);
   check_lengths(op, lengths, hidden_in[0]);
-  check_triples(op, triples_in, lengths, hidden_in[0]);
   const int64_t L = hidden_in.size(), S = triples_in.size(0), B = hidden_in[0].size(0), T = hidden_in[0].size(1),
                 D = hidden_in[0].size(2);
   check_grad(op, "grad_loss", grad_loss_in, {L, S, B}, hidden_in[0]);
   check_grad(op, "stats", stats_in, {L, S, B, 3}, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
+  check_triple_values(op, triples_in, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const auto triples = triples_in.contiguous();
   const auto len = row_lengths(lengths, B, T);
@@ -431,6 +447,7 @@ std::tuple<at::Tensor, at::Tensor> stp_loss_dense_cpu(at::TensorList hidden_in,
   const char* op = "stp_loss_dense";
   check_hidden(op, hidden_in);
   check_lengths(op, lengths, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1);
   const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
@@ -507,6 +524,7 @@ std::vector<at::Tensor> stp_loss_dense_backward_cpu(const at::Tensor& grad_loss_
   const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
   check_grad(op, "grad_loss", grad_loss_in, {L, B, P}, hidden_in[0]);
   check_grad(op, "stats", stats_in, {L, B, Q, 2}, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const auto len = row_lengths(lengths, B, T);
   std::vector<at::Tensor> grads;

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "py_format.h"
+
 namespace trajops {
 namespace {
 
@@ -26,10 +28,10 @@ void check_flow_args(const at::Tensor& x, int64_t window, double eps) {
                     "trajectory_flow: x must have shape (B, T, D) or (T, D), got shape ", x.sizes());
   const auto st = x.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                   "trajectory_flow: x must be float32, float64, float16 or bfloat16, got ", st);
+                   "trajectory_flow: x must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
   TORCH_CHECK_VALUE(window >= 1, "trajectory_flow: window must be >= 1, got ", window);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0,
-                    "trajectory_flow: eps must be a finite number >= 0, got ", eps);
+                    "trajectory_flow: eps must be a finite number >= 0, got ", py_float(eps));
 }
 
 struct Shape {
@@ -256,8 +258,8 @@ at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Ten
   TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "trajectory_flow_backward: grad_out must have the shape of x ",
                     x_in.sizes(), ", got ", grad_in.sizes());
   TORCH_CHECK_TYPE(grad_in.scalar_type() == x_in.scalar_type(),
-                   "trajectory_flow_backward: grad_out must have the dtype of x (", x_in.scalar_type(), "), got ",
-                   grad_in.scalar_type());
+                   "trajectory_flow_backward: grad_out must have the dtype of x (", py_dtype(x_in.scalar_type()),
+                   "), got ", py_dtype(grad_in.scalar_type()));
   TORCH_CHECK(grad_in.device() == x_in.device(), "trajectory_flow_backward: grad_out and x must be on one device, got ",
               grad_in.device(), " and ", x_in.device());
   const at::Tensor x = x_in.contiguous();
