@@ -49,9 +49,11 @@ def calls():
         def empty(B=B, Tn=Tn, D=D):
             x = torch.randn(B, Tn, D, requires_grad=True)
             (trajops.stp_loss(x, 3) + trajops.stp_loss_dense(x)).backward()
-            trajops.stp_loss([x, x], triples=torch.zeros(2, B, 3, dtype=torch.long), lengths=torch.zeros(B, dtype=torch.long))
+            zeros = torch.zeros(B, dtype=torch.long)
+            trajops.stp_loss([x, x], triples=torch.zeros(2, B, 3, dtype=torch.long), lengths=zeros)
         yield f"stp empty {(B, Tn, D)}", empty
-    yield "stp huge values", lambda: trajops.stp_loss_dense(torch.tensor([[[3e38, -3e38], [-3e38, 3e38], [3e38, 3e38]]]))
+    huge = torch.tensor([[[3e38, -3e38], [-3e38, 3e38], [3e38, 3e38]]])
+    yield "stp huge values", lambda: trajops.stp_loss_dense(huge)
     yield "sampler n_spans", lambda: trajops.sample_stp_triples(2, 5, 2**62)
     yield "sampler seq_len", lambda: trajops.sample_stp_triples(2, BIG, 3, lengths=torch.tensor([BIG, -BIG - 1]))
 

@@ -28,7 +28,8 @@ NAN, INF = float("nan"), float("inf")
 # ---------------------------------------------------------------- steps too large to square
 def _line(step, D, T=4, dtype=torch.float32):
     """T points on a straight line with steps of `step` in every component (|step| ~ step sqrt(D))."""
-    return (torch.arange(T, dtype=torch.float64).view(1, T, 1) * step * torch.ones(1, 1, D, dtype=torch.float64)).to(dtype)
+    t = torch.arange(T, dtype=torch.float64).view(1, T, 1)
+    return (t * step * torch.ones(1, 1, D, dtype=torch.float64)).to(dtype)
 
 
 @pytest.mark.parametrize("D", [1, 2, 7])
@@ -135,7 +136,8 @@ BIG = 2**63 - 1
         ([[[0, 1, BIG], [0, 1, 2]]], None, r"got \(s, r, t\) = \(0, 1, 9223372036854775807\) for span 0, row 0"),
         ([[[-BIG - 1, 1, 2], [0, 1, 2]]], None, r"\(-9223372036854775808, 1, 2\) for span 0, row 0"),
         ([[[0, 1, 2], [BIG - 2, BIG - 1, BIG]]], None, r"for span 0, row 1 \(length 4\)"),
-        ([[[0, 1, 2], [0, 1, 2]]], [BIG, 3], r"lengths must be in \[0, T\] = \[0, 4\], got 9223372036854775807 for row 0"),
+        ([[[0, 1, 2], [0, 1, 2]]], [BIG, 3],
+         r"lengths must be in \[0, T\] = \[0, 4\], got 9223372036854775807 for row 0"),
         ([[[0, 1, 2], [0, 1, 2]]], [3, -BIG - 1], r"got -9223372036854775808 for row 1"),
     ],
 )

@@ -101,8 +101,17 @@ struct Cosine {
 
 // Slow path of triple_cosine, taken only when a plain sum of squares overflowed: the sums are
 // redone on a / sa and b / sb, powers of two near max|a| and max|b| (exact scalings).
+#if defined(__GNUC__)
+#define TRAJOPS_COLD __attribute__((noinline, cold))
+#define TRAJOPS_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define TRAJOPS_COLD
+#define TRAJOPS_UNLIKELY(x) (x)
+#endif
+
 template <typename acc_t, typename scalar_t>
-Cosine<acc_t> triple_cosine_scaled(const scalar_t* x0, const scalar_t* x1, const scalar_t* x2, int64_t D) {
+TRAJOPS_COLD Cosine<acc_t> triple_cosine_scaled(const scalar_t* x0, const scalar_t* x1, const scalar_t* x2,
+                                                int64_t D) {
   acc_t ma = 0, mb = 0;
   bool finite = true;
   for (int64_t k = 0; k < D; ++k) {
@@ -138,14 +147,15 @@ template <typename acc_t, typename scalar_t>
 inline Cosine<acc_t> triple_cosine(const scalar_t* x0, const scalar_t* x1, const scalar_t* x2, int64_t D) {
   acc_t aa, bb, ab;
   triple_sums<acc_t>(x0, x1, x2, D, aa, bb, ab);
-  // |ab| <= (aa + bb) / 2, so finite aa and bb also bound every partial sum of ab.
-  if (!(std::isfinite(aa) && std::isfinite(bb) && std::isfinite(ab))) {
+  // One test for all three sums (a finite sum near the limit only costs a needless slow path).
+  if (TRAJOPS_UNLIKELY(!std::isfinite(aa + bb + ab))) {
     return triple_cosine_scaled<acc_t>(x0, x1, x2, D);
   }
   const acc_t eps = static_cast<acc_t>(kEps);
   const acc_t na = std::sqrt(aa), nb = std::sqrt(bb);
-  // Divided one norm at a time: Na * Nb can overflow where the cosine does not.
-  return {na, nb, ab / (na < eps ? eps : na) / (nb < eps ? eps : nb)};
+  const acc_t Na = na < eps ? eps : na, Nb = nb < eps ? eps : nb;
+  const acc_t den = Na * Nb;  // finite here unless both norms are within rounding of sqrt(max)
+  return {na, nb, den < std::numeric_limits<acc_t>::infinity() ? ab / den : ab / Na / Nb};
 }
 
 // |x1 - x0| without intermediate overflow.

@@ -115,7 +115,8 @@ void check_triple_values(const char* op, const at::Tensor& triples, const c10::o
       if (n < 3) continue;
       const int64_t* q = p + (i * B + b) * 3;
       TORCH_CHECK_VALUE(0 <= q[0] && q[0] < q[1] && q[1] < q[2] && q[2] < n, op,
-                        ": triples must satisfy 0 <= s < r < t < length for every row of length >= 3; got (s, r, t) = (",
+                        ": triples must satisfy 0 <= s < r < t < length for every row of length >= 3; "
+                        "got (s, r, t) = (",
                         q[0], ", ", q[1], ", ", q[2], ") for span ", i, ", row ", b, " (length ", n, ")");
     }
   }
