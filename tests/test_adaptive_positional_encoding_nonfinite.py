@@ -35,6 +35,13 @@ def test_rule_on_a_small_case():
     assert torch.equal(gd[0], torch.tensor([18.0, 9.0, 0.0, 0.0], dtype=torch.float64))
     assert torch.equal(gs[1], torch.tensor([9.0, 0.0, 0.0, 0.0], dtype=torch.float64))
     assert gt[:2].isnan().all() and torch.isfinite(gt[2:]).all()
+    # A NaN of dL/ds reaches the displacements at or before its position only (the Triton reverse
+    # scan once spread it over its whole chunk).
+    g = torch.ones(1, 6, 3, dtype=torch.float64)
+    g[0, 2, 1] = NAN
+    gd, gs, _ = op_backward(g, torch.full((1, 6), 0.25, dtype=torch.float64), table, None, False)
+    assert gd[0, :3].isnan().all() and torch.isfinite(gd[0, 3:]).all()
+    assert gs[0, 2].isnan() and torch.isfinite(gs[0, [0, 1, 3, 4, 5]]).all()
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 4), (0, 4), (0, 0, 4), (3, 1, 4)])
