@@ -173,7 +173,8 @@ def _triple_finish(s_aa, s_bb, s_ab, sc_a, sc_b, IS_D1: tl.constexpr, EPS: tl.co
     na = _norm_finish(ss_a, IS_D1) * sc_a
     nb = _norm_finish(ss_b, IS_D1) * sc_b
     cos = dot * (sc_a / _clamp_eps(na, EPS, CDT)) * (sc_b / _clamp_eps(nb, EPS, CDT))
-    overflowed = ((ss_a - ss_a) != 0) | ((ss_b - ss_b) != 0) | ((dot - dot) != 0)  # x - x: NaN for Inf and NaN
+    # x - x is NaN exactly for an Inf or a NaN x
+    overflowed = ((ss_a - ss_a) != 0) | ((ss_b - ss_b) != 0) | ((dot - dot) != 0)
     return na, nb, cos, overflowed
 
 

@@ -2,7 +2,8 @@
 //
 // Semantics: trajops/reference/stp_loss.py. For a triple with a = h[r] - h[s], b = h[t] - h[r]:
 // loss = 1 - a.b / (max(|a|, eps) max(|b|, eps)). The forwards write per-triple stats (|a|, |b|,
-// a.b) so that the backwards never redo a reduction over D. All sums are in fp32 (fp64 for fp64).
+// cos) so that the backwards never redo a reduction over D. All sums are in fp32 (fp64 for fp64),
+// without intermediate overflow (the per-triple math is in stp_cosine.h).
 //
 // Determinism without atomics: every gradient row is written by exactly one task, once. The
 // sampled backward sorts each sequence's (position, span, role) entries, so repeated positions
@@ -365,7 +366,7 @@ void dense_forward(const std::vector<at::Tensor>& hidden, const std::vector<int6
       const scalar_t* x = hidden[l].data_ptr<scalar_t>() + b * T * D;
       acc_t* s = st + (l * B + b) * Q * 2;
       acc_t* lrow = lo + (l * B + b) * P;
-      // Triple q supplies |d_q| and d_q.d_{q+1}; the last valid step has no triple of its own.
+      // Triple q supplies |d_q| and its cosine; the last valid step has no triple of its own.
       for (int64_t q = q0; q < q1; ++q) {
         if (q + 1 < nq) {
           const auto cs = triple_cosine<acc_t>(x + q * D, x + (q + 1) * D, x + (q + 2) * D, D);

@@ -5,7 +5,7 @@ kernels by device, and exposes the public functions ``sample_stp_triples``, ``st
 ``stp_loss_dense``. The CPU C++ kernels live in csrc/cpu/stp_loss.cpp, the Triton ones in
 triton_kernels/stp_loss.py, the semantics in trajops/reference/stp_loss.py.
 
-The ops return per-triple losses plus small ``stats`` (norms and dot products per triple) that the
+The ops return per-triple losses plus small ``stats`` (norms and cosines per triple) that the
 backward reuses, so that neither backward recomputes a reduction over D: the backward of the sampled
 loss is then one pass over the touched rows, the dense backward one pass over h.
 """
