@@ -131,13 +131,13 @@ def test_reference_matches_seed_loop(L, B, T, D, S):
     # The public function samples the seed's triples itself (whatever backend this run has).
     got = trajops.stp_loss(hidden if L > 1 else hidden[0], S, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-    # stats = (|a|, |b|, a.b), a = h[r] - h[s], b = h[t] - h[r]
+    # stats = (|a|, |b|, cos), a = h[r] - h[s], b = h[t] - h[r]
     for layer, h in enumerate(hidden):
         for i in range(S):
             for b in range(B):
                 s, r, t = triples[i, b].tolist()
                 a, bb = h[b, r] - h[b, s], h[b, t] - h[b, r]
-                want = torch.stack([a.norm(), bb.norm(), a.dot(bb)])
+                want = torch.stack([a.norm(), bb.norm(), F.cosine_similarity(bb, a, dim=0, eps=1e-8)])
                 torch.testing.assert_close(stats[layer, i, b], want, atol=1e-12, rtol=1e-12)
     # The gradient of the seed's mean.
     leaves = [h.clone().requires_grad_() for h in hidden]
@@ -165,7 +165,8 @@ def test_seed_semantics_small_cases():
         loss, stats = backend([h], None)
         torch.testing.assert_close(loss[0, 0], d_want, atol=1e-12, rtol=0)
         torch.testing.assert_close(stats[0, 0, :, 0], torch.tensor([1, 1, 1, 2, 1, math.sqrt(2)], dtype=torch.float64))
-        torch.testing.assert_close(stats[0, 0, :, 1], torch.tensor([0.0, 1, 2, -2, -1, 0], dtype=torch.float64))
+        torch.testing.assert_close(stats[0, 0, :, 1], torch.tensor([0.0, 1, 1, -1, -1 / math.sqrt(2), 0],
+                                                                   dtype=torch.float64))
 
 
 @pytest.mark.parametrize("zero_step", [False, True])

@@ -125,12 +125,13 @@ def _reverse_scan_kernel(gs_ptr, gd_ptr, gso_ptr, T, BLOCK_T: tl.constexpr):
     carry = tl.full([], 0.0, tl.float64)
     n_chunks = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_chunks):
-        t = (n_chunks - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        # The chunk is walked backwards (t descending), so a plain prefix scan is the suffix sum:
+        # total - prefix + x would spread one NaN/Inf of gs over positions it does not reach.
+        t = (n_chunks - 1 - i) * BLOCK_T + (BLOCK_T - 1 - tl.arange(0, BLOCK_T))
         m = t < T
         x = tl.load(gs_ptr + row0 + t, mask=m, other=0.0)
-        tot = tl.sum(x, 0)
-        suffix = carry + (tot - tl.cumsum(x, 0) + x)
-        carry += tot
+        suffix = carry + tl.cumsum(x, 0)
+        carry += tl.sum(x, 0)
         tl.store(gd_ptr + row0 + t, suffix.to(gd_ptr.dtype.element_ty), mask=m)
         tl.store(gso_ptr + row0 + t, x.to(gso_ptr.dtype.element_ty), mask=m)
 

@@ -11,8 +11,11 @@ shape, dtype and device; ``lengths`` an optional contiguous (B,) int64 tensor):
 
 Notation: for a triple s < r < t of row b, ``a = h[r] - h[s]``, ``b = h[t] - h[r]``,
 ``Na = max(|a|, eps)``, ``Nb = max(|b|, eps)``, ``cos = a.b / (Na Nb)``, ``loss = 1 - cos``; with
-``w = -grad``, ``ga = (w / Na) (b / Nb - cos inv(|a|) a)``, ``gb = (w / Nb) (a / Na - cos inv(|b|) b)``
-(``inv(x) = 1 / x``, 0 at x = 0), and ``dh[s] -= ga``, ``dh[r] += ga - gb``, ``dh[t] += gb``.
+``w = -grad``, ``ga = (w / Na) (b / Nb - ca a)``, ``gb = (w / Nb) (a / Na - cb b)``
+(``ca = cos / |a|``, 0 at |a| = 0; bounded by 1 / Na), and ``dh[s] -= ga``, ``dh[r] += ga - gb``,
+``dh[t] += gb``. No intermediate overflows: when a plain sum of squares (or a.b) is not finite,
+the forwards redo that program's sums on a / max|a| and b / max|b| (two more loops over D that
+finite hidden states below ~1e19 in fp32 never take), and the stats carry cos, not a.b.
 Everything is computed in fp32 (fp64 for fp64 inputs); losses and stats are stored in that dtype,
 gradients in the input dtype.
 
@@ -107,20 +110,22 @@ def _clamp_eps(n, EPS: tl.constexpr, CDT: tl.constexpr):
 
 
 @triton.jit
-def _cos_coefs(w, na, nb, dot, EPS: tl.constexpr, CDT: tl.constexpr):
+def _cos_coefs(w, na, nb, cos, EPS: tl.constexpr, CDT: tl.constexpr):
     """Per-triple scalars of ga = wa (b / Nb - ca a) and gb = wb (a / Na - cb b).
 
-    Returns (wa, wb, Na, Nb, ca, cb) with wa = w / Na, wb = w / Nb, ca = cos inv(|a|),
-    cb = cos inv(|b|), computed in the reference's order.
+    Returns (wa, wb, Na, Nb, ca, cb) with wa = w / Na, wb = w / Nb, ca = cos / |a|,
+    cb = cos / |b| (0 at a zero norm), computed in the reference's order.
     """
+    # A non-finite weight gives NaN rows, as the reference (Inf times a term that rounds to 0 or
+    # not would make the Inf/NaN pattern depend on the rounding of each backend).
+    w = w + (w - w)  # w - w: 0 for finite w, NaN for +-Inf (fewer registers than a where)
     Na = _clamp_eps(na, EPS, CDT)
     Nb = _clamp_eps(nb, EPS, CDT)
-    cos = dot / (Na * Nb)
     pa = na > 0
     pb = nb > 0
-    inv_na = tl.where(pa, 1.0 / tl.where(pa, na, 1.0), 0.0)
-    inv_nb = tl.where(pb, 1.0 / tl.where(pb, nb, 1.0), 0.0)
-    return w / Na, w / Nb, Na, Nb, cos * inv_na, cos * inv_nb
+    ca = tl.where(pa, cos / tl.where(pa, na, 1.0), 0.0)
+    cb = tl.where(pb, cos / tl.where(pb, nb, 1.0), 0.0)
+    return w / Na, w / Nb, Na, Nb, ca, cb
 
 
 @triton.jit
@@ -155,12 +160,116 @@ def _flagged(bad, use, value, CDT: tl.constexpr):
 
 
 @triton.jit
-def _triple_finish(s_aa, s_bb, s_ab, IS_D1: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr):
-    """|a|, |b|, a.b and cos(b, a) of a tile of triples from their per-column partial sums."""
-    na = _norm_finish(tl.sum(s_aa, axis=1), IS_D1)
-    nb = _norm_finish(tl.sum(s_bb, axis=1), IS_D1)
+def _triple_finish(s_aa, s_bb, s_ab, sc_a, sc_b, IS_D1: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr):
+    """(|a|, |b|, cos(b, a), overflowed) of a tile of triples from the per-column partial sums of
+    a / sc_a and b / sc_b (per-triple scales; 1 on the first pass).
+
+    cos = (a.b / (sc_a sc_b)) (sc_a / Na) (sc_b / Nb): sc_a <= Na, so nothing overflows once the
+    sums are finite. ``overflowed`` flags the triples whose sums were not (they need a scaled pass).
+    """
+    ss_a = tl.sum(s_aa, axis=1)
+    ss_b = tl.sum(s_bb, axis=1)
     dot = tl.sum(s_ab, axis=1)
-    return na, nb, dot, dot / (_clamp_eps(na, EPS, CDT) * _clamp_eps(nb, EPS, CDT))
+    na = _norm_finish(ss_a, IS_D1) * sc_a
+    nb = _norm_finish(ss_b, IS_D1) * sc_b
+    cos = dot * (sc_a / _clamp_eps(na, EPS, CDT)) * (sc_b / _clamp_eps(nb, EPS, CDT))
+    # x - x is NaN exactly for an Inf or a NaN x
+    overflowed = ((ss_a - ss_a) != 0) | ((ss_b - ss_b) != 0) | ((dot - dot) != 0)
+    return na, nb, cos, overflowed
+
+
+@triton.jit
+def _scale_of(m, CDT: tl.constexpr):
+    """The scale of a scaled pass: max|v| when it is finite and > 0, else 1 (a NaN or Inf step
+    gives the same NaN either way)."""
+    ok = (m > 0) & ((m - m) == 0)
+    return tl.where(ok, m, tl.full([], 1.0, CDT))
+
+
+@triton.jit
+def _triple_steps(h_ptr, base_s, base_r, base_t, use, cols, D, CDT: tl.constexpr):
+    """(a, b) = (h[r] - h[s], h[t] - h[r]) tiles of sampled triples at columns cols (0 where masked)."""
+    m = use[:, None] & (cols < D)[None, :]
+    hs = tl.load(h_ptr + base_s[:, None] + cols[None, :], mask=m, other=0.0).to(CDT)
+    hr = tl.load(h_ptr + base_r[:, None] + cols[None, :], mask=m, other=0.0).to(CDT)
+    ht = tl.load(h_ptr + base_t[:, None] + cols[None, :], mask=m, other=0.0).to(CDT)
+    return hr - hs, ht - hr
+
+
+@triton.jit
+def _dense_steps(h_ptr, rows, step_ok, tri_ok, cols, D, CDT: tl.constexpr):
+    """(d_q, d_{q+1}) tiles of the dense triples q at columns cols; d_{q+1} is 0 past the row's
+    length (its h row is never loaded there)."""
+    c_ok = (cols < D)[None, :]
+    m2 = tri_ok[:, None] & c_ok
+    p = h_ptr + rows[:, None] + cols[None, :]
+    h0 = tl.load(p, mask=step_ok[:, None] & c_ok, other=0.0).to(CDT)
+    h1 = tl.load(p + D, mask=step_ok[:, None] & c_ok, other=0.0).to(CDT)
+    h2 = tl.load(p + 2 * D, mask=m2, other=0.0).to(CDT)
+    return h1 - h0, tl.where(m2, h2 - h1, 0.0)
+
+
+@triton.jit
+def _pair_sums(h_ptr, base0, base1, base2, ok0, ok1, D, sc_a, sc_b, DENSE: tl.constexpr, SCALED: tl.constexpr,
+               IS_D1: tl.constexpr, CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-column partial sums of |a|^2, |b|^2 and a.b (of a / sc_a and b / sc_b with SCALED) over
+    all of D, for the sampled triples (bases of s, r, t; ok0 = use) or the dense ones (DENSE: base0
+    = the rows of h[q], ok0 / ok1 = step_ok / tri_ok)."""
+    s_aa = tl.zeros([BLOCK_R, BLOCK_D], dtype=CDT)
+    s_bb = tl.zeros([BLOCK_R, BLOCK_D], dtype=CDT)
+    s_ab = tl.zeros([BLOCK_R, BLOCK_D], dtype=CDT)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        if DENSE:
+            a, b = _dense_steps(h_ptr, base0, ok0, ok1, cols, D, CDT)
+        else:
+            a, b = _triple_steps(h_ptr, base0, base1, base2, ok0, cols, D, CDT)
+        if SCALED:
+            a = a / sc_a[:, None]
+            b = b / sc_b[:, None]
+        s_aa += _norm_term(a, IS_D1)
+        s_bb += _norm_term(b, IS_D1)
+        s_ab += a * b
+    return s_aa, s_bb, s_ab
+
+
+@triton.jit
+def _pair_scales(h_ptr, base0, base1, base2, ok0, ok1, D, DENSE: tl.constexpr, CDT: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(scale of a, scale of b) per row for the scaled pass: max|a|, max|b| (see _scale_of)."""
+    ma = tl.zeros([BLOCK_R, BLOCK_D], dtype=CDT)
+    mb = tl.zeros([BLOCK_R, BLOCK_D], dtype=CDT)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        if DENSE:
+            a, b = _dense_steps(h_ptr, base0, ok0, ok1, cols, D, CDT)
+        else:
+            a, b = _triple_steps(h_ptr, base0, base1, base2, ok0, cols, D, CDT)
+        ma = tl.maximum(ma, tl.abs(a))
+        mb = tl.maximum(mb, tl.abs(b))
+    return _scale_of(tl.max(ma, axis=1), CDT), _scale_of(tl.max(mb, axis=1), CDT)
+
+
+@triton.jit
+def _pair_cosine(h_ptr, base0, base1, base2, ok0, ok1, D, DENSE: tl.constexpr, IS_D1: tl.constexpr,
+                 EPS: tl.constexpr, CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(|a|, |b|, cos(b, a)) per row without intermediate overflow: one pass of plain sums; if one
+    overflowed (or met a NaN/Inf), two more passes (the scales, then the scaled sums) whose results
+    replace the overflowed rows. The max accumulators live only in that rare branch: in the main
+    loop they cost registers."""
+    one = tl.full([BLOCK_R], 1.0, CDT)
+    s_aa, s_bb, s_ab = _pair_sums(h_ptr, base0, base1, base2, ok0, ok1, D, one, one, DENSE, False, IS_D1, CDT,
+                                  BLOCK_R, BLOCK_D)
+    na, nb, cos, ovf = _triple_finish(s_aa, s_bb, s_ab, one, one, IS_D1, EPS, CDT)
+    if tl.max(ovf.to(tl.int32), axis=0) > 0:
+        sc_a, sc_b = _pair_scales(h_ptr, base0, base1, base2, ok0, ok1, D, DENSE, CDT, BLOCK_R, BLOCK_D)
+        s_aa, s_bb, s_ab = _pair_sums(h_ptr, base0, base1, base2, ok0, ok1, D, sc_a, sc_b, DENSE, True, IS_D1,
+                                      CDT, BLOCK_R, BLOCK_D)
+        na2, nb2, cos2, ovf2 = _triple_finish(s_aa, s_bb, s_ab, sc_a, sc_b, IS_D1, EPS, CDT)
+        na = tl.where(ovf, na2, na)
+        nb = tl.where(ovf, nb2, nb)
+        cos = tl.where(ovf, cos2, cos)
+    return na, nb, cos
 
 
 @triton.jit
@@ -172,7 +281,7 @@ def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, loss_ptr, stats_ptr,
     """Loss and stats of BLOCK_N sampled triples, flat index n = (l * S + s) * B + b.
 
     h: layer 0 of L (B, T, D) layers (the others at element offsets off[l]); triples (S, B, 3);
-    loss (L, S, B); stats (L, S, B, 3) = (|a|, |b|, a.b). Grid: cdiv(N, BLOCK_N), N = L * S * B.
+    loss (L, S, B); stats (L, S, B, 3) = (|a|, |b|, cos). Grid: cdiv(N, BLOCK_N), N = L * S * B.
     """
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,29 +303,16 @@ def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, loss_ptr, stats_ptr,
     base_s = row0 + tl.where(use, s, 0) * D
     base_r = row0 + tl.where(use, r, 0) * D
     base_t = row0 + tl.where(use, t, 0) * D
-    sa = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
-    sb2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
-    sd = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        m = use[:, None] & (cols < D)[None, :]
-        hs = tl.load(h_ptr + base_s[:, None] + cols[None, :], mask=m, other=0.0).to(CDT)
-        hr = tl.load(h_ptr + base_r[:, None] + cols[None, :], mask=m, other=0.0).to(CDT)
-        ht = tl.load(h_ptr + base_t[:, None] + cols[None, :], mask=m, other=0.0).to(CDT)
-        a = hr - hs
-        bb = ht - hr
-        sa += _norm_term(a, IS_D1)
-        sb2 += _norm_term(bb, IS_D1)
-        sd += a * bb
-    na, nb, dot, cos = _triple_finish(sa, sb2, sd, IS_D1, EPS, CDT)
+    na, nb, cos = _pair_cosine(h_ptr, base_s, base_r, base_t, use, use, D, False, IS_D1, EPS, CDT,
+                               BLOCK_N, BLOCK_D)
     loss = _flagged(flag, use, 1.0 - cos, CDT)
     na = _flagged(flag, use, na, CDT)
     nb = _flagged(flag, use, nb, CDT)
-    dot = _flagged(flag, use, dot, CDT)
+    cos = _flagged(flag, use, cos, CDT)
     tl.store(loss_ptr + n, loss, mask=n_ok)
     tl.store(stats_ptr + n * 3, na, mask=n_ok)
     tl.store(stats_ptr + n * 3 + 1, nb, mask=n_ok)
-    tl.store(stats_ptr + n * 3 + 2, dot, mask=n_ok)
+    tl.store(stats_ptr + n * 3 + 2, cos, mask=n_ok)
 
 
 @triton.jit
@@ -236,19 +332,19 @@ def _span_check(s, r, t, in_range, row_ok, ln):
 
 @triton.jit
 def _span_loads(h_ptr, h_row0, gl_ptr, stats_ptr, k, ok, s, r, t, cols, D):
-    """Issues the loads of one span: -grad, (|a|, |b|, a.b) and the three h rows (raw dtype).
+    """Issues the loads of one span: -grad, (|a|, |b|, cos) and the three h rows (raw dtype).
 
     Nothing here uses the loaded values, so the warp does not wait for them."""
     w = -tl.load(gl_ptr + k, mask=ok, other=0.0)
     na = tl.load(stats_ptr + k * 3, mask=ok, other=1.0)
     nb = tl.load(stats_ptr + k * 3 + 1, mask=ok, other=1.0)
-    dot = tl.load(stats_ptr + k * 3 + 2, mask=ok, other=0.0)
+    cos = tl.load(stats_ptr + k * 3 + 2, mask=ok, other=0.0)
     # (scalar ok) & (vector) as an integer bound: the interpreter mistypes a splat scalar i1.
     m = cols < tl.where(ok, D, 0)
     hs = tl.load(h_ptr + h_row0 + s * D + cols, mask=m, other=0.0)
     hr = tl.load(h_ptr + h_row0 + r * D + cols, mask=m, other=0.0)
     ht = tl.load(h_ptr + h_row0 + t * D + cols, mask=m, other=0.0)
-    return w, na, nb, dot, hs, hr, ht
+    return w, na, nb, cos, hs, hr, ht
 
 
 @triton.jit
@@ -282,14 +378,14 @@ def _stp_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, tri_ptr, len_ptr, gl_ptr, 
     # prologue: span 0 checked and loaded, span 1's raw indices
     s_, r_, t_ = _span_indices(tri_ptr, 0, S, B, b)
     ok0, s0, r0, t0 = _span_check(s_, r_, t_, S > 0, row_ok, ln)
-    w0, na0, nb0, dot0, hs0, hr0, ht0 = _span_loads(h_ptr, h_row0, gl_ptr, stats_ptr, k_row,
+    w0, na0, nb0, cos0, hs0, hr0, ht0 = _span_loads(h_ptr, h_row0, gl_ptr, stats_ptr, k_row,
                                                     ok0, s0, r0, t0, cols, D)
     s1, r1, t1 = _span_indices(tri_ptr, 1, S, B, b)
     for i in range(0, S):
         # prefetch: span i+1 (indices loaded one iteration ago) and span i+2's indices
         ok1, s1c, r1c, t1c = _span_check(s1, r1, t1, i + 1 < S, row_ok, ln)
         k1 = k_row + tl.minimum(i + 1, S - 1).to(tl.int64) * B
-        w1, na1, nb1, dot1, hs1, hr1, ht1 = _span_loads(h_ptr, h_row0, gl_ptr, stats_ptr, k1,
+        w1, na1, nb1, cos1, hs1, hr1, ht1 = _span_loads(h_ptr, h_row0, gl_ptr, stats_ptr, k1,
                                                         ok1, s1c, r1c, t1c, cols, D)
         s2, r2, t2 = _span_indices(tri_ptr, i + 2, S, B, b)
         # read-modify-write of span i. s < r < t are distinct rows, so all three loads may
@@ -302,7 +398,7 @@ def _stp_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, tri_ptr, len_ptr, gl_ptr, 
         acc_s = tl.load(ps, mask=m, other=0.0).to(CDT)
         acc_r = tl.load(pr, mask=m, other=0.0).to(CDT)
         acc_t = tl.load(pt, mask=m, other=0.0).to(CDT)
-        wa, wb, Na, Nb, ca, cb = _cos_coefs(w0, na0, nb0, dot0, EPS, CDT)
+        wa, wb, Na, Nb, ca, cb = _cos_coefs(w0, na0, nb0, cos0, EPS, CDT)
         hs = hs0.to(CDT)
         hr = hr0.to(CDT)
         ht = ht0.to(CDT)
@@ -315,7 +411,7 @@ def _stp_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, tri_ptr, len_ptr, gl_ptr, 
         tl.store(pt, (acc_t + gb).to(g_ptr.dtype.element_ty), mask=m)
         # rotate
         ok0, s0, r0, t0 = ok1, s1c, r1c, t1c
-        w0, na0, nb0, dot0 = w1, na1, nb1, dot1
+        w0, na0, nb0, cos0 = w1, na1, nb1, cos1
         hs0, hr0, ht0 = hs1, hr1, ht1
         s1, r1, t1 = s2, r2, t2
 
@@ -328,7 +424,7 @@ def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, loss_ptr, stats_ptr,
                           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Dense loss of the triples q and stats of the steps q = q0 .. q0 + BLOCK_P - 1 of one row.
 
-    loss (L, B, T-2); stats (L, B, T-1, 2) = (|d_q|, d_q.d_{q+1}). Grid: L * B * n_q programs,
+    loss (L, B, T-2); stats (L, B, T-1, 2) = (|d_q|, cos_q). Grid: L * B * n_q programs,
     n_q = cdiv(T - 1, BLOCK_P) (T >= 2; with T == 2 nothing is stored into loss).
     """
     pid = tl.program_id(0)
@@ -344,31 +440,15 @@ def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, loss_ptr, stats_ptr,
     tri_ok = q + 2 < lenc
     row0 = _layer_offset(off_ptr, layer, MULTI, OFF_ALIGNED) + b.to(tl.int64) * T * D
     rows = row0 + q.to(tl.int64) * D
-    s0 = tl.zeros([BLOCK_P, BLOCK_D], dtype=CDT)
-    s1 = tl.zeros([BLOCK_P, BLOCK_D], dtype=CDT)
-    sd = tl.zeros([BLOCK_P, BLOCK_D], dtype=CDT)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        c_ok = (cols < D)[None, :]
-        m1 = step_ok[:, None] & c_ok
-        m2 = tri_ok[:, None] & c_ok
-        p = h_ptr + rows[:, None] + cols[None, :]
-        h0 = tl.load(p, mask=m1, other=0.0).to(CDT)
-        h1 = tl.load(p + D, mask=m1, other=0.0).to(CDT)
-        h2 = tl.load(p + 2 * D, mask=m2, other=0.0).to(CDT)
-        d0v = h1 - h0
-        d1v = tl.where(m2, h2 - h1, 0.0)
-        s0 += _norm_term(d0v, IS_D1)
-        s1 += _norm_term(d1v, IS_D1)
-        sd += d0v * d1v
-    n0, _, dot, cos = _triple_finish(s0, s1, sd, IS_D1, EPS, CDT)
+    n0, n1, cos = _pair_cosine(h_ptr, rows, rows, rows, step_ok, tri_ok, D, True, IS_D1, EPS, CDT,
+                               BLOCK_P, BLOCK_D)
     loss = _flagged(bad_len, tri_ok, 1.0 - cos, CDT)
     n0 = _flagged(bad_len, step_ok, n0, CDT)
-    dot = _flagged(bad_len, tri_ok, dot, CDT)
+    cos = _flagged(bad_len, tri_ok, cos, CDT)
     tl.store(loss_ptr + lb.to(tl.int64) * (T - 2) + q, loss, mask=q < T - 2)
     st = stats_ptr + (lb.to(tl.int64) * (T - 1) + q) * 2
     tl.store(st, n0, mask=q < T - 1)
-    tl.store(st + 1, dot, mask=q < T - 1)
+    tl.store(st + 1, cos, mask=q < T - 1)
 
 
 @triton.jit
@@ -380,9 +460,9 @@ def _dense_triple(gl_ptr, stats_ptr, lb, T, p, lenc, EPS: tl.constexpr, CDT: tl.
     w = -tl.load(gl_ptr + lb * (T - 2) + pc, mask=ok, other=0.0)
     st = stats_ptr + (lb * (T - 1) + pc) * 2
     na = tl.load(st, mask=ok, other=1.0)
-    dot = tl.load(st + 1, mask=ok, other=0.0)
+    cos = tl.load(st + 1, mask=ok, other=0.0)
     nb = tl.load(st + 2, mask=ok, other=1.0)
-    wa, wb, Na, Nb, ca, cb = _cos_coefs(w, na, nb, dot, EPS, CDT)
+    wa, wb, Na, Nb, ca, cb = _cos_coefs(w, na, nb, cos, EPS, CDT)
     return ok, wa, wb, Na, Nb, ca, cb
 
 
@@ -527,7 +607,7 @@ def _len_arg(lengths: Optional[torch.Tensor], dummy: torch.Tensor):
 
 def stp_fwd(hidden: List[torch.Tensor], triples: torch.Tensor,
             lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sampled STP loss: loss (L, S, B) and stats (L, S, B, 3) = (|a|, |b|, a.b), compute dtype.
+    """Sampled STP loss: loss (L, S, B) and stats (L, S, B, 3) = (|a|, |b|, cos), compute dtype.
 
     triples (S, B, 3) int64 contiguous. Invalid triples of active rows (and rows with lengths
     outside [0, T]) get NaN loss and stats; inactive rows get 0.
@@ -603,7 +683,7 @@ def stp_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[torch.Ten
 def stp_dense_fwd(hidden: List[torch.Tensor],
                   lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense STP loss over every (p, p+1, p+2): loss (L, B, max(T-2, 0)) and stats
-    (L, B, max(T-1, 0), 2) = (|d_q|, d_q.d_{q+1}), compute dtype (reference.stp_loss_dense)."""
+    (L, B, max(T-1, 0), 2) = (|d_q|, cos_q), compute dtype (reference.stp_loss_dense)."""
     _check_layers(hidden)
     h0 = hidden[0]
     B, T, D = h0.shape

@@ -427,6 +427,12 @@ def _step_stats(x: torch.Tensor, window: int, eps: float, invert: bool):
     return n, th, sa, K, tcdt
 
 
+def _clamp_window(window: int, T: int) -> int:
+    """Position p sees min(window, p) <= T - 1 steps, so every window >= T acts as T; clamping keeps
+    the kernels' index arithmetic (p + k, window as an int32 argument) far from any overflow."""
+    return min(int(window), T)
+
+
 def trajectory_flow_fwd(x: torch.Tensor, window: int, eps: float) -> torch.Tensor:
     """Trajectory flow of x: (B, T, D) contiguous -> out (B, T, D), x's dtype and device.
 
@@ -436,7 +442,7 @@ def trajectory_flow_fwd(x: torch.Tensor, window: int, eps: float) -> torch.Tenso
     B, T, D = x.shape
     if T < 2 or x.numel() == 0:
         return torch.zeros_like(x)
-    window, eps = int(window), float(eps)
+    window, eps = _clamp_window(window, T), float(eps)
     n, th, S, K, tcdt = _step_stats(x, window, eps, invert=False)
     out = torch.empty_like(x)
     bt, bd = _chunked_blocks(T, D, K, x.element_size())
@@ -456,7 +462,7 @@ def trajectory_flow_bwd(grad_out: torch.Tensor, x: torch.Tensor, window: int, ep
     B, T, D = x.shape
     if T < 2 or x.numel() == 0:
         return torch.zeros_like(x)
-    window, eps = int(window), float(eps)
+    window, eps = _clamp_window(window, T), float(eps)
     n, th, a, K, tcdt = _step_stats(x, window, eps, invert=True)
     q = torch.empty_like(n)
     s = torch.empty_like(n)

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "py_format.h"
 
 namespace trajops {
 namespace {
@@ -40,11 +41,11 @@ void check_args(const at::Tensor& d, const at::Tensor& pe, const std::optional<a
   TORCH_CHECK_VALUE(d.dim() == 1 || d.dim() == 2, kName, ": displacement must have shape (B, T) or (T,), got shape ",
                     list_str(d.sizes()));
   TORCH_CHECK_TYPE(is_kernel_dtype(d.scalar_type()), kName,
-                   ": displacement must be float32, float64, float16 or bfloat16, got ", dtype_name(d.scalar_type()));
+                   ": displacement must be float32, float64, float16 or bfloat16, got ", py_dtype(d.scalar_type()));
   TORCH_CHECK_VALUE(pe.dim() == 2 && pe.size(0) >= 1, kName,
                     ": pe_table must have shape (max_len, E) with max_len >= 1, got shape ", list_str(pe.sizes()));
   TORCH_CHECK_TYPE(pe.scalar_type() == d.scalar_type(), kName, ": pe_table must have the dtype of displacement (",
-                   dtype_name(d.scalar_type()), "), got ", dtype_name(pe.scalar_type()));
+                   py_dtype(d.scalar_type()), "), got ", py_dtype(pe.scalar_type()));
   TORCH_CHECK(pe.device() == d.device(), kName, ": displacement and pe_table must be on one device, got ", d.device(),
               " and ", pe.device());
   if (!positions.has_value()) return;
@@ -54,7 +55,7 @@ void check_args(const at::Tensor& d, const at::Tensor& pe, const std::optional<a
                     ": positions must have shape (T,) = (", T, ",) or the shape of displacement ", list_str(d.sizes()),
                     ", got shape ", list_str(p.sizes()));
   TORCH_CHECK_TYPE(p.scalar_type() != at::kBool && !at::isComplexType(p.scalar_type()), kName,
-                   ": positions must be a real (integer or floating) tensor, got ", dtype_name(p.scalar_type()));
+                   ": positions must be a real (integer or floating) tensor, got ", py_dtype(p.scalar_type()));
   TORCH_CHECK(p.device() == d.device(), kName, ": displacement and positions must be on one device, got ", d.device(),
               " and ", p.device());
 }
@@ -165,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apenc_backward_cpu(const at::Tens
   TORCH_CHECK_VALUE(g_in.sizes() == at::IntArrayRef(shape), kName, "_backward: grad_out must have the output's shape ",
                     list_str(shape), ", got ", list_str(g_in.sizes()));
   TORCH_CHECK_TYPE(g_in.scalar_type() == pe_in.scalar_type(), kName,
-                   "_backward: grad_out must have the dtype of pe_table (", dtype_name(pe_in.scalar_type()), "), got ",
-                   dtype_name(g_in.scalar_type()));
+                   "_backward: grad_out must have the dtype of pe_table (", py_dtype(pe_in.scalar_type()), "), got ",
+                   py_dtype(g_in.scalar_type()));
   TORCH_CHECK(g_in.device() == d_in.device(), kName, "_backward: grad_out and displacement must be on one device, got ",
               g_in.device(), " and ", d_in.device());
   const at::Tensor pe = pe_in.contiguous();

@@ -2,7 +2,8 @@
 //
 // Semantics: trajops/reference/stp_loss.py. For a triple with a = h[r] - h[s], b = h[t] - h[r]:
 // loss = 1 - a.b / (max(|a|, eps) max(|b|, eps)). The forwards write per-triple stats (|a|, |b|,
-// a.b) so that the backwards never redo a reduction over D. All sums are in fp32 (fp64 for fp64).
+// cos) so that the backwards never redo a reduction over D. All sums are in fp32 (fp64 for fp64),
+// without intermediate overflow (the per-triple math is in stp_cosine.h).
 //
 // Determinism without atomics: every gradient row is written by exactly one task, once. The
 // sampled backward sorts each sequence's (position, span, role) entries, so repeated positions
@@ -16,6 +17,8 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "py_format.h"
+#include "stp_cosine.h"
 
 #include <algorithm>
 #include <cmath>
@@ -35,7 +38,11 @@
 namespace trajops {
 namespace {
 
-constexpr double kEps = 1e-8;  // torch.nn.functional.cosine_similarity's default
+using stp::CosGrad;
+using stp::Term;
+using stp::add_cos_grad;
+using stp::step_norm;
+using stp::triple_cosine;
 
 // ---------------------------------------------------------------- checks
 // Messages match trajops/ops/stp_loss.py so every backend fails the same way.
@@ -45,13 +52,13 @@ void check_hidden(const char* op, at::TensorList hidden) {
   TORCH_CHECK_VALUE(h0.dim() == 3, op, ": hidden[0] must have shape (B, T, D), got shape ", h0.sizes());
   const auto st = h0.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-                   ": hidden must be float32, float64, float16 or bfloat16, got ", dtype_name(st));
+                   ": hidden must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
   for (size_t i = 1; i < hidden.size(); ++i) {
     const auto& h = hidden[i];
     TORCH_CHECK_VALUE(h.sizes() == h0.sizes(), op, ": every layer must have the shape of hidden[0] ", h0.sizes(),
                       ", got ", h.sizes(), " for hidden[", i, "]");
-    TORCH_CHECK_TYPE(h.scalar_type() == st, op, ": every layer must have the dtype of hidden[0] (", dtype_name(st),
-                     "), got ", dtype_name(h.scalar_type()), " for hidden[", i, "]");
+    TORCH_CHECK_TYPE(h.scalar_type() == st, op, ": every layer must have the dtype of hidden[0] (", py_dtype(st),
+                     "), got ", py_dtype(h.scalar_type()), " for hidden[", i, "]");
     TORCH_CHECK(h.device() == h0.device(), op, ": every layer must be on the device of hidden[0] (", h0.device(),
                 "), got ", h.device(), " for hidden[", i, "]");
   }
@@ -59,17 +66,23 @@ void check_hidden(const char* op, at::TensorList hidden) {
 
 void check_index(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const char* spec,
                  const at::Tensor& h0) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", py_dtype(t.scalar_type()));
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", spec, " = ", shape_str(shape),
                     ", got shape ", t.sizes());
   TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), "), got ",
               t.device());
 }
 
+// Dtype, shape and device of every argument are checked first and index values last, in the
+// order of trajops/ops/stp_loss.py, so that an input with several faults gets the same message.
 void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, const at::Tensor& h0) {
   if (!lengths.has_value()) return;
+  check_index(op, "lengths", *lengths, {h0.size(0)}, "(B,)", h0);
+}
+
+void check_length_values(const char* op, const c10::optional<at::Tensor>& lengths, const at::Tensor& h0) {
+  if (!lengths.has_value()) return;
   const int64_t B = h0.size(0), T = h0.size(1);
-  check_index(op, "lengths", *lengths, {B}, "(B,)", h0);
   const auto len = lengths->contiguous();
   const int64_t* l = len.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -78,12 +91,17 @@ void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, con
   }
 }
 
-void check_triples(const char* op, const at::Tensor& triples, const c10::optional<at::Tensor>& lengths,
-                   const at::Tensor& h0) {
-  const int64_t B = h0.size(0), T = h0.size(1);
+void check_triples(const char* op, const at::Tensor& triples, const at::Tensor& h0) {
+  const int64_t B = h0.size(0);
   TORCH_CHECK_VALUE(triples.dim() == 3 && triples.size(0) >= 1, op,
                     ": triples must have shape (n_spans, B, 3) with n_spans >= 1, got shape ", triples.sizes());
   check_index(op, "triples", triples, {triples.size(0), B, 3}, "(n_spans, B, 3)", h0);
+}
+
+// Run after check_length_values: the lengths are then known to lie in [0, T].
+void check_triple_values(const char* op, const at::Tensor& triples, const c10::optional<at::Tensor>& lengths,
+                         const at::Tensor& h0) {
+  const int64_t B = h0.size(0), T = h0.size(1);
   const auto tri = triples.contiguous();
   const int64_t* p = tri.data_ptr<int64_t>();
   at::Tensor len;
@@ -98,7 +116,8 @@ void check_triples(const char* op, const at::Tensor& triples, const c10::optiona
       if (n < 3) continue;
       const int64_t* q = p + (i * B + b) * 3;
       TORCH_CHECK_VALUE(0 <= q[0] && q[0] < q[1] && q[1] < q[2] && q[2] < n, op,
-                        ": triples must satisfy 0 <= s < r < t < length for every row of length >= 3; got (s, r, t) = (",
+                        ": triples must satisfy 0 <= s < r < t < length for every row of length >= 3; "
+                        "got (s, r, t) = (",
                         q[0], ", ", q[1], ", ", q[2], ") for span ", i, ", row ", b, " (length ", n, ")");
     }
   }
@@ -106,8 +125,8 @@ void check_triples(const char* op, const at::Tensor& triples, const c10::optiona
 
 void check_grad(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& h0) {
   const auto acc = h0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", dtype_name(acc), ", got ",
-                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, " must be ", py_dtype(acc), ", got ",
+                   py_dtype(t.scalar_type()));
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.device() == h0.device(), op, ": ", name, " must be on the device of hidden (", h0.device(), ")");
 }
@@ -175,64 +194,6 @@ std::pair<at::Tensor, bool> grad_buffer(const at::Tensor& h, bool hugepages) {
   return {at::empty_like(h, at::MemoryFormat::Contiguous), false};
 }
 
-// Coefficients of d cos(b, a) with cosine_similarity's eps semantics, scaled by w = -grad_loss:
-// d/da = caa * a + cab * b, d/db = cba * a + cbb * b.
-template <typename acc_t>
-struct CosGrad {
-  acc_t caa = 0, cab = 0, cba = 0, cbb = 0;
-
-  CosGrad() = default;
-  CosGrad(acc_t na, acc_t nb, acc_t dot, acc_t w) {
-    const acc_t eps = static_cast<acc_t>(kEps);
-    const acc_t Na = std::max(na, eps), Nb = std::max(nb, eps);
-    const acc_t cos = dot / (Na * Nb);
-    // The norm's own gradient a / |a| is 0 at a = 0 (as linalg.vector_norm's backward).
-    const acc_t inv_na = na > 0 ? acc_t(1) / na : acc_t(0);
-    const acc_t inv_nb = nb > 0 ? acc_t(1) / nb : acc_t(0);
-    cab = w / (Na * Nb);
-    cba = cab;
-    caa = -w * cos * inv_na / Na;
-    cbb = -w * cos * inv_nb / Nb;
-  }
-  bool zero() const { return caa == 0 && cab == 0 && cba == 0 && cbb == 0; }
-};
-
-template <typename acc_t>
-inline acc_t cos_loss(acc_t na, acc_t nb, acc_t dot) {
-  const acc_t eps = static_cast<acc_t>(kEps);
-  return acc_t(1) - dot / (std::max(na, eps) * std::max(nb, eps));
-}
-
-// |a|^2, |b|^2, a.b of a = x1 - x0, b = x2 - x1.
-template <typename acc_t, typename scalar_t>
-inline void triple_sums(const scalar_t* x0, const scalar_t* x1, const scalar_t* x2, int64_t D, acc_t& aa, acc_t& bb,
-                        acc_t& ab) {
-  acc_t s_aa = 0, s_bb = 0, s_ab = 0;
-#pragma omp simd reduction(+ : s_aa, s_bb, s_ab)
-  for (int64_t k = 0; k < D; ++k) {
-    const acc_t v1 = static_cast<acc_t>(x1[k]);
-    const acc_t a = v1 - static_cast<acc_t>(x0[k]);
-    const acc_t b = static_cast<acc_t>(x2[k]) - v1;
-    s_aa += a * a;
-    s_bb += b * b;
-    s_ab += a * b;
-  }
-  aa = s_aa;
-  bb = s_bb;
-  ab = s_ab;
-}
-
-template <typename acc_t, typename scalar_t>
-inline acc_t step_sq(const scalar_t* x0, const scalar_t* x1, int64_t D) {  // |x1 - x0|^2
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < D; ++k) {
-    const acc_t d = static_cast<acc_t>(x1[k]) - static_cast<acc_t>(x0[k]);
-    s += d * d;
-  }
-  return s;
-}
-
 // ---------------------------------------------------------------- sampled triples
 template <typename scalar_t>
 void sampled_forward(const std::vector<at::Tensor>& hidden, const int64_t* tri, const std::vector<int64_t>& len,
@@ -250,13 +211,11 @@ void sampled_forward(const std::vector<at::Tensor>& hidden, const int64_t* tri, 
       if (len[b] < 3) continue;
       const int64_t* q = tri + sb * 3;
       const scalar_t* row = base[l] + b * T * D;
-      acc_t aa, bb, ab;
-      triple_sums<acc_t>(row + q[0] * D, row + q[1] * D, row + q[2] * D, D, aa, bb, ab);
-      const acc_t na = std::sqrt(aa), nb = std::sqrt(bb);
-      lo[i] = cos_loss(na, nb, ab);
-      st[3 * i] = na;
-      st[3 * i + 1] = nb;
-      st[3 * i + 2] = ab;
+      const auto c = triple_cosine<acc_t>(row + q[0] * D, row + q[1] * D, row + q[2] * D, D);
+      lo[i] = acc_t(1) - c.cos;
+      st[3 * i] = c.na;
+      st[3 * i + 1] = c.nb;
+      st[3 * i + 2] = c.cos;
     }
   });
 }
@@ -265,8 +224,10 @@ std::tuple<at::Tensor, at::Tensor> stp_loss_cpu(at::TensorList hidden_in, const 
                                                 const c10::optional<at::Tensor>& lengths) {
   const char* op = "stp_loss";
   check_hidden(op, hidden_in);
+  check_triples(op, triples_in, hidden_in[0]);
   check_lengths(op, lengths, hidden_in[0]);
-  check_triples(op, triples_in, lengths, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
+  check_triple_values(op, triples_in, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const auto triples = triples_in.contiguous();
   const int64_t L = hidden.size(), S = triples.size(0), B = hidden[0].size(0), T = hidden[0].size(1);
@@ -287,17 +248,6 @@ struct Entry {
     return pos != o.pos ? pos < o.pos : (span != o.span ? span < o.span : role < o.role);
   }
 };
-
-// work += fa * (x1 - x0) + fb * (x2 - x1), i.e. fa * a + fb * b of the triple (x0, x1, x2).
-template <typename acc_t, typename scalar_t>
-inline void add_ab(acc_t* work, const scalar_t* x0, const scalar_t* x1, const scalar_t* x2, acc_t fa, acc_t fb,
-                   int64_t D) {
-#pragma omp simd
-  for (int64_t k = 0; k < D; ++k) {
-    const acc_t v1 = static_cast<acc_t>(x1[k]);
-    work[k] += fa * (v1 - static_cast<acc_t>(x0[k])) + fb * (static_cast<acc_t>(x2[k]) - v1);
-  }
-}
 
 template <typename acc_t, typename scalar_t>
 inline void store_row(scalar_t* out, const acc_t* a, const acc_t* b, int64_t D) {  // out = a - b
@@ -348,10 +298,15 @@ void sampled_backward(const std::vector<at::Tensor>& hidden, const int64_t* tri,
         for (; it != e.end() && it->pos == pos; ++it) {
           const int64_t* q = tri + (it->span * B + b) * 3;
           const auto& cg = coef[(l * S + it->span) * B + b];
+          const scalar_t *x0 = hrow + q[0] * D, *x1 = hrow + q[1] * D, *x2 = hrow + q[2] * D;
           // d/dh[s] = -d/da, d/dh[r] = d/da - d/db, d/dh[t] = d/db.
-          const acc_t fa = it->role == 0 ? -cg.caa : (it->role == 1 ? cg.caa - cg.cba : cg.cba);
-          const acc_t fb = it->role == 0 ? -cg.cab : (it->role == 1 ? cg.cab - cg.cbb : cg.cbb);
-          add_ab(work.data(), hrow + q[0] * D, hrow + q[1] * D, hrow + q[2] * D, fa, fb, D);
+          if (it->role == 0) {
+            add_cos_grad<Term::kMinusGa>(work.data(), x0, x1, x2, cg, D);
+          } else if (it->role == 1) {
+            add_cos_grad<Term::kGaMinusGb>(work.data(), x0, x1, x2, cg, D);
+          } else {
+            add_cos_grad<Term::kGb>(work.data(), x0, x1, x2, cg, D);
+          }
         }
         store_row(grow + pos * D, work.data(), zeros.data(), D);
         p = pos + 1;
@@ -366,12 +321,14 @@ std::vector<at::Tensor> stp_loss_backward_cpu(const at::Tensor& grad_loss_in, co
                                               const c10::optional<at::Tensor>& lengths) {
   const char* op = "stp_loss_backward";
   check_hidden(op, hidden_in);
+  check_triples(op, triples_in, hidden_in[0]);
   check_lengths(op, lengths, hidden_in[0]);
-  check_triples(op, triples_in, lengths, hidden_in[0]);
   const int64_t L = hidden_in.size(), S = triples_in.size(0), B = hidden_in[0].size(0), T = hidden_in[0].size(1),
                 D = hidden_in[0].size(2);
   check_grad(op, "grad_loss", grad_loss_in, {L, S, B}, hidden_in[0]);
   check_grad(op, "stats", stats_in, {L, S, B, 3}, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
+  check_triple_values(op, triples_in, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const auto triples = triples_in.contiguous();
   const auto len = row_lengths(lengths, B, T);
@@ -409,17 +366,15 @@ void dense_forward(const std::vector<at::Tensor>& hidden, const std::vector<int6
       const scalar_t* x = hidden[l].data_ptr<scalar_t>() + b * T * D;
       acc_t* s = st + (l * B + b) * Q * 2;
       acc_t* lrow = lo + (l * B + b) * P;
-      // Triple q supplies |d_q| and d_q.d_{q+1}; the last valid step has no triple of its own.
+      // Triple q supplies |d_q| and its cosine; the last valid step has no triple of its own.
       for (int64_t q = q0; q < q1; ++q) {
         if (q + 1 < nq) {
-          acc_t aa, bb, ab;
-          triple_sums<acc_t>(x + q * D, x + (q + 1) * D, x + (q + 2) * D, D, aa, bb, ab);
-          const acc_t na = std::sqrt(aa), nb = std::sqrt(bb);
-          s[2 * q] = na;
-          s[2 * q + 1] = ab;
-          lrow[q] = cos_loss(na, nb, ab);
+          const auto cs = triple_cosine<acc_t>(x + q * D, x + (q + 1) * D, x + (q + 2) * D, D);
+          s[2 * q] = cs.na;
+          s[2 * q + 1] = cs.cos;
+          lrow[q] = acc_t(1) - cs.cos;
         } else {
-          s[2 * q] = std::sqrt(step_sq<acc_t>(x + q * D, x + (q + 1) * D, D));
+          s[2 * q] = step_norm<acc_t>(x + q * D, x + (q + 1) * D, D);
         }
       }
     }
@@ -431,6 +386,7 @@ std::tuple<at::Tensor, at::Tensor> stp_loss_dense_cpu(at::TensorList hidden_in,
   const char* op = "stp_loss_dense";
   check_hidden(op, hidden_in);
   check_lengths(op, lengths, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1);
   const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
@@ -466,17 +422,19 @@ void dense_backward(const std::vector<at::Tensor>& hidden, const std::vector<int
       const acc_t* s = st + (l * B + b) * Q * 2;
       const acc_t* glr = gl + (l * B + b) * P;
       auto coef = [&](int64_t p) {  // triple p: a = d_p, b = d_{p+1}
-        if (p < 0 || p >= np) return CosGrad<acc_t>();
         return CosGrad<acc_t>(s[2 * p], s[2 * p + 2], s[2 * p + 1], -glr[p]);
       };
-      // gd[q] = d loss / d step q = (caa_q d_q + cab_q d_{q+1}) + (cba_{q-1} d_{q-1} + cbb_{q-1} d_q),
-      // nonzero only for q <= np; dh[p] = gd[p-1] - gd[p]. Zero coefficients are skipped, so
-      // padding past a row's length is never read (a NaN there cannot leak in as 0 * NaN).
+      // gd[q] = d loss / d step q = ga of triple q (its a) + gb of triple q - 1 (its b), counting
+      // only valid triples p < np; dh[p] = gd[p-1] - gd[p]. Invalid triples are skipped, so padding
+      // past a row's length is never read (a NaN there cannot leak in as 0 * NaN).
       auto step_grad = [&](int64_t q, acc_t* out) {
         std::fill(out, out + D, acc_t(0));
-        const auto ca = coef(q), cb = coef(q - 1);
-        if (!ca.zero()) add_ab(out, x + q * D, x + (q + 1) * D, x + (q + 2) * D, ca.caa, ca.cab, D);
-        if (!cb.zero()) add_ab(out, x + (q - 1) * D, x + q * D, x + (q + 1) * D, cb.cba, cb.cbb, D);
+        if (q >= 0 && q < np) {
+          add_cos_grad<Term::kGa>(out, x + q * D, x + (q + 1) * D, x + (q + 2) * D, coef(q), D);
+        }
+        if (q >= 1 && q - 1 < np) {
+          add_cos_grad<Term::kGb>(out, x + (q - 1) * D, x + q * D, x + (q + 1) * D, coef(q - 1), D);
+        }
       };
       const int64_t pend = std::min(p1, np + 2);  // rows from np + 2 on get no gradient
       if (p0 < pend) {
@@ -507,6 +465,7 @@ std::vector<at::Tensor> stp_loss_dense_backward_cpu(const at::Tensor& grad_loss_
   const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
   check_grad(op, "grad_loss", grad_loss_in, {L, B, P}, hidden_in[0]);
   check_grad(op, "stats", stats_in, {L, B, Q, 2}, hidden_in[0]);
+  check_length_values(op, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
   const auto len = row_lengths(lengths, B, T);
   std::vector<at::Tensor> grads;

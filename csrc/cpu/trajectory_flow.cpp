@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "py_format.h"
+
 namespace trajops {
 namespace {
 
@@ -26,10 +28,10 @@ void check_flow_args(const at::Tensor& x, int64_t window, double eps) {
                     "trajectory_flow: x must have shape (B, T, D) or (T, D), got shape ", x.sizes());
   const auto st = x.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                   "trajectory_flow: x must be float32, float64, float16 or bfloat16, got ", st);
+                   "trajectory_flow: x must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
   TORCH_CHECK_VALUE(window >= 1, "trajectory_flow: window must be >= 1, got ", window);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0,
-                    "trajectory_flow: eps must be a finite number >= 0, got ", eps);
+                    "trajectory_flow: eps must be a finite number >= 0, got ", py_float(eps));
 }
 
 struct Shape {
@@ -40,6 +42,10 @@ Shape shape_of(const at::Tensor& x) {
   if (x.dim() == 2) return {1, x.size(0), x.size(1)};
   return {x.size(0), x.size(1), x.size(2)};
 }
+
+// Position p only sees ws = min(window, p) <= T - 1 steps, so any window >= T means the same as
+// T; clamping it here keeps every index sum below (i + window <= 2 T) far from int64 overflow.
+int64_t clamp_window(int64_t window, int64_t T) { return std::min(window, std::max<int64_t>(T, 1)); }
 
 // Each task recomputes up to `window` steps before its first row, so tasks stay >= 2 * window.
 int64_t chunk_rows(int64_t T, int64_t window) {
@@ -234,6 +240,7 @@ at::Tensor trajectory_flow_cpu(const at::Tensor& x_in, int64_t window, double ep
   const Shape s = shape_of(x);
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
+  window = clamp_window(window, s.T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "trajectory_flow_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -251,8 +258,8 @@ at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Ten
   TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "trajectory_flow_backward: grad_out must have the shape of x ",
                     x_in.sizes(), ", got ", grad_in.sizes());
   TORCH_CHECK_TYPE(grad_in.scalar_type() == x_in.scalar_type(),
-                   "trajectory_flow_backward: grad_out must have the dtype of x (", x_in.scalar_type(), "), got ",
-                   grad_in.scalar_type());
+                   "trajectory_flow_backward: grad_out must have the dtype of x (", py_dtype(x_in.scalar_type()),
+                   "), got ", py_dtype(grad_in.scalar_type()));
   TORCH_CHECK(grad_in.device() == x_in.device(), "trajectory_flow_backward: grad_out and x must be on one device, got ",
               grad_in.device(), " and ", x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -260,6 +267,7 @@ at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Ten
   const Shape s = shape_of(x);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
+  window = clamp_window(window, s.T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "trajectory_flow_backward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();

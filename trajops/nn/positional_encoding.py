@@ -61,8 +61,9 @@ class TrajectoryAdaptivePositionalEncoding(nn.Module):
         x = token_embeddings
         steps = x[..., 1:, :] - x[..., :-1, :]
         delta = self.trajectory_predictor(steps).squeeze(-1) * self.trajectory_strength
-        # t = 0 has no previous token; a zero column keeps delta attached to the graph.
-        return torch.nn.functional.pad(delta, (1, 0))
+        # t = 0 has no previous token; a zero column keeps delta attached to the graph. With T = 0
+        # there are no steps either, and the slice keeps the result at length T (not 1).
+        return torch.nn.functional.pad(delta, (1, 0))[..., : x.shape[-2]]
 
     def forward(self, token_embeddings: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         x = token_embeddings

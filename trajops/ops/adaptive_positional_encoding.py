@@ -212,6 +212,8 @@ def adaptive_positional_encoding(displacement: Tensor, pe_table: Tensor, positio
     right-hand slope pe_table[k+1] - pe_table[k]; at s = L-1 it is 0 (f = c = L-1).
 
     NaN / Inf: a NaN semantic position gives a NaN output row (rows 0 and 1 are read with a NaN
-    weight) and a zero gradient to the displacement; +-Inf clamps to the table's ends.
+    weight) and a zero gradient to the displacement; +-Inf clamps to the table's ends; a NaN/Inf in
+    a table row reaches every output that reads the row, even with weight 0. Identical on every
+    backend (full rule: :mod:`trajops.reference.adaptive_positional_encoding`).
     """
     return torch.ops.trajops.adaptive_positional_encoding(displacement, pe_table, positions)

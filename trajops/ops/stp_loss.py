@@ -5,7 +5,7 @@ kernels by device, and exposes the public functions ``sample_stp_triples``, ``st
 ``stp_loss_dense``. The CPU C++ kernels live in csrc/cpu/stp_loss.cpp, the Triton ones in
 triton_kernels/stp_loss.py, the semantics in trajops/reference/stp_loss.py.
 
-The ops return per-triple losses plus small ``stats`` (norms and dot products per triple) that the
+The ops return per-triple losses plus small ``stats`` (norms and cosines per triple) that the
 backward reuses, so that neither backward recomputes a reduction over D: the backward of the sampled
 loss is then one pass over the touched rows, the dense backward one pass over h.
 """
@@ -435,7 +435,12 @@ def stp_loss(
         can give -1e-7 in fp32).
 
     Same as ``torch.ops.trajops.stp_loss(hidden, triples, lengths)[0]`` plus the sampling and the
-    reduction (the op's second output holds per-triple norms and dots reused by its backward).
+    reduction (the op's second output holds per-triple norms and cosines reused by its backward).
+
+    No intermediate overflows: steps of any finite size give the right loss (a straight line of
+    1e20-sized fp32 steps has loss 0). NaN / Inf: only the rows a valid triple reads matter
+    (padding and inactive rows never do); a triple that reads a NaN or Inf has a NaN loss and NaN
+    gradient rows, on every backend (full rule: :mod:`trajops.reference.stp_loss`).
     """
     layers, lens = _prepare("stp_loss", hidden, lengths, reduction)
     h0 = layers[0]
@@ -461,6 +466,9 @@ def stp_loss_dense(hidden: Hidden, *, lengths: Optional[Tensor] = None, reductio
 
     Returns:
         The loss, float32 (float64 for float64 inputs).
+
+    NaN / Inf and overflow as :func:`stp_loss`: positions past ``lengths`` are never read; a triple
+    whose steps hold a NaN or Inf has a NaN loss and NaN gradient rows.
     """
     layers, lens = _prepare("stp_loss_dense", hidden, lengths, reduction)
     h0 = layers[0]

@@ -148,6 +148,8 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
     NaN / Inf: a step touching a NaN row has a NaN norm, which fails ``n > eps``, so it is skipped
     like a zero step and the output stays finite (the seed's comparison does the same). A step with
     an infinite component counts with weight tanh(inf) = 1 but has direction inf / inf = NaN, so
-    every output whose window holds it is NaN in those components (0 in the finite ones).
+    every output whose window holds it is NaN in those components (0 in the finite ones). The
+    gradient follows the same rule on every backend (full rule: :mod:`trajops.reference.trajectory_flow`).
+    Any ``window`` >= T - 1 (up to 2**63 - 1) means the whole prefix.
     """
     return torch.ops.trajops.trajectory_flow(x, window, eps)

@@ -3,6 +3,21 @@
 Vectorized (no Python loop over positions), differentiable through plain autograd. The semantic
 positions are accumulated in fp64 for every dtype (see :func:`semantic_positions`); the table
 interpolation runs in fp32 (fp64 for fp64 inputs) before casting back to the table's dtype.
+
+NaN/Inf rule (every backend, forward and backward, the same NaN positions): IEEE arithmetic on the
+formula, read where the formula reads.
+
+* s = positions + cumsum(displacement) (fp64): a NaN displacement (or +inf and -inf in one row)
+  makes s NaN from its position to the end of the row; a NaN position only its own s.
+* A NaN s gives a NaN output row (table rows 0 and min(1, L-1) are read with a NaN weight);
+  s = +-inf clamps to the table's ends (out = pe[L-1] or pe[0]).
+* A NaN/Inf in a table row reaches every output that reads the row, even with weight 0
+  (0 * inf = NaN; also at s >= L-1, where f = c = L-1); rows an output does not read never matter.
+* Backward: dL/ds is clamp's: 0 where s is NaN or outside [0, L-1] (a NaN s passes no gradient to
+  displacement or positions), else grad_out . (pe[c] - pe[f]) with NaN/Inf propagating; the
+  reverse cumsum carries a NaN/Inf of dL/ds to the earlier positions of its row only. The table
+  gradient gets (1 - a) grad_out in row f and a grad_out in row c: a NaN s puts NaN into rows 0
+  and min(1, L-1), a NaN/Inf grad_out into the rows its position reads.
 """
 from __future__ import annotations
 
@@ -116,8 +131,9 @@ def adaptive_positional_encoding_backward(
     if need_table:
         a = (p - f).to(cdt).unsqueeze(-1)
         gt = torch.zeros(L, E, device=pe_table.device, dtype=cdt)
-        gt.index_add_(0, fi.reshape(-1), ((1 - a) * g).reshape(-1, E))
-        gt.index_add_(0, ci.reshape(-1), (a * g).reshape(-1, E))
+        n = fi.numel()  # explicit row count: reshape(-1, E) is ambiguous when E == 0
+        gt.index_add_(0, fi.reshape(n), ((1 - a) * g).reshape(n, E))
+        gt.index_add_(0, ci.reshape(n), (a * g).reshape(n, E))
         gt = gt.to(pe_table.dtype)
     else:
         gt = pe_table.new_empty(0)

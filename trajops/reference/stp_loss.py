@@ -4,17 +4,35 @@ For a triple s < r < t of positions of one sequence, with a = h[r] - h[s] and b 
 
     loss = 1 - cos(b, a),   cos(b, a) = a.b / (max(|a|, eps) * max(|b|, eps)),   eps = 1e-8
 
-exactly as ``torch.nn.functional.cosine_similarity(b, a, dim=-1, eps=1e-8)``, including its gradient
-when a norm is below eps (the clamped norm divides, the unclamped norm is differentiated).
+as ``torch.nn.functional.cosine_similarity(b, a, dim=-1, eps=1e-8)`` computes it, including its
+gradient when a norm is below eps (the clamped norm divides, the unclamped norm is differentiated),
+except that no intermediate overflows: the norms are taken of the steps divided by a power of two
+near their largest component (exact, so every value that does not overflow is bit for bit
+cosine_similarity's), and cos = sum((a / Na) (b / Nb)) never squares a raw component. A straight
+line of steps of size 1e20 in fp32 has loss 0 (cosine_similarity itself gives 1 there: its |a|^2
+overflows to inf for any step above ~1.8e19).
 
 Row validity: with lengths (B,) (default: all T), row b is *active* iff lengths[b] >= 3. Triples of
 inactive rows are ignored: their loss, stats and gradient are 0. A dense triple (p, p+1, p+2) is
 valid iff p + 2 < lengths[b].
 
+NaN/Inf rule (every backend, forward and backward, the same NaN positions): only what a valid
+triple reads matters. Rows of inactive sequences, positions at or past a row's length and, for the
+sampled loss, positions no triple names are never read: NaN/Inf there changes nothing. A valid
+triple whose rows hold a NaN or an Inf (or whose step overflows the dtype) has a NaN loss and a NaN
+cosine in its stats, and its three gradient rows (a dense triple: the rows of its two steps) are NaN
+in every component, whatever grad_loss is, 0 included. A NaN or +-Inf grad_loss of a valid triple
+also makes its gradient rows NaN: Inf times a term that rounds to 0 on one backend and not on
+another would make an Inf/NaN pattern depend on the backend. grad_loss of an excluded triple is
+never read. Finite hidden states never overflow (see above), so the loss is NaN only where an input
+it reads is not finite.
+
 Every function takes a list of layers (L tensors of one shape (B, T, D)) and computes in fp32 (fp64
 for fp64 inputs). ``stats`` are what the backward needs from the forward, per triple: for sampled
-triples (L, S, B, 3) = (|a|, |b|, a.b); for the dense loss (L, B, T-1, 2) = (|d_q|, d_q.d_{q+1}) per
-step d_q = h[q+1] - h[q] (the last dot, and everything beyond a row's length, is 0).
+triples (L, S, B, 3) = (|a|, |b|, cos); for the dense loss (L, B, T-1, 2) = (|d_q|, cos_q) per step
+d_q = h[q+1] - h[q], cos_q = cos(d_{q+1}, d_q) the cosine of triple q (the last cos, and everything
+beyond a row's length, is 0). The cosine, not the dot a.b, because a.b overflows long before the
+loss does.
 """
 from __future__ import annotations
 
@@ -54,21 +72,59 @@ def stp_dense_valid(B: int, T: int, lengths: Optional[Tensor], device: torch.dev
     return p.unsqueeze(0) + 2 < lengths.unsqueeze(1)
 
 
+class _ClampEps(torch.autograd.Function):
+    """max(n, eps) whose gradient passes to n unchanged, as cosine_similarity's in-place clamp."""
+
+    @staticmethod
+    def forward(ctx, n: Tensor) -> Tensor:
+        return n.clamp_min(STP_EPS)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _norm(v: Tensor) -> Tensor:
+    """|v| over the last dim without overflow or underflow of the squares.
+
+    v is divided by a power of two s = 2^(e-1) with max|v| = m 2^e, m in [0.5, 1) (exact), so the
+    squares stay in [0, 4); s is 1 for a zero, NaN or infinite max (the result is then exact or
+    non-finite anyway). s carries no gradient: the scaling cancels exactly.
+    """
+    if v.shape[-1] == 0:
+        return torch.linalg.vector_norm(v, dim=-1)
+    m = v.detach().abs().amax(-1, keepdim=True)
+    s = torch.ldexp(torch.ones_like(m), torch.frexp(m).exponent - 1)
+    s = torch.where(torch.isfinite(m) & (m > 0), s, torch.ones_like(m))
+    return torch.linalg.vector_norm(v / s, dim=-1) * s.squeeze(-1)
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(|a|, |b|, cos(b, a)) over the last dim, cosine_similarity's formula without its overflow."""
+    na, nb = _norm(a), _norm(b)
+    cos = ((a / _ClampEps.apply(na).unsqueeze(-1)) * (b / _ClampEps.apply(nb).unsqueeze(-1))).sum(-1)
+    return na, nb, cos
+
+
 def _cos_grads(
-    a: Tensor, b: Tensor, na: Tensor, nb: Tensor, dot: Tensor, w: Tensor, mask: Tensor
+    a: Tensor, b: Tensor, na: Tensor, nb: Tensor, cos: Tensor, w: Tensor, mask: Tensor
 ) -> Tuple[Tensor, Tensor]:
     """w * d cos(b, a) / da and w * d cos(b, a) / db, with cosine_similarity's eps semantics.
 
     Zero where ``mask`` is False, even if a or b hold NaN there (padding is never read into a gradient).
+    Every factor is formed so that none overflows or underflows where the gradient does not.
     """
+    # A non-finite weight gives NaN rows: inf * (a term that may round to 0 or not) would make
+    # the Inf/NaN pattern depend on each backend's rounding.
+    w = torch.where(torch.isfinite(w), w, torch.full_like(w, float("nan")))
     Na, Nb = na.clamp_min(STP_EPS), nb.clamp_min(STP_EPS)
-    cos = dot / (Na * Nb)
-    # The norm's own gradient a / |a| is 0 at a = 0 (as linalg.vector_norm's backward).
-    inv_na = torch.where(na > 0, 1.0 / torch.where(na > 0, na, torch.ones_like(na)), torch.zeros_like(na))
-    inv_nb = torch.where(nb > 0, 1.0 / torch.where(nb > 0, nb, torch.ones_like(nb)), torch.zeros_like(nb))
+    # cos / |a| (bounded by 1 / Na, unlike 1 / |a| of a subnormal norm); 0 at a = 0, where the
+    # norm's own gradient a / |a| is 0 (as linalg.vector_norm's backward).
+    ca = torch.where(na > 0, cos / torch.where(na > 0, na, torch.ones_like(na)), torch.zeros_like(na))
+    cb = torch.where(nb > 0, cos / torch.where(nb > 0, nb, torch.ones_like(nb)), torch.zeros_like(nb))
     wa, wb = (w / Na).unsqueeze(-1), (w / Nb).unsqueeze(-1)
-    ga = wa * (b / Nb.unsqueeze(-1) - (cos * inv_na).unsqueeze(-1) * a)
-    gb = wb * (a / Na.unsqueeze(-1) - (cos * inv_nb).unsqueeze(-1) * b)
+    ga = wa * (b / Nb.unsqueeze(-1) - ca.unsqueeze(-1) * a)
+    gb = wb * (a / Na.unsqueeze(-1) - cb.unsqueeze(-1) * b)
     m = mask.unsqueeze(-1)
     return torch.where(m, ga, torch.zeros_like(ga)), torch.where(m, gb, torch.zeros_like(gb))
 
@@ -89,7 +145,7 @@ def stp_loss(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor
         lengths: optional (B,) int64 valid prefix lengths.
 
     Returns:
-        loss (L, S, B) and stats (L, S, B, 3) = (|a|, |b|, a.b), 0 for inactive rows.
+        loss (L, S, B) and stats (L, S, B, 3) = (|a|, |b|, cos), 0 for inactive rows.
     """
     B, T, _ = hidden[0].shape
     acc = compute_dtype(hidden[0].dtype)
@@ -103,10 +159,9 @@ def stp_loss(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor
     for h in hidden:
         hs, hr, ht = _gather(h, idx, acc)
         a, b = hr - hs, ht - hr
-        loss = 1.0 - F.cosine_similarity(b, a, dim=-1, eps=STP_EPS)
-        st = torch.stack(
-            [torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(b, dim=-1), (a * b).sum(-1)], -1
-        )
+        na, nb, cos = _cosine(a, b)
+        loss = 1.0 - cos
+        st = torch.stack([na, nb, cos], -1)
         losses.append(torch.where(active, loss, torch.zeros_like(loss)))
         stats.append(torch.where(active.unsqueeze(-1), st, torch.zeros_like(st)))
     return torch.stack(losses), torch.stack(stats)
@@ -155,11 +210,14 @@ def stp_loss_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor] = None) -
     for h in hidden:
         hc = h.to(acc)
         d = hc[:, 1:] - hc[:, :-1]  # (B, T-1, D)
-        loss = 1.0 - F.cosine_similarity(d[:, 1:], d[:, :-1], dim=-1, eps=STP_EPS)
-        losses.append(torch.where(valid, loss, torch.zeros_like(loss)))
-        n = torch.where(step_ok, torch.linalg.vector_norm(d, dim=-1), torch.zeros((), dtype=acc, device=dev))
-        dot = F.pad(torch.where(valid, (d[:, 1:] * d[:, :-1]).sum(-1), torch.zeros((), dtype=acc, device=dev)), (0, 1))
-        stats.append(torch.stack([n, dot[:, : n.shape[1]]], -1))
+        n = _norm(d)
+        Nd = _ClampEps.apply(n).unsqueeze(-1)
+        cos = ((d[:, :-1] / Nd[:, :-1]) * (d[:, 1:] / Nd[:, 1:])).sum(-1)  # triple q: (d_q, d_{q+1})
+        zero = torch.zeros((), dtype=acc, device=dev)
+        losses.append(torch.where(valid, 1.0 - cos, zero))
+        n = torch.where(step_ok, n, zero)
+        cos = F.pad(torch.where(valid, cos, zero), (0, 1))
+        stats.append(torch.stack([n, cos[:, : n.shape[1]]], -1))
     return torch.stack(losses), torch.stack(stats)
 
 
@@ -177,9 +235,9 @@ def stp_loss_dense_backward(
     for layer, h in enumerate(hidden):
         hc = h.to(acc)
         d = hc[:, 1:] - hc[:, :-1]
-        n, dot = stats[layer, :, :, 0].to(acc), stats[layer, :, :, 1].to(acc)
+        n, cos = stats[layer, :, :, 0].to(acc), stats[layer, :, :, 1].to(acc)
         w = torch.where(valid, -grad_loss[layer].to(acc), torch.zeros((), dtype=acc, device=dev))
-        ga, gb = _cos_grads(d[:, :-1], d[:, 1:], n[:, :-1], n[:, 1:], dot[:, :-1], w, valid)
+        ga, gb = _cos_grads(d[:, :-1], d[:, 1:], n[:, :-1], n[:, 1:], cos[:, :-1], w, valid)
         gd = F.pad(ga, (0, 0, 0, 1)) + F.pad(gb, (0, 0, 1, 0))  # (B, T-1, D): d(loss)/d(step q)
         g = F.pad(gd, (0, 0, 1, 0)) - F.pad(gd, (0, 0, 0, 1))  # dh[p] = gd[p-1] - gd[p]
         grads.append(g.to(h.dtype))

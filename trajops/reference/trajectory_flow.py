@@ -2,6 +2,21 @@
 
 Vectorized (no Python loop over the sequence), differentiable through plain autograd, computed in fp32
 (fp64 for fp64 inputs) before casting back to the input dtype.
+
+NaN/Inf rule (every backend, forward and backward, the same NaN positions):
+
+* A step d_i = x[i+1] - x[i] counts iff its norm n_i > eps, the seed's test. A step holding a NaN
+  has a NaN norm, fails the test and is skipped like a zero step: the outputs stay finite and its
+  rows get no gradient through it. This is the one place a NaN input is not propagated, kept so
+  that ``nn.TrajectoryGuidedMoERouter`` stays the seed's drop-in (the seed skips such steps too).
+* A step with an infinite component (and no NaN) has n_i = inf: it counts with weight tanh(inf) = 1
+  and direction d_i / n_i, which is NaN in its infinite components and 0 in the others, so exactly
+  those components of every output whose window holds the step are NaN. (A finite step whose norm
+  overflows the dtype likewise counts with direction 0.)
+* Backward: the analytic gradient below in IEEE arithmetic. NaN/Inf in grad_out reaches dx only
+  through the counted steps of the positions that carry it (never through skipped steps or a
+  position whose window counts nothing); a NaN output makes the gradient of every counted step of
+  its window NaN, even where grad_out is 0 (g_p . out_p = 0 * NaN).
 """
 from __future__ import annotations
 
