@@ -1,6 +1,6 @@
 """trajectory_flow, stp_loss / stp_loss_dense and adaptive_positional_encoding called as a hostile
-user would: extreme and corrupt arguments never crash the process (tests/hostile_calls.py, in a
-child process), and every error message has the exact text, identical on every backend.
+user would: every error message has the exact text, identical on every backend (that no call crashes
+the process is the crash suite's job: tests/test_hostile_inputs.py).
 
 The C++ kernels once said "got Long" and "got -1" where the Python checks said "got torch.int64" and
 "got -1.0": every case here compares the full message (type and text), so a backend that spells a
@@ -9,9 +9,6 @@ process dispatches to (C++, reference, Triton interpreter).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,18 +19,6 @@ import trajops
 
 T = torch.ops.trajops
 BIG = 2**63 - 1
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def test_extreme_arguments_never_crash():
-    # window = 2**63 - 1 made the C++ backward overflow i + window and segfault; the child runs
-    # ~130 such calls (int64-limit windows and indices, empty shapes, NaN/Inf everywhere) on this
-    # process's backend, and each must return or raise a Python exception.
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "hostile_calls.py")], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=600)
-    last = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    assert proc.returncode == 0 and last[0].startswith("done"), (
-        f"exit {proc.returncode} after: {last[0]}\n{proc.stderr[-3000:]}")
 
 
 def x3(*shape, dtype=torch.float32, device="cpu"):

@@ -9,24 +9,9 @@
 #include <cstring>
 #include <string>
 
-namespace trajops {
+#include "py_format.h"  // py_dtype, py_float: values spelled as Python spells them
 
-// Python's spelling of a dtype (torch.float32).
-inline std::string dtype_name(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(st);
-  }
-}
+namespace trajops {
 
 inline std::string shape_str(at::IntArrayRef s) {  // (2, 3) as Python prints a tuple
   std::string out = "(";

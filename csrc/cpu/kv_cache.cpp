@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common.h"
+#include "py_format.h"
 
 namespace trajops {
 namespace {
@@ -43,18 +44,18 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 void check_pool(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool, const Tensor& page_table) {
   TORCH_CHECK_VALUE(traj_pool.dim() == 3 && traj_pool.scalar_type() == at::kFloat, kOp,
                     ": traj_pool must be float32 (num_pages, page_size, traj_dim), got ",
-                    dtype_name(traj_pool.scalar_type()), " ", traj_pool.sizes());
+                    py_dtype(traj_pool.scalar_type()), " ", traj_pool.sizes());
   const auto P = traj_pool.size(0), S = traj_pool.size(1);
   TORCH_CHECK_VALUE(ts_pool.dim() == 2 && ts_pool.size(0) == P && ts_pool.size(1) == S &&
                         ts_pool.scalar_type() == at::kLong,
-                    kOp, ": ts_pool must be int64 (", P, ", ", S, "), got ", dtype_name(ts_pool.scalar_type()), " ",
+                    kOp, ": ts_pool must be int64 (", P, ", ", S, "), got ", py_dtype(ts_pool.scalar_type()), " ",
                     ts_pool.sizes());
   TORCH_CHECK_VALUE(live_pool.dim() == 2 && live_pool.size(0) == P && live_pool.size(1) == S &&
                         live_pool.scalar_type() == at::kBool,
-                    kOp, ": live_pool must be bool (", P, ", ", S, "), got ", dtype_name(live_pool.scalar_type()),
+                    kOp, ": live_pool must be bool (", P, ", ", S, "), got ", py_dtype(live_pool.scalar_type()),
                     " ", live_pool.sizes());
   TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.scalar_type() == at::kLong, kOp,
-                    ": page_table must be int64 (max_batch, max_pages), got ", dtype_name(page_table.scalar_type()),
+                    ": page_table must be int64 (max_batch, max_pages), got ", py_dtype(page_table.scalar_type()),
                     " ", page_table.sizes());
 }
 
@@ -65,15 +66,22 @@ void check_trajectories(const char* name, const Tensor& t, int64_t dims, const T
   const std::string want = dims == 2 ? "(B, " + std::to_string(Dt) + ")" : "(B, n, " + std::to_string(Dt) + ")";
   TORCH_CHECK_VALUE(t.dim() == dims && t.size(-1) == Dt && t.size(0) <= MB && at::isFloatingType(t.scalar_type()),
                     kOp, ": ", name, " must be a floating-point ", want, " tensor with B <= ", MB, ", got ",
-                    dtype_name(t.scalar_type()), " ", t.sizes());
+                    py_dtype(t.scalar_type()), " ", t.sizes());
 }
 
 void check_int(const char* name, const Tensor& t, at::IntArrayRef shape, const std::string& what) {
   TORCH_CHECK_VALUE(t.sizes() == shape && t.scalar_type() == at::kLong, kOp, ": ", name, " must be int64 ", what,
-                    ", got ", dtype_name(t.scalar_type()), " ", t.sizes());
+                    ", got ", py_dtype(t.scalar_type()), " ", t.sizes());
 }
 
 std::string dims_str(int64_t n) { return "(" + std::to_string(n) + ",)"; }
+
+// The weights the cache itself accepts; Python's repr spells the value (py_format.h).
+void check_weights(double alpha, double decay) {
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, kOp, ": alpha must be in [0, 1], got ", py_float(alpha));
+  TORCH_CHECK_VALUE(std::isfinite(decay) && decay >= 0.0, kOp, ": decay must be a finite number >= 0, got ",
+                    py_float(decay));
+}
 
 void check_read(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool, const Tensor& page_table,
                 const Tensor& query, const Tensor& now) {
@@ -228,6 +236,7 @@ void row_phys(const int64_t* pt, int64_t MP, int64_t S, std::vector<int64_t>& ph
 Tensor kv_relevance_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool,
                         const Tensor& page_table, const Tensor& query, const Tensor& now, double alpha, double decay) {
   check_read(traj_pool, ts_pool, live_pool, page_table, query, now);
+  check_weights(alpha, decay);
   const auto B = query.size(0), MP = page_table.size(1), S = traj_pool.size(1);
   auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
   auto pt = page_table.contiguous();
@@ -343,6 +352,7 @@ std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts
                                        const Tensor& page_table, const Tensor& query, const Tensor& now, double alpha,
                                        double decay, int64_t k) {
   check_read(traj_pool, ts_pool, live_pool, page_table, query, now);
+  check_weights(alpha, decay);
   TORCH_CHECK_VALUE(k >= 0, kOp, ": k must be >= 0, got ", k);
   TORCH_CHECK_VALUE(k <= kMaxK, kOp, ": k must be <= ", kMaxK, ", got ", k);  // outputs are (B, k)
   const auto B = query.size(0), MP = page_table.size(1), S = traj_pool.size(1), L = MP * S;
@@ -395,7 +405,7 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
   const auto MB = page_table.size(0), L = MP * S, B = new_traj.size(0), n = new_traj.size(1);
   TORCH_CHECK_VALUE(pinned_pool.dim() == 2 && pinned_pool.size(0) == P && pinned_pool.size(1) == S &&
                         pinned_pool.scalar_type() == at::kBool,
-                    kOp, ": pinned_pool must be bool (", P, ", ", S, "), got ", dtype_name(pinned_pool.scalar_type()),
+                    kOp, ": pinned_pool must be bool (", P, ", ", S, "), got ", py_dtype(pinned_pool.scalar_type()),
                     " ", pinned_pool.sizes());
   check_int("live_count", live_count, {MB}, dims_str(MB));
   check_int("capacity", capacity, {MB}, dims_str(MB));
@@ -406,11 +416,12 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
   check_int("lengths", lengths, {B}, dims_str(B));
   if (pin.has_value())
     TORCH_CHECK_VALUE(pin->dim() == 2 && pin->size(0) == B && pin->size(1) == n && pin->scalar_type() == at::kBool,
-                      kOp, ": pin must be bool (", B, ", ", n, "), got ", dtype_name(pin->scalar_type()), " ",
+                      kOp, ": pin must be bool (", B, ", ", n, "), got ", py_dtype(pin->scalar_type()), " ",
                       pin->sizes());
   for (const Tensor* t : {&traj_pool, &ts_pool, &live_pool, &pinned_pool, &page_table, &live_count, &free_pages,
                           &evicted_total})
     TORCH_CHECK(t->is_contiguous(), kOp, ": the cache state tensors must be contiguous");
+  check_weights(alpha, decay);
   // values, before any access (same order as the Python checks)
   const int64_t* ptp = page_table.data_ptr<int64_t>();
   check_page_table_values(ptp, B, MP, P);
@@ -559,10 +570,10 @@ void check_write(const Tensor& k_pool, const Tensor& v_pool, const Tensor& writt
   TORCH_CHECK_VALUE(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() &&
                         v_pool.scalar_type() == k_pool.scalar_type(),
                     kOp, ": k_pool and v_pool must have one shape (num_pages, page_size, H, D) and dtype, got ",
-                    k_pool.sizes(), " ", dtype_name(k_pool.scalar_type()), " and ", v_pool.sizes(), " ",
-                    dtype_name(v_pool.scalar_type()));
+                    k_pool.sizes(), " ", py_dtype(k_pool.scalar_type()), " and ", v_pool.sizes(), " ",
+                    py_dtype(v_pool.scalar_type()));
   TORCH_CHECK_VALUE(written.dim() == 2 && written.scalar_type() == at::kLong, kOp,
-                    ": written must be int64 (B, n), got ", dtype_name(written.scalar_type()), " ", written.sizes());
+                    ": written must be int64 (B, n), got ", py_dtype(written.scalar_type()), " ", written.sizes());
   const auto B = written.size(0), n = written.size(1), H = k_pool.size(2), D = k_pool.size(3);
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(1) == H && k.size(2) == n && k.size(3) == D &&
                         v.sizes() == k.sizes(),

@@ -64,10 +64,10 @@ void check(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const Te
                     v_pool.sizes());
   const auto st = q.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, kOp,
-                   ": q must be float32, float64, float16 or bfloat16, got ", dtype_name(st));
+                   ": q must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
   TORCH_CHECK_TYPE(k_pool.scalar_type() == st && v_pool.scalar_type() == st, kOp,
-                   ": q, k_pool and v_pool must have one dtype, got ", dtype_name(st), ", ",
-                   dtype_name(k_pool.scalar_type()), " and ", dtype_name(v_pool.scalar_type()));
+                   ": q, k_pool and v_pool must have one dtype, got ", py_dtype(st), ", ",
+                   py_dtype(k_pool.scalar_type()), " and ", py_dtype(v_pool.scalar_type()));
   const auto B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
   const auto P = k_pool.size(0), S = k_pool.size(1), Hkv = k_pool.size(2);
   TORCH_CHECK_VALUE(v_pool.size(0) == P && v_pool.size(1) == S && v_pool.size(2) == Hkv && v_pool.size(3) >= 1, kOp,
@@ -78,20 +78,20 @@ void check(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const Te
                     k_pool.sizes());
   TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, kOp, ": the pools' Hkv=", Hkv, " heads must divide q's Hq=", Hq);
   TORCH_CHECK_TYPE(page_table.scalar_type() == at::kLong && live_pool.scalar_type() == at::kBool, kOp,
-                   ": page_table must be int64 and live_pool bool, got ", dtype_name(page_table.scalar_type()),
-                   " and ", dtype_name(live_pool.scalar_type()));
+                   ": page_table must be int64 and live_pool bool, got ", py_dtype(page_table.scalar_type()),
+                   " and ", py_dtype(live_pool.scalar_type()));
   TORCH_CHECK_VALUE(page_table.dim() == 2 && page_table.size(0) >= B, kOp,
                     ": page_table must have shape (>= B, MP) with B=", B, ", got ", page_table.sizes());
   TORCH_CHECK_VALUE(live_pool.dim() == 2 && live_pool.size(0) == P && live_pool.size(1) == S, kOp,
                     ": live_pool must have shape (P, S) = (", P, ", ", S, "), got ", live_pool.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(tau.scalar_type()), kOp, ": tau must be a floating-point tensor, got ",
-                   dtype_name(tau.scalar_type()));
+                   py_dtype(tau.scalar_type()));
   const std::vector<int64_t> rows{B, Hq, n};
   TORCH_CHECK_VALUE(broadcastable(tau.sizes(), rows), kOp, ": tau must be broadcastable to (B, Hq, n) = (", B,
                     ", ", Hq, ", ", n, "), got shape ", tau.sizes());
   if (slots.has_value()) {
     TORCH_CHECK_TYPE(slots->scalar_type() == at::kLong, kOp, ": slots must be int64, got ",
-                     dtype_name(slots->scalar_type()));
+                     py_dtype(slots->scalar_type()));
     TORCH_CHECK_VALUE(slots->dim() == 2 && slots->size(0) == B, kOp, ": slots must have shape (B, k) with B=", B,
                       ", got ", slots->sizes());
   }

@@ -50,9 +50,9 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau,
     TORCH_CHECK_VALUE(t->dim() == 4, kOp, ": ", name, " must have shape (B, H, T, D), got shape ", t->sizes());
   const auto st = q.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, kOp,
-                   ": q must be float32, float64, float16 or bfloat16, got ", dtype_name(st));
+                   ": q must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
   TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, kOp, ": q, k and v must have one dtype, got ",
-                   dtype_name(st), ", ", dtype_name(k.scalar_type()), " and ", dtype_name(v.scalar_type()));
+                   py_dtype(st), ", ", py_dtype(k.scalar_type()), " and ", py_dtype(v.scalar_type()));
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && tau.device() == q.device(), kOp,
               ": q, k, v and tau must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device(),
               " and ", tau.device());
@@ -69,14 +69,14 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau,
                     " and k ", k.sizes());
   TORCH_CHECK_VALUE(v.size(3) >= 1, kOp, ": v must have a head size >= 1, got ", v.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(tau.scalar_type()), kOp, ": tau must be a floating-point tensor, got ",
-                   dtype_name(tau.scalar_type()));
+                   py_dtype(tau.scalar_type()));
   const std::vector<int64_t> rows{B, Hq, Tq};
   TORCH_CHECK_VALUE(broadcastable(tau.sizes(), rows), kOp, ": tau must be broadcastable to (B, Hq, Tq) = ",
                     shape_str(rows), ", got shape ", tau.sizes());
   if (mask.has_value()) {
     const auto& m = *mask;
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, kOp, ": attn_mask must be bool (True = attend), got ",
-                     dtype_name(m.scalar_type()));
+                     py_dtype(m.scalar_type()));
     TORCH_CHECK(m.device() == q.device(), kOp, ": attn_mask must be on q's device (", q.device(), "), got ",
                 m.device());
     const std::vector<int64_t> full{B, Hq, Tq, Tk};
@@ -92,7 +92,7 @@ void check_like(const char* name, const Tensor& t, at::IntArrayRef shape, c10::o
                 const Tensor& q) {
   TORCH_CHECK_VALUE(t.sizes() == shape, kOp, "_backward: ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK_TYPE(!dtype.has_value() || t.scalar_type() == *dtype, kOp, "_backward: ", name, " must be ",
-                   dtype_name(*dtype), ", got ", dtype_name(t.scalar_type()));
+                   py_dtype(*dtype), ", got ", py_dtype(t.scalar_type()));
   TORCH_CHECK(t.device() == q.device(), kOp, "_backward: ", name, " must be on ", q.device(), ", got ", t.device());
 }
 

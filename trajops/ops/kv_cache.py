@@ -13,6 +13,7 @@ else: the pure-PyTorch reference, which loops over the batch (a shape) and is ve
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -97,6 +98,14 @@ def _check_k(k: int) -> None:
     torch._check_value(k <= _MAX_K, lambda: f"{_OP}: k must be <= {_MAX_K}, got {k}")
 
 
+def _check_weights(alpha: float, decay: float) -> None:
+    """The relevance weights the cache itself accepts (alpha in [0, 1], decay finite >= 0): beyond them
+    scores overflow or lose the meaning the rankings rely on."""
+    torch._check_value(0.0 <= alpha <= 1.0, lambda: f"{_OP}: alpha must be in [0, 1], got {alpha!r}")
+    torch._check_value(math.isfinite(decay) and decay >= 0.0,
+                       lambda: f"{_OP}: decay must be a finite number >= 0, got {decay!r}")
+
+
 def _check_devices(tensors: dict) -> None:
     devs = {name: t.device for name, t in tensors.items() if t is not None}
     first = next(iter(devs.values()))
@@ -161,12 +170,14 @@ def _check_read(traj_pool, ts_pool, live_pool, page_table, query, now) -> None:
 @torch.library.register_fake("trajops::kv_relevance")
 def _relevance_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
     _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
+    _check_weights(alpha, decay)
     return query.new_empty((query.shape[0], page_table.shape[1] * traj_pool.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("trajops::kv_topk")
 def _topk_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
     _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
+    _check_weights(alpha, decay)
     _check_k(k)
     B = query.shape[0]
     return query.new_empty((B, k), dtype=torch.long), query.new_empty((B, k), dtype=torch.float32)
@@ -191,6 +202,7 @@ def _evict_append_fake(traj_pool, ts_pool, live_pool, pinned_pool, page_table, l
                        free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay):
     _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
                  free_top, evicted_total, now, new_traj, lengths, pin)
+    _check_weights(alpha, decay)
     B, n = new_traj.shape[0], new_traj.shape[1]
     return (new_traj.new_empty((B, n), dtype=torch.long), new_traj.new_empty((B, n), dtype=torch.long),
             new_traj.new_empty((), dtype=torch.bool))
@@ -209,6 +221,7 @@ def _triton_scorer():
 
 def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, *, scorer=None):
     _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
+    _check_weights(alpha, decay)
     if page_table.device.type == "cpu":
         _check_page_table_values(page_table, query.shape[0], traj_pool.shape[0])
     return reference.kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay,
@@ -217,6 +230,7 @@ def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, dec
 
 def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, *, scorer=None):
     _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
+    _check_weights(alpha, decay)
     _check_k(k)
     if page_table.device.type == "cpu":
         _check_page_table_values(page_table, query.shape[0], traj_pool.shape[0])
@@ -228,6 +242,7 @@ def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_c
                   scorer=None):
     _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
                  free_top, evicted_total, now, new_traj, lengths, pin)
+    _check_weights(alpha, decay)
     if page_table.device.type == "cpu":
         P, S = traj_pool.shape[0], traj_pool.shape[1]
         _check_state_values(P, page_table.shape[1] * S, page_table, live_count, capacity, free_pages, free_top,
