@@ -45,7 +45,8 @@ row of the block attends make the whole block NaN when its first flagged key lie
 backward (temperature_attention_bwd.py) splits the same way, with also the heads of rows whose q,
 dO or grad_lse holds a NaN/Inf or whose lse is NaN (marked by its delta kernel) as hostile.
 Cost on finite inputs: the flag pass (one read of k and v, 2 launches: about 5% of the T = 4096
-causal bf16 forward on an H200 by bytes over time, not yet measured) and one more, empty, launch;
+causal bf16 forward on an H200 by bytes over time, not yet measured) and the HOSTILE launch, whose
+B * Hq * cdiv(Tq, 16) programs return at once (a few microseconds; not yet measured either);
 hostile heads run on small tiles.
 
 Cost (B, Hq = Hkv, T = Tq = Tk, D = Dv, bytes per element e): FLOPs 4*B*H*T^2*D forward (halved
