@@ -31,9 +31,15 @@ CUDA-graph capturable):
   tiles         fixed (no autotuning): 4 warps, BLOCK_M = G * n padded to 16..64 rows (tl.dot needs 16),
                 BLOCK_N = 64 keys unless one stage of K + V tiles would pass 32 KB (fp32 with D = 128:
                 32 keys), up to 3 pipeline stages within 96 KB of shared memory.
-Bad tau rows: the kernels run them with c = 0 (every key then counts, so l > 0 iff the row has a
-key) and write NaN at the end where c is NaN and the row has a key; rows without a key keep m = -inf,
-l = 0 and give out = 0, lse = -inf whatever their c.
+NaN/Inf (the rule: trajops/reference/paged_temperature_attention.py): bad tau rows (c not finite)
+run with c = 0 (every key then counts, so l > 0 iff the row has a key) and are written NaN at the
+end where the row has a key; rows without a key keep m = -inf, l = 0 and give out = 0, lse = -inf
+whatever their c. Only a row's keys are loaded (masked loads), so dead slots and unlisted pages never
+matter, and every query row of a program attends the same keys. A key's score that is not finite (a
+NaN/Inf in the q row or in its k row: such a dot product never is) is made NaN, so that the row turns
+NaN (never a silent -inf); a NaN/Inf in a key's v row reaches the outputs of the rows that attend it
+(p * v, 0 * Inf included), and an output row that is not finite is written all NaN, lse included.
+Cost: a select per score and a test per output element.
 fp64: tl.dot is avoided (Triton 3.6 fails to compile some fp64 kernels with byte-mask loads on sm90),
 the products are elementwise multiply + tl.sum over small tiles; fp64 is for accuracy checks. The same
 elementwise path serves bf16 under the interpreter, whose bf16 tl.dot is wrong.
@@ -82,7 +88,8 @@ def _softmax_block(acc, l_i, m_i, q, c2, k, v, ok, cdt: tl.constexpr, USE_DOT: t
         s = tl.dot(q, tl.trans(k), input_precision=PREC).to(cdt)
     else:
         s = tl.sum(q.to(cdt)[:, None, :] * k.to(cdt)[None, :, :], 2)
-    s = tl.where(ok[None, :], s * c2[:, None], float("-inf"))
+    s = s * c2[:, None]
+    s = tl.where(ok[None, :], tl.where(tl.abs(s) < float("inf"), s, float("nan")), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # rows with no key so far keep m = -inf: shifting by 0 there keeps every exp2 at 0
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new).to(cdt)
@@ -100,10 +107,11 @@ def _softmax_block(acc, l_i, m_i, q, c2, k, v, ok, cdt: tl.constexpr, USE_DOT: t
 def _coefficient(TAU, b, head, qi, stb, sth, stn, scale_hi, scale_lo, mask, cdt: tl.constexpr):
     """(c, bad): c = scale / tau in cdt, bad where tau is not positive finite (then c = NaN)."""
     t = tl.load(TAU + b * stb + head * sth + qi * stn, mask=mask, other=1.0).to(cdt)
-    r = 1.0 / t
-    # float arguments are fp32 on the GPU: scale comes as hi + lo so that fp64 rows get an fp64 scale
-    c = scale_hi * r + scale_lo * r
-    bad = ~((t > 0) & (t < float("inf")))
+    # float arguments are fp32 on the GPU: scale comes as hi + lo so that fp64 rows get an fp64 scale;
+    # a true division, as the CPU backends form it (a subnormal tau overflows it: bad); on a GPU fp32
+    # `/` is within 2 ulp, so only a tau within an ulp or two of overflowing c may be judged differently
+    c = (tl.zeros_like(t) + scale_hi + scale_lo) / t
+    bad = ~((t > 0) & (t < float("inf")) & (tl.abs(c) < float("inf")))
     return tl.where(bad, float("nan"), c).to(cdt), bad
 
 
@@ -160,9 +168,10 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, TAU, O, LSE, MPART, LPART, APART,
 
     if DIRECT:
         empty = l_i == 0
-        bad = bad_tau & (~empty)
         l_safe = tl.where(empty, 1.0, l_i).to(cdt)
         out = acc / l_safe[:, None]
+        finite = tl.min((tl.abs(out) < float("inf")).to(tl.int32), 1) != 0  # (a NaN/Inf in a v row)
+        bad = (bad_tau | ~finite) & (~empty)
         out = tl.where(bad[:, None], float("nan"), out)
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         lse = tl.where(bad, float("nan"), lse)
@@ -177,7 +186,7 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, TAU, O, LSE, MPART, LPART, APART,
 
 
 @triton.jit
-def _merge_kernel(TAU, O, LSE, MPART, LPART, APART, Dv, NS, Hq, n, stb, sth, stn,
+def _merge_kernel(TAU, O, LSE, MPART, LPART, APART, Dv, NS, Hq, n, stb, sth, stn, scale_hi, scale_lo,
                   BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One output row: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over its NS splits."""
     row = tl.program_id(0)
@@ -200,10 +209,14 @@ def _merge_kernel(TAU, O, LSE, MPART, LPART, APART, Dv, NS, Hq, n, stb, sth, stn
                     other=0.0)
         acc += tl.sum(w[:, None] * a, 0)
     t = tl.load(TAU + (row // (Hq * n)) * stb + ((row // n) % Hq) * sth + (row % n) * stn).to(cdt)
+    c = (tl.zeros_like(t) + scale_hi + scale_lo) / t
     empty = l_i == 0
-    bad = (~((t > 0) & (t < float("inf")))) & (~empty)
     l_safe = tl.where(empty, 1.0, l_i).to(cdt)
-    out = tl.where(bad, float("nan"), acc / l_safe)
+    out = acc / l_safe
+    # (a NaN/Inf in the v row of a key)
+    finite = tl.min((tl.abs(tl.where(dv_ok, out, 0.0)) < float("inf")).to(tl.int32), 0) != 0
+    bad = (~((t > 0) & (t < float("inf")) & (tl.abs(c) < float("inf"))) | ~finite) & (~empty)
+    out = tl.where(bad, float("nan"), out)
     lse = tl.where(empty, float("-inf"), (m_use + tl.math.log2(l_safe)) * LN2)
     lse = tl.where(bad, float("nan"), lse)
     tl.store(O + row * Dv + offs_dv, out.to(O.dtype.element_ty), mask=dv_ok)
@@ -347,6 +360,6 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if not direct:
         block_s = triton.next_power_of_2(ns)
         _merge_kernel[(B * Hq * n,)](tau, out, lse, mpart, lpart, apart, Dv, ns, Hq, n, *tau.stride(),
-                                     BLOCK_S=block_s, BLOCK_SC=min(16, block_s),
+                                     scale_hi, scale_lo, BLOCK_S=block_s, BLOCK_SC=min(16, block_s),
                                      BLOCK_DV=triton.next_power_of_2(Dv))
     return out, lse

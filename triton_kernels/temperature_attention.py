@@ -31,10 +31,29 @@ Flash-attention design (never a (Tq, Tk) buffer):
   every stage, so it is counted in the shared-memory estimate of the tiles.
   Base offsets (batch, head, block start) are formed in 64-bit; offsets inside a tile in 32-bit.
 
+NaN/Inf (the rule: trajops/reference/temperature_attention.py). Handling it inside the tuned loops
+made them spill (a per-key vector in the MMA layout, a select on the v tile), so the work is split
+by (batch, kv head): key_flags reads k and v once and flags each key whose k or v row holds a
+NaN/Inf (one byte) and, per head, the first such key. The fast kernels (TMA or pointer) serve the
+heads without a flagged key -- their only additions are per row: c = NaN when scale / tau overflows
+or the q row holds a NaN/Inf (an exponent-bit test of the q tile, once per program), so such a row
+turns NaN by itself -- and their programs of flagged heads return at once. A second launch of the
+pointer kernel with HOSTILE (small tiles, AOT-checked spill-free) serves the flagged heads: in tiles
+that test a mask or bounds a flagged key's v row is zeroed (0 weight * NaN would leak into rows that
+may not attend it) and its allowed scores get NaN (one FMA: scale and a NaN/0 key bias); tiles every
+row of the block attends make the whole block NaN when its first flagged key lies among them. The
+backward (temperature_attention_bwd.py) splits the same way, with also the heads of rows whose q,
+dO or grad_lse holds a NaN/Inf or whose lse is NaN (marked by its delta kernel) as hostile.
+Cost on finite inputs: the flag pass (one read of k and v, 2 launches: about 5% of the T = 4096
+causal bf16 forward on an H200 by bytes over time, not yet measured) and the HOSTILE launch, whose
+B * Hq * cdiv(Tq, 16) programs return at once (a few microseconds; not yet measured either);
+hostile heads run on small tiles.
+
 Cost (B, Hq = Hkv, T = Tq = Tk, D = Dv, bytes per element e): FLOPs 4*B*H*T^2*D forward (halved
 causal), 2.5x that backward (QK^T recomputed in both backward kernels: 3.5x would need atomics).
 HBM bytes: forward reads q, k, v once per query block (k, v re-read cdiv(T, BM) times, mostly from
-L2) and writes out + lse; compute-bound at T >= 512. Launches: forward 1; backward 3.
+L2) and writes out + lse; compute-bound at T >= 512. Launches: forward 4 (key flags 2, fast,
+hostile); backward 8 (key flags 2, a zeroed head map, delta, fast dk/dv and dq, hostile dk/dv, dq).
 
 Hopper path (sm_90, bf16/fp16, 16-byte-aligned strides, default on; TRAJOPS_ATTN_TMA=0 turns it
 off): the forward reads q, k, v through 4-D TMA descriptors instead of per-thread pointers (189
@@ -56,7 +75,8 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, _capturing, device_spec, launch
-from .temperature_attention_tiles import TILE_OVERRIDES, _candidates, _estimate  # noqa: F401 (re-exported)
+from .temperature_attention_nonfinite import _key_bad, _key_bias, _nan_on_bad_q, _serves, key_flags
+from .temperature_attention_tiles import TILE_OVERRIDES, _candidates, _estimate, _hostile_tiles  # noqa: F401
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the Hopper forward path needs them
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -83,18 +103,24 @@ def _row_program(Tq, Hq, G, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _query_block(Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+def _query_block(Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, HOST, Hkv, Tk, CAUSAL: tl.constexpr,
+                 EVEN_D: tl.constexpr, HAS_HOST: tl.constexpr, HOSTILE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The prologue of a program that owns a query block: (pid_m, bh, b, h, kv head as int64, start_m,
-    start_m as int64, rows, query offsets, head-dim columns, value-dim columns, the q tile)."""
+    start_m as int64, rows, query offsets, head-dim columns, value-dim columns, the q tile, kv = the
+    (batch, kv head) index, mine = whether this launch serves that head (see _serves); q is not read
+    when it does not)."""
     pid_m, bh, b, h, hk = _row_program(Tq, Hq, G, CAUSAL, BLOCK_M)
     start_m = pid_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
     b64, h64, m64 = tl.cast(b, tl.int64), tl.cast(h, tl.int64), tl.cast(start_m, tl.int64)
+    kv = b64 * Hkv + hk
+    mine = _serves(FIRST, HOST, kv, Tk, HAS_HOST, HOSTILE)
     dcols = tl.arange(0, BLOCK_D)
-    q = _tile(Q + b64 * sqb + h64 * sqh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
+    q = _tile(Q + b64 * sqb + h64 * sqh + m64 * sqm, rows, dcols, sqm, sqd, tl.where(mine, Tq - start_m, 0), D,
+              True, not EVEN_D)
     return (pid_m, bh, b64, h64, tl.cast(hk, tl.int64), start_m, m64, rows, start_m + rows, dcols,
-            tl.arange(0, BLOCK_DV), q)
+            tl.arange(0, BLOCK_DV), q, kv, mine)
 
 
 @triton.jit
@@ -126,12 +152,16 @@ def _tile(ptr, rows, cols, srow, scol, nrows, ncols, ROW_MASK: tl.constexpr, COL
 
 @triton.jit
 def _coefficient(TAUh, offs_m, Tq, stm, scale_hi, scale_lo, cdt: tl.constexpr):
-    """c = scale / tau per query row in cdt; NaN where tau is not positive finite; 0 on rows >= Tq
-    (inert padding rows). scale arrives as an fp32 hi + lo pair (float arguments are fp32 on a GPU)."""
+    """c = scale / tau per query row in cdt; NaN where tau is not positive finite or the quotient
+    overflows (a subnormal tau); 0 on rows >= Tq (inert padding rows). scale arrives as an fp32
+    hi + lo pair (float arguments are fp32 on a GPU). A true division as on the CPU backends (on a GPU
+    fp32 `/` is within 2 ulp: only a tau within an ulp or two of overflowing c may be judged otherwise;
+    tl.math.div_rn would be exact, but it made the sm_80 dk/dv kernel spill 3 KB)."""
     m_ok = offs_m < Tq
     t = tl.load(TAUh + offs_m * stm, mask=m_ok, other=1.0).to(cdt)
     scale = tl.zeros_like(t) + scale_hi + scale_lo  # in cdt: fp64 rows get the fp64 scale
-    c = tl.where((t > 0) & (t < float("inf")), scale / t, float("nan"))
+    c = scale / t
+    c = tl.where((t > 0) & (t < float("inf")) & (tl.abs(c) < float("inf")), c, float("nan"))
     return tl.where(m_ok, c, 0.0)
 
 
@@ -162,14 +192,19 @@ def _allowed(Mblk, rows, cols, offs_m, offs_n, Tq, Tk, shift, smm, smn,
 
 
 @triton.jit
-def _online_update(acc, l_i, m_i, s, c2, v, Mblk, rows, cols, offs_m, offs_n, Tq, Tk, shift, smm, smn,
-                   CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, MASK_KIND: tl.constexpr,
+def _online_update(acc, l_i, m_i, s, c2, v, kbias, Mblk, rows, cols, offs_m, offs_n, Tq, Tk, shift, smm, smn,
+                   CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, MASK_KIND: tl.constexpr, HOSTILE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step (base 2) of a key block: s = q k^T (unscaled), v its values."""
+    """One online-softmax step (base 2) of a key block: s = q k^T (unscaled), v its values; HOSTILE:
+    in tiles that test a mask or bounds, kbias (NaN on flagged keys, whose v rows are 0 here) makes
+    the allowed scores of flagged keys NaN."""
     if BOUNDS or MASK_KIND != 0:
         ok = _allowed(Mblk, rows, cols, offs_m, offs_n, Tq, Tk, shift, smm, smn,
                       CAUSAL, BOUNDS, MASK_KIND, BLOCK_M, BLOCK_N)
-        s = tl.where(ok, s * c2[:, None], float("-inf"))
+        if HOSTILE:
+            s = tl.where(ok, s * c2[:, None] + kbias[None, :], float("-inf"))
+        else:
+            s = tl.where(ok, s * c2[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
@@ -184,17 +219,33 @@ def _online_update(acc, l_i, m_i, s, c2, v, Mblk, rows, cols, offs_m, offs_n, Tq
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, c2, Kh, Vh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
+def _tile_rows(ptr, rows, cols, srow, scol, row_ok, ncols, COL_MASK: tl.constexpr):
+    """A (rows x cols) tile at ptr with only the rows where row_ok is True read (the others 0)."""
+    ptrs = ptr + rows[:, None] * srow + cols[None, :] * scol
+    if COL_MASK:
+        return tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < ncols), other=0.0)
+    return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, c2, Kh, Vh, KFh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
                skn, skd, svn, svd, smm, smn, dcols, dvcols, D, Dv,
                CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-               EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+               EVEN_DV: tl.constexpr, HOSTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr):
     cols = tl.arange(0, BLOCK_N)
     n64 = tl.cast(start_n, tl.int64)
     kT = _tile(Kh + n64 * skn, dcols, cols, skd, skn, D, Tk - start_n, not EVEN_D, BOUNDS)
     v = _tile(Vh + n64 * svn, cols, dvcols, svn, svd, Tk - start_n, Dv, BOUNDS, not EVEN_DV)
+    kbias = tl.zeros([BLOCK_N], c2.dtype)
+    if HOSTILE:
+        if BOUNDS or MASK_KIND != 0:  # a flagged key's v row is 0 here: 0 weight * NaN would leak
+            kb = _key_bad(KFh, start_n, cols, Tk)
+            v = tl.where(kb[:, None], 0.0, v)
+            kbias = _key_bias(kb, c2.dtype)
     s = tl.dot(q, kT, input_precision=PREC).to(c2.dtype)
-    return _online_update(acc, l_i, m_i, s, c2, v, Mrow + n64 * smn, rows, cols, offs_m, start_n + cols, Tq, Tk,
-                          shift, smm, smn, CAUSAL, BOUNDS, MASK_KIND, BLOCK_M, BLOCK_N, PREC)
+    return _online_update(acc, l_i, m_i, s, c2, v, kbias, Mrow + n64 * smn, rows, cols, offs_m, start_n + cols,
+                          Tq, Tk, shift, smm, smn, CAUSAL, BOUNDS, MASK_KIND, HOSTILE, BLOCK_M, BLOCK_N, PREC)
 
 
 @triton.jit
@@ -205,13 +256,15 @@ def _fwd_block_tma(acc, l_i, m_i, q, c2, k_desc, v_desc, b, hk, Mrow, rows, offs
     k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)  # zero past Tk and D (TMA fill)
     s = tl.dot(q, k.T).to(c2.dtype)
     v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-    return _online_update(acc, l_i, m_i, s, c2, v, Mrow + tl.cast(start_n, tl.int64) * smn, rows, cols, offs_m,
-                          start_n + cols, Tq, Tk, shift, smm, smn, CAUSAL, BOUNDS, MASK_KIND, BLOCK_M, BLOCK_N, "tf32")
+    kbias = tl.zeros([BLOCK_N], c2.dtype)  # (unused: the fast kernel never meets a flagged key)
+    return _online_update(acc, l_i, m_i, s, c2, v, kbias, Mrow + tl.cast(start_n, tl.int64) * smn,
+                          rows, cols, offs_m, start_n + cols, Tq, Tk, shift, smm, smn, CAUSAL, BOUNDS, MASK_KIND,
+                          False, BLOCK_M, BLOCK_N, "tf32")
 
 
 @triton.jit
-def _fwd_kernel_tma(q_desc, k_desc, v_desc, TAU, MASK, O, LSE, stb, sth, stm, smb, smh, smm, smn,
-                    sob, soh, som, sod, scale_hi, scale_lo, Hq, G, Tq, Tk, Dv,
+def _fwd_kernel_tma(q_desc, k_desc, v_desc, TAU, MASK, O, LSE, FIRST, stb, sth, stm, smb, smh, smm, smn,
+                    sob, soh, som, sod, scale_hi, scale_lo, Hq, Hkv, G, Tq, Tk, Dv,
                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Hopper forward: q, k, v tiles through TMA descriptors (4-D, (B, H, T, D), any 16-byte-aligned
@@ -226,12 +279,15 @@ def _fwd_kernel_tma(q_desc, k_desc, v_desc, TAU, MASK, O, LSE, stb, sth, stm, sm
     dvcols = tl.arange(0, BLOCK_DV)
     q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
     c2 = _coefficient(TAU + b64 * stb + h64 * sth, offs_m, Tq, stm, scale_hi, scale_lo, cdt) * 1.4426950408889634
+    c2 = _nan_on_bad_q(c2, q, cdt)
     Mrow = MASK + b64 * smb + h64 * smh + m64 * smm
+    mine = _serves(FIRST, FIRST, b64 * Hkv + hk, Tk, False, False)  # heads without a flagged key
     m_i = tl.full([BLOCK_M], float("-inf"), cdt)
     l_i = tl.zeros([BLOCK_M], cdt)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], cdt)
     shift = Tk - Tq
     free, hi = _key_ranges(pid_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    free, hi = tl.where(mine, free, 0), tl.where(mine, hi, 0)
     for start_n in range(0, free, BLOCK_N):
         acc, l_i, m_i = _fwd_block_tma(acc, l_i, m_i, q, c2, k_desc, v_desc, b, hk, Mrow, rows, offs_m, start_n, Tq,
                                        Tk, shift, smm, smn, CAUSAL, False, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -240,37 +296,44 @@ def _fwd_kernel_tma(q_desc, k_desc, v_desc, TAU, MASK, O, LSE, stb, sth, stm, sm
         acc, l_i, m_i = _fwd_block_tma(acc, l_i, m_i, q, c2, k_desc, v_desc, b, hk, Mrow, rows, offs_m, start_n, Tq,
                                        Tk, shift, smm, smn, CAUSAL, True, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_D,
                                        BLOCK_DV)
-    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod, cdt)
+    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
+                  mine, False, cdt)
 
 
 @triton.jit
 def _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
-                  cdt: tl.constexpr):
-    """out = acc / l and lse (natural log); rows without an allowed key (l = 0): out 0, lse -inf."""
+                  mine, block_bad, cdt: tl.constexpr):
+    """out = acc / l and lse (natural log); rows without an allowed key (l = 0): out 0, lse -inf;
+    every row NaN when block_bad (they all attend a flagged key); nothing written unless mine."""
     empty = l_i == 0
     l_safe = tl.where(empty, 1.0, l_i).to(cdt)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    m_ok = offs_m < Tq
+    out = tl.where(block_bad, float("nan"), out)
+    lse = tl.where(block_bad, float("nan"), lse)
+    m_ok = offs_m < tl.where(mine, Tq, 0)  # (a bound, not "& mine": the interpreter mistypes int1 scalars)
     tl.store(O + b64 * sob + h64 * soh + m64 * som + rows[:, None] * som + dvcols[None, :] * sod,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & (dvcols[None, :] < Dv))
     tl.store(LSE + tl.cast(bh, tl.int64) * Tq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE,
+def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE, KF, FIRST,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 stb, sth, stm, smb, smh, smm, smn, sob, soh, som, sod,
-                scale_hi, scale_lo, Hq, G, Tq, Tk, D, Dv,
+                scale_hi, scale_lo, Hq, Hkv, G, Tq, Tk, D, Dv,
                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
-                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HOSTILE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q = _query_block(
-        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV)
+    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q, kv, mine = _query_block(
+        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, FIRST, Hkv, Tk, CAUSAL, EVEN_D, False, HOSTILE,
+        BLOCK_M, BLOCK_D, BLOCK_DV)
     cdt = LSE.dtype.element_ty
     c2 = _coefficient(TAU + b64 * stb + h64 * sth, offs_m, Tq, stm, scale_hi, scale_lo, cdt) * 1.4426950408889634
+    c2 = _nan_on_bad_q(c2, q, cdt)
     Kh = K + b64 * skb + hk64 * skh
     Vh = V + b64 * svb + hk64 * svh
+    KFh = KF + kv * Tk
     Mrow = MASK + b64 * smb + h64 * smh + m64 * smm
 
     m_i = tl.full([BLOCK_M], float("-inf"), cdt)
@@ -278,16 +341,22 @@ def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], cdt)
     shift = Tk - Tq
     free, hi = _key_ranges(pid_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    free, hi = tl.where(mine, free, 0), tl.where(mine, hi, 0)
     for start_n in range(0, free, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, c2, Kh, Vh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, c2, Kh, Vh, KFh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
                                    skn, skd, svn, svd, smm, smn, dcols, dvcols, D, Dv,
-                                   CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_N, PREC)
+                                   CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, HOSTILE, BLOCK_M, BLOCK_N, PREC)
     for start_n in range(free, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, c2, Kh, Vh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, c2, Kh, Vh, KFh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
                                    skn, skd, svn, svd, smm, smn, dcols, dvcols, D, Dv,
-                                   CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_N, PREC)
-
-    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod, cdt)
+                                   CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, HOSTILE, BLOCK_M, BLOCK_N, PREC)
+    # HOSTILE: tiles every row of the block attends (no mask, below the diagonal) were not checked
+    # key by key; the block is NaN when a flagged key lies among them
+    block_bad = False
+    if HOSTILE and MASK_KIND == 0:
+        block_bad = tl.load(FIRST + kv) < free
+    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
+                  mine, block_bad, cdt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,28 +420,32 @@ def attention_fwd(q, k, v, tau, scale: float, mask, causal: bool) -> Tuple[torch
         return out.zero_(), lse.fill_(float("-inf"))
     tau = tau.expand(B, Hq, Tq)
     m8, ms, mk = _mask_args(mask, q)
+    kf, first = key_flags(k, v)
     bd, bdv = _block(D), _block(Dv)
     es = q.element_size()
     cands = _candidates("fwd", es, bd, bdv, mk, Tq, device_spec(q.device).capability[0])
     key = ("fwd", q.dtype, bd, bdv, mk, bool(causal), Tq <= 16)
     what = _what(q, k, v, mk, causal)
     grid = lambda cfg: (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
-    common = (*tau.stride(), *ms, *out.stride(), *_scale_pair(scale), Hq, Hq // Hkv, Tq, Tk)
-    if _tma_eligible(q, k, v, bd, bdv):
-        def args(cfg):
+    common = (*tau.stride(), *ms, *out.stride(), *_scale_pair(scale), Hq, Hkv, Hq // Hkv, Tq, Tk)
+    tma = _tma_eligible(q, k, v, bd, bdv)
+    if tma:
+        def tma_args(cfg):
             bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
             descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols])
                      for t, rows, cols in ((q, bm, bd), (k, bn, bd), (v, bn, bdv))]
-            return (*descs, tau, m8, out, lse, *common, Dv)
-        launch(_fwd_kernel_tma, grid, args, cands, key + ("tma",), q.device, what,
+            return (*descs, tau, m8, out, lse, first, *common, Dv)
+        launch(_fwd_kernel_tma, grid, tma_args, cands, key + ("tma",), q.device, what,
                CAUSAL=bool(causal), MASK_KIND=mk, BLOCK_D=bd, BLOCK_DV=bdv)
-        return out, lse
-    launch(_fwd_kernel, grid,
-           (q, k, v, tau, m8, out, lse, *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *out.stride(),
-            *_scale_pair(scale), Hq, Hq // Hkv, Tq, Tk, D, Dv),
-           cands, key, q.device, what,
-           CAUSAL=bool(causal), MASK_KIND=mk, PREC=_precision(q.dtype), EVEN_D=D == bd, EVEN_DV=Dv == bdv,
-           BLOCK_D=bd, BLOCK_DV=bdv)
+    args = (q, k, v, tau, m8, out, lse, kf, first, *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms,
+            *out.stride(), *_scale_pair(scale), Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv)
+    flags = dict(CAUSAL=bool(causal), MASK_KIND=mk, PREC=_precision(q.dtype), EVEN_D=D == bd, EVEN_DV=Dv == bdv,
+                 BLOCK_D=bd, BLOCK_DV=bdv)
+    if not tma:
+        launch(_fwd_kernel, grid, args, cands, key, q.device, what, HOSTILE=False, **flags)
+    # the heads with a flagged key (the programs of the others return at once), on small tiles
+    launch(_fwd_kernel, grid, args, _hostile_tiles("fwd", es, bd, bdv, mk), key + ("hostile",), q.device, what,
+           HOSTILE=True, **flags)
     return out, lse
 
 

@@ -3,11 +3,14 @@ temperature_attention.py's docstring, which also holds the shared helpers and th
 
 * :func:`attention_bwd` ``(grad_out, grad_lse, q, k, v, tau, scale, mask, causal, out, lse) -> (dq, dk, dv, dtau_rows)``
 
-Launches 3: delta = rowsum(dO * O) - grad_lse; dk/dv (a program per key block, looping over the
-query heads of its GQA group and their query blocks: no atomics, every dk/dv element written once);
-dq (a program per query block, looping over key blocks; its epilogue writes dtau per row). QK^T is
-recomputed in both: 7 tensor-core products per block pair against the 5 of an atomic-dq design,
-the price of a deterministic backward.
+Launches 8: the key flags (temperature_attention_nonfinite.key_flags: 2), a zeroed head map;
+delta = rowsum(dO * O) - grad_lse, which also marks the rows the NaN/Inf rule affects and their
+heads (see the forward's docstring); dk/dv (a program per key block, looping over the query heads
+of its GQA group and their query blocks: no atomics, every dk/dv element written once); dq (a
+program per query block, looping over key blocks; its epilogue writes dtau per row); then dk/dv and
+dq again with HOSTILE on small tiles for the heads the fast ones skipped (their other programs
+return at once). QK^T is recomputed in both: 7 tensor-core products per block pair against the 5
+of an atomic-dq design, the price of a deterministic backward.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, device_spec, launch
-from .temperature_attention import (_allowed, _block, _candidates, _coefficient, _key_ranges, _mask_args,
-                                    _precision, _query_block, _scale_pair, _tile, _what)
+from .temperature_attention import (_allowed, _block, _candidates, _coefficient, _hostile_tiles, _key_ranges,
+                                    _mask_args, _precision, _query_block, _scale_pair, _tile, _tile_rows, _what)
+from .temperature_attention_nonfinite import _key_bad, _serves, key_flags
 
 __all__ = ["attention_bwd", "use_atomic_dq"]
 
@@ -36,48 +40,91 @@ def use_atomic_dq(q: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _delta_kernel(O, DO, DLSE, DELTA, R, Dv, HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta[r] = sum_d dO[r, d] * O[r, d] - grad_lse[r] over the rows r of contiguous (R, Dv) tensors."""
+def _tile_cols(ptr, rows, cols, srow, scol, nrows, col_ok, ROW_MASK: tl.constexpr):
+    """A (rows x cols) tile at ptr with only the columns where col_ok is True read (the others 0)."""
+    ptrs = ptr + rows[:, None] * srow + cols[None, :] * scol
+    if ROW_MASK:
+        return tl.load(ptrs, mask=(rows[:, None] < nrows) & col_ok[None, :], other=0.0)
+    return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _finite_rows(x):
+    """(rows,) bool: the rows of a (rows, cols) tile with no NaN/Inf."""
+    return tl.min((tl.abs(x) < float("inf")).to(tl.int32), 1) != 0
+
+
+@triton.jit
+def _delta_kernel(O, DO, DLSE, LSE, Q, DELTA, LSE2, RF, HOST, R, Hq, Hkv, G, Tq, D, Dv, sqb, sqh, sqm, sqd,
+                  HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Over the rows r of contiguous (R, Dv) O and dO (q through its strides):
+    delta[r] = sum_d dO[r, d] * O[r, d] - grad_lse[r], and the NaN/Inf rule's row facts: the rows
+    whose gradients are NaN (an allowed key and: the forward made the row NaN, or its dO row or
+    grad_lse is not finite) get lse2 = NaN, which turns their probabilities, hence exactly their
+    dq, dtau and the dk, dv rows of the keys they may attend, NaN; rf marks the rows whose q and dO
+    the other kernels load as 0 (those, and any row whose q or dO holds a NaN/Inf: a zero weight
+    would multiply it), and delta is 0 there so that it stays finite; HOST[(batch, kv head)] is set
+    where such a row reads that kv head (the HOSTILE launches then serve it)."""
     offs_r = tl.cast(tl.program_id(0), tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_DV)
-    ok = (offs_r[:, None] < R) & (offs_d[None, :] < Dv)
+    r_ok = offs_r < R
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = r_ok[:, None] & (offs_dv[None, :] < Dv)
     cdt = DELTA.dtype.element_ty
-    o = tl.load(O + offs_r[:, None] * Dv + offs_d[None, :], mask=ok, other=0.0).to(cdt)
-    do = tl.load(DO + offs_r[:, None] * Dv + offs_d[None, :], mask=ok, other=0.0).to(cdt)
+    o = tl.load(O + offs_r[:, None] * Dv + offs_dv[None, :], mask=ok, other=0.0).to(cdt)
+    do = tl.load(DO + offs_r[:, None] * Dv + offs_dv[None, :], mask=ok, other=0.0).to(cdt)
     delta = tl.sum(o * do, 1)
+    bh = offs_r // Tq
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + ((bh // Hq) * sqb + (bh % Hq) * sqh + (offs_r % Tq) * sqm)[:, None] + offs_d[None, :] * sqd,
+                mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(cdt)
+    lse = tl.load(LSE + offs_r, mask=r_ok, other=0.0)
+    grads_ok = _finite_rows(do)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + offs_r, mask=offs_r < R, other=0.0).to(cdt)
-    tl.store(DELTA + offs_r, delta, mask=offs_r < R)
+        gl = tl.load(DLSE + offs_r, mask=r_ok, other=0.0).to(cdt)
+        grads_ok = grads_ok & (tl.abs(gl) < float("inf"))
+        delta -= gl
+    nan_row = (lse != float("-inf")) & ((lse != lse) | ~grads_ok)
+    zero_row = nan_row | ~grads_ok | ~_finite_rows(q)
+    tl.store(DELTA + offs_r, tl.where(zero_row, 0.0, delta), mask=r_ok)
+    tl.store(LSE2 + offs_r, tl.where(nan_row, float("nan"), lse), mask=r_ok)
+    tl.store(RF + offs_r, zero_row.to(tl.uint8), mask=r_ok)
+    tl.atomic_max(HOST + (bh // Hq) * Hkv + (bh % Hq) // G, zero_row.to(tl.int32), mask=r_ok & zero_row)
 
 
 @triton.jit
 def _row_stats(TAUh, LSE, DELTA, row0, offs_m, Tq, stm, scale_hi, scale_lo, cdt: tl.constexpr):
-    """(c, lse, delta) of query rows for the backward: c = 0 and lse = +inf on rows without a key
-    (lse = -inf) and past Tq, so that their probabilities are exp2(-inf) = 0 and c cannot turn a
-    zero gradient into NaN."""
+    """(c, lse, delta) of query rows for the backward (LSE: the delta kernel's lse2): c = 0 and
+    lse = +inf on rows without a key (lse = -inf) and past Tq, so that their probabilities are
+    exp2(-inf) = 0 and c cannot turn a zero gradient into NaN; c = 0 where tau is bad (such rows
+    have lse = NaN: their NaN comes from there, and c = 0 keeps it off their masked keys)."""
     m_ok = offs_m < Tq
     c = _coefficient(TAUh, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
     lse = tl.load(LSE + row0 + offs_m, mask=m_ok, other=float("-inf"))
     empty = lse == float("-inf")
-    c = tl.where(empty, 0.0, c)
+    c = tl.where(empty | (c != c), 0.0, c)
     lse = tl.where(empty, float("inf"), lse).to(cdt)
     delta = tl.load(DELTA + row0 + offs_m, mask=m_ok, other=0.0)
     return c, lse, delta
 
 
 @triton.jit
-def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, DQACC, kmask, row0, start_m, rows, cols, offs_n,
+def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, RF, Mh, DQACC, kmask, row0, start_m, rows, cols, offs_n,
                 Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv, scale_hi, scale_lo,
                 CAUSAL: tl.constexpr, DIAG: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-                EVEN_DV: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                EVEN_DV: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, HOSTILE: tl.constexpr):
     # Scores in (query, key) orientation with the resident kT, vT as the right-hand operands: on
     # sm_90 they then stay in shared memory instead of registers (k, v as left operands made every
     # dk/dv tile spill).
     cdt = dk.dtype
     offs_m = start_m + rows
     m64 = tl.cast(start_m, tl.int64)
-    q = _tile(Qh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
-    do = _tile(DOh + m64 * sdm, rows, dvcols, sdm, sdd, Tq - start_m, Dv, True, not EVEN_DV)
+    if HOSTILE:  # rf rows (a NaN/Inf in q or dO, or a NaN row) load as 0
+        live = (offs_m < Tq) & (tl.load(RF + row0 + offs_m, mask=offs_m < Tq, other=0) == 0)
+        q = _tile_rows(Qh + m64 * sqm, rows, dcols, sqm, sqd, live, D, not EVEN_D)
+        do = _tile_rows(DOh + m64 * sdm, rows, dvcols, sdm, sdd, live, Dv, not EVEN_DV)
+    else:
+        q = _tile(Qh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
+        do = _tile(DOh + m64 * sdm, rows, dvcols, sdm, sdd, Tq - start_m, Dv, True, not EVEN_DV)
     c, lse, delta = _row_stats(TAUh, LSE, DELTA, row0, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
     s = tl.dot(q, kT, input_precision=PREC).to(cdt)  # (BLOCK_M, BLOCK_N) logits / c
     p = tl.math.exp2(s * (c * 1.4426950408889634)[:, None] - (lse * 1.4426950408889634)[:, None])
@@ -102,13 +149,13 @@ def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, DQACC, kmask, row
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV, DQACC,
+def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, RF, KF, FIRST, HOST, DK, DV, DQACC,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  stb, sth, stm, smb, smh, smm, smn, sdb, sdh, sdm, sdd,
                  sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                  scale_hi, scale_lo, Hq, Hkv, G, Tq, Tk, D, Dv,
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HOSTILE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -122,10 +169,20 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV, DQACC,
     rows = tl.arange(0, BLOCK_M)
     dcols = tl.arange(0, BLOCK_D)
     dvcols = tl.arange(0, BLOCK_DV)
-    kT = _tile(K + b64 * skb + tl.cast(hk, tl.int64) * skh + n64 * skn, dcols, cols, skd, skn, D, Tk - start_n,
-               not EVEN_D, True)
-    vT = _tile(V + b64 * svb + tl.cast(hk, tl.int64) * svh + n64 * svn, dvcols, cols, svd, svn, Dv, Tk - start_n,
-               not EVEN_DV, True)
+    kv = b64 * Hkv + hk
+    mine = _serves(FIRST, HOST, kv, Tk, True, HOSTILE)
+    Kb = K + b64 * skb + tl.cast(hk, tl.int64) * skh + n64 * skn
+    Vb = V + b64 * svb + tl.cast(hk, tl.int64) * svh + n64 * svn
+    n_end = tl.where(mine, Tk - start_n, 0)  # (nothing is read for a head another launch serves)
+    if HOSTILE:
+        # flagged keys (a NaN/Inf in their k or v row) load as 0: the rows that may attend them carry
+        # lse = NaN (the delta kernel), the others must not meet them
+        key_ok = (cols < n_end) & (~_key_bad(KF + kv * Tk, start_n, cols, Tk))
+        kT = _tile_cols(Kb, dcols, cols, skd, skn, D, key_ok, not EVEN_D)
+        vT = _tile_cols(Vb, dvcols, cols, svd, svn, Dv, key_ok, not EVEN_DV)
+    else:
+        kT = _tile(Kb, dcols, cols, skd, skn, D, n_end, not EVEN_D, True)
+        vT = _tile(Vb, dvcols, cols, svd, svn, Dv, n_end, not EVEN_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], cdt)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], cdt)
     shift = Tk - Tq
@@ -139,6 +196,8 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV, DQACC,
     else:
         lo = 0
         mid = 0
+    end = tl.where(mine, end, 0)
+    lo, mid = tl.minimum(lo, end), tl.minimum(mid, end)
     for g in range(0, G):
         h64 = tl.cast(hk * G + g, tl.int64)
         Qh = Q + b64 * sqb + h64 * sqh
@@ -150,16 +209,18 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV, DQACC,
         if MASK_KIND == 1:  # key padding: one vector for every query block of this head
             kmask = kmask & (tl.load(Mh + cols * smn, mask=offs_n < Tk, other=0) != 0)
         for start_m in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, DQACC, kmask, row0, start_m, rows, cols,
-                                 offs_n,
+            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, RF, Mh, DQACC, kmask, row0, start_m, rows,
+                                 cols, offs_n,
                                  Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv,
-                                 scale_hi, scale_lo, CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, PREC, ATOMIC_DQ)
+                                 scale_hi, scale_lo, CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, PREC, ATOMIC_DQ,
+                                 HOSTILE)
         for start_m in range(mid, end, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, Mh, DQACC, kmask, row0, start_m, rows, cols,
-                                 offs_n,
+            dk, dv = _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, RF, Mh, DQACC, kmask, row0, start_m, rows,
+                                 cols, offs_n,
                                  Tq, Tk, shift, sqm, sqd, sdm, sdd, stm, smm, smn, dcols, dvcols, D, Dv,
-                                 scale_hi, scale_lo, CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, PREC, ATOMIC_DQ)
-    n_ok = offs_n < Tk
+                                 scale_hi, scale_lo, CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, PREC, ATOMIC_DQ,
+                                 HOSTILE)
+    n_ok = offs_n < tl.where(mine, Tk, 0)
     tl.store(DK + b64 * sdkb + tl.cast(hk, tl.int64) * sdkh + n64 * sdkn + cols[:, None] * sdkn + dcols[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (dcols[None, :] < D))
     tl.store(DV + b64 * sdvb + tl.cast(hk, tl.int64) * sdvh + n64 * sdvn + cols[:, None] * sdvn + dvcols[None, :] * sdvd,
@@ -167,15 +228,21 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DK, DV, DQACC,
 
 
 @triton.jit
-def _dq_block(dq, q, do, c2, lse2, delta, Kh, Vh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
+def _dq_block(dq, q, do, c2, lse2, delta, Kh, Vh, KFh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
               skn, skd, svn, svd, smm, smn, dcols, dvcols, D, Dv,
               CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-              EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+              EVEN_DV: tl.constexpr, HOSTILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              PREC: tl.constexpr):
     cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
     n64 = tl.cast(start_n, tl.int64)
-    kT = _tile(Kh + n64 * skn, dcols, cols, skd, skn, D, Tk - start_n, not EVEN_D, BOUNDS)
-    vT = _tile(Vh + n64 * svn, dvcols, cols, svd, svn, Dv, Tk - start_n, not EVEN_DV, BOUNDS)
+    if HOSTILE and (BOUNDS or MASK_KIND != 0):  # flagged keys load as 0 (a masked zero weight would meet them)
+        key_ok = (cols < Tk - start_n) & (~_key_bad(KFh, start_n, cols, Tk))
+        kT = _tile_cols(Kh + n64 * skn, dcols, cols, skd, skn, D, key_ok, not EVEN_D)
+        vT = _tile_cols(Vh + n64 * svn, dvcols, cols, svd, svn, Dv, key_ok, not EVEN_DV)
+    else:  # every row attends these keys: a flagged one makes them all NaN rows (lse = NaN) anyway
+        kT = _tile(Kh + n64 * skn, dcols, cols, skd, skn, D, Tk - start_n, not EVEN_D, BOUNDS)
+        vT = _tile(Vh + n64 * svn, dvcols, cols, svd, svn, Dv, Tk - start_n, not EVEN_DV, BOUNDS)
     s = tl.dot(q, kT, input_precision=PREC).to(dq.dtype)
     p = tl.math.exp2(s * c2[:, None] - lse2[:, None])
     if BOUNDS or MASK_KIND != 0:
@@ -188,41 +255,48 @@ def _dq_block(dq, q, do, c2, lse2, delta, Kh, Vh, Mrow, rows, offs_m, start_n, T
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, DQ, DTAU,
+def _dq_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, RF, KF, FIRST, HOST, DQ, DTAU,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                stb, sth, stm, smb, smh, smm, smn, sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
-               scale_hi, scale_lo, Hq, G, Tq, Tk, D, Dv,
+               scale_hi, scale_lo, Hq, Hkv, G, Tq, Tk, D, Dv,
                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
-               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HOSTILE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q = _query_block(
-        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, CAUSAL, EVEN_D, BLOCK_M, BLOCK_D, BLOCK_DV)
+    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q, kv, mine = _query_block(
+        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, HOST, Hkv, Tk, CAUSAL, EVEN_D, True, HOSTILE,
+        BLOCK_M, BLOCK_D, BLOCK_DV)
     cdt = LSE.dtype.element_ty
-    do = _tile(DO + b64 * sdb + h64 * sdh + m64 * sdm, rows, dvcols, sdm, sdd, Tq - start_m, Dv, True, not EVEN_DV)
     row0 = tl.cast(bh, tl.int64) * Tq
+    live = offs_m < tl.where(mine, Tq, 0)
+    if HOSTILE:  # rf rows (a NaN/Inf in q or dO, or a NaN row): q and dO as 0
+        live = live & (tl.load(RF + row0 + offs_m, mask=offs_m < Tq, other=0) == 0)
+        q = tl.where(live[:, None], q, 0.0)
+    do = _tile_rows(DO + b64 * sdb + h64 * sdh + m64 * sdm, rows, dvcols, sdm, sdd, live, Dv, not EVEN_DV)
     c, lse, delta = _row_stats(TAU + b64 * stb + h64 * sth, LSE, DELTA, row0, offs_m, Tq, stm, scale_hi, scale_lo,
                                cdt)
     c2 = c * 1.4426950408889634
     lse2 = lse * 1.4426950408889634
     Kh = K + b64 * skb + hk64 * skh
     Vh = V + b64 * svb + hk64 * svh
+    KFh = KF + kv * Tk
     Mrow = MASK + b64 * smb + h64 * smh + m64 * smm
     dq = tl.zeros([BLOCK_M, BLOCK_D], cdt)
     shift = Tk - Tq
     free, hi = _key_ranges(pid_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    free, hi = tl.where(mine, free, 0), tl.where(mine, hi, 0)
     for start_n in range(0, free, BLOCK_N):
-        dq = _dq_block(dq, q, do, c2, lse2, delta, Kh, Vh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
+        dq = _dq_block(dq, q, do, c2, lse2, delta, Kh, Vh, KFh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
                        skn, skd, svn, svd, smm, smn, dcols, dvcols, D, Dv,
-                       CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_N, PREC)
+                       CAUSAL, False, MASK_KIND, EVEN_D, EVEN_DV, HOSTILE, BLOCK_M, BLOCK_N, PREC)
     for start_n in range(free, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, c2, lse2, delta, Kh, Vh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
+        dq = _dq_block(dq, q, do, c2, lse2, delta, Kh, Vh, KFh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
                        skn, skd, svn, svd, smm, smn, dcols, dvcols, D, Dv,
-                       CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, BLOCK_M, BLOCK_N, PREC)
+                       CAUSAL, True, MASK_KIND, EVEN_D, EVEN_DV, HOSTILE, BLOCK_M, BLOCK_N, PREC)
     dq = dq * c[:, None]
     scale = tl.zeros_like(c) + scale_hi + scale_lo
     # dtau = -(q . dq) / tau = -(q . dq) * c / scale; rows without a key have c = 0 here
     dtau = -tl.sum(q.to(cdt) * dq, 1) * (c / scale)
-    m_ok = offs_m < Tq
+    m_ok = offs_m < tl.where(mine, Tq, 0)
     tl.store(DQ + b64 * sdqb + h64 * sdqh + m64 * sdqm + rows[:, None] * sdqm + dcols[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (dcols[None, :] < D))
     tl.store(DTAU + row0 + offs_m, dtau, mask=m_ok)
@@ -247,7 +321,9 @@ def _dq_finalize_kernel(Q, DQACC, TAU, LSE, DQ, DTAU, sqb, sqh, sqm, sqd, stb, s
     dq = tl.load(DQACC + offs_r[:, None] * D + dcols[None, :], mask=ok, other=0.0).to(cdt)
     tau = tl.load(TAU + b * stb + h * sth + t * stm, mask=r_ok, other=1.0).to(cdt)
     scale = tl.zeros_like(tau) + scale_hi + scale_lo
-    c = tl.where((tau > 0) & (tau < float("inf")), scale / tau, float("nan"))
+    c = scale / tau
+    # (a bad c makes lse NaN: the row's head is hostile, and the HOSTILE dq launch rewrites its dq, dtau)
+    c = tl.where((tau > 0) & (tau < float("inf")) & (tl.abs(c) < float("inf")), c, float("nan"))
     lse = tl.load(LSE + offs_r, mask=r_ok, other=0.0)
     c = tl.where(lse == float("-inf"), 0.0, c)
     tl.store(DQ + (b * sdqb + h * sdqh + t * sdqm)[:, None] + dcols[None, :] * sdqd, dq.to(DQ.dtype.element_ty), mask=ok)
@@ -268,12 +344,18 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
     out = out.contiguous()
     lse = lse.contiguous()
     delta = torch.empty((B, Hq, Tq), dtype=lse.dtype, device=q.device)
+    lse2 = torch.empty_like(delta)  # lse, NaN on the rows whose gradients the NaN/Inf rule makes NaN
+    rf = torch.empty((B, Hq, Tq), dtype=torch.uint8, device=q.device)  # rows whose q and dO load as 0
+    kf, first = key_flags(k, v)
+    host = torch.zeros((B * Hkv,), dtype=torch.int32, device=q.device)  # heads with an rf row
     R = B * Hq * Tq
     dlse = grad_lse.contiguous() if grad_lse is not None else delta
     bd, bdv = _block(D), _block(Dv)
-    block_r = 16 if INTERPRET else max(16, min(64, 8192 // bdv))  # (BLOCK_R, Dv) fp32 tiles: 64 regs/thread
-    _delta_kernel[(triton.cdiv(R, block_r),)](out, grad_out, dlse, delta, R, Dv, HAS_DLSE=grad_lse is not None,
-                                             BLOCK_R=block_r, BLOCK_DV=bdv)
+    # O, dO (BLOCK_R, Dv) and q (BLOCK_R, D) in fp32: about 96 registers per thread (4 warps)
+    block_r = 16 if INTERPRET else max(16, min(64, triton.next_power_of_2(12288 // (2 * bdv + bd) + 1) // 2))
+    _delta_kernel[(triton.cdiv(R, block_r),)](out, grad_out, dlse, lse, q, delta, lse2, rf, host, R, Hq, Hkv,
+                                             Hq // Hkv, Tq, D, Dv, *q.stride(), HAS_DLSE=grad_lse is not None,
+                                             BLOCK_R=block_r, BLOCK_D=bd, BLOCK_DV=bdv)
     m8, ms, mk = _mask_args(mask, q)
     es = q.element_size()
     what = _what(q, k, v, mk, causal) + " backward"
@@ -284,21 +366,30 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
     major = device_spec(q.device).capability[0]
     atomic = use_atomic_dq(q)
     dqacc = torch.zeros((R, D), dtype=torch.float32, device=q.device) if atomic else delta  # never read if not
-    launch(_dkdv_kernel, lambda cfg: (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv),
-           (q, k, v, tau, m8, grad_out, lse, delta, dk, dv, dqacc,
-            *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dk.stride(), *dv.stride(),
-            *sp, Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv),
-           _candidates("dkdv", es, bd, bdv, mk, Tq, major), ("dkdv", atomic) + key, q.device, what, ATOMIC_DQ=atomic,
-           **flags)
+    dkdv_grid = lambda cfg: (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)  # noqa: E731
+    dkdv_args = (q, k, v, tau, m8, grad_out, lse2, delta, rf, kf, first, host, dk, dv, dqacc,
+                 *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dk.stride(),
+                 *dv.stride(), *sp, Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv)
+    dq_grid = lambda cfg: (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
+    dq_args = (q, k, v, tau, m8, grad_out, lse2, delta, rf, kf, first, host, dq, dtau,
+               *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dq.stride(),
+               *sp, Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv)
+    dkdv_cands = _candidates("dkdv", es, bd, bdv, mk, Tq, major)
+    dq_cands = _candidates("dq", es, bd, bdv, mk, Tq, major)
+    # the heads no NaN/Inf reaches (see temperature_attention_nonfinite._serves)
+    launch(_dkdv_kernel, dkdv_grid, dkdv_args, dkdv_cands, ("dkdv", atomic) + key, q.device, what,
+           ATOMIC_DQ=atomic, HOSTILE=False, **flags)
     if atomic:
         block_r = 16 if INTERPRET else 32
         _dq_finalize_kernel[(triton.cdiv(R, block_r),)](
-            q, dqacc, tau, lse, dq, dtau, *q.stride(), *tau.stride(), *dq.stride(), *sp, Hq, Tq, R, D,
+            q, dqacc, tau, lse2, dq, dtau, *q.stride(), *tau.stride(), *dq.stride(), *sp, Hq, Tq, R, D,
             BLOCK_R=block_r, BLOCK_D=bd)
-        return dq, dk, dv, dtau
-    launch(_dq_kernel, lambda cfg: (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq),
-           (q, k, v, tau, m8, grad_out, lse, delta, dq, dtau,
-            *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dq.stride(),
-            *sp, Hq, Hq // Hkv, Tq, Tk, D, Dv),
-           _candidates("dq", es, bd, bdv, mk, Tq, major), ("dq",) + key, q.device, what, **flags)
+    else:
+        launch(_dq_kernel, dq_grid, dq_args, dq_cands, ("dq",) + key, q.device, what, HOSTILE=False, **flags)
+    # the others (their programs in the launches above did nothing; here the others' return at once),
+    # on small tiles, after the atomic path's finalize (which writes every row)
+    launch(_dkdv_kernel, dkdv_grid, dkdv_args, _hostile_tiles("dkdv", es, bd, bdv, mk), ("dkdv", "hostile") + key,
+           q.device, what, ATOMIC_DQ=False, HOSTILE=True, **flags)
+    launch(_dq_kernel, dq_grid, dq_args, _hostile_tiles("dq", es, bd, bdv, mk), ("dq", "hostile") + key, q.device,
+           what, HOSTILE=True, **flags)
     return dq, dk, dv, dtau

@@ -90,6 +90,21 @@ def _candidates(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, tq: in
     return _planned(kind, esize, bd, bdv, mask_kind, tq <= 16, major)
 
 
+@functools.lru_cache(maxsize=None)
+def _hostile_tiles(kind: str, esize: int, bd: int, bdv: int, mask_kind: int) -> Tuple[Config, ...]:
+    """The one configuration of the HOSTILE launches (the heads a NaN/Inf reaches; see
+    temperature_attention_nonfinite._serves): 16 x 16 tiles, so the extra flag work never spills, but
+    fp32's forward and dq, whose FMA products (operands in registers) spill on small tiles with few
+    warps: they take their measured tiles (AOT-checked spill-free with the flag work)."""
+    if INTERPRET:
+        return (Config.make(BLOCK_M=16, BLOCK_N=16),)
+    if esize == 4 and kind != "dkdv":  # (its dk/dv tiles are already 16 x 16 or 16 x 32 there)
+        return _planned(kind, esize, bd, bdv, mask_kind, False, 9)[:1]
+    warps = 8 if esize == 4 else 4
+    return (Config.make(_estimate(kind, esize, 16, 16, 1, bd, bdv, mask_kind), warps, 1,
+                        _regs(kind, esize, 16, 16, warps, bd, bdv), BLOCK_M=16, BLOCK_N=16),)
+
+
 @functools.lru_cache(maxsize=None)  # ~50 us of Python per call otherwise: host time of every launch
 def _planned(kind: str, esize: int, bd: int, bdv: int, mask_kind: int, decode: bool, major: int
              ) -> Tuple[Config, ...]:

@@ -16,8 +16,12 @@
 // Numerics: fp32 accumulation (fp64 for fp64); fp16/bf16 K/V rows are widened to fp32 as they are
 // loaded. The fp32 path uses a polynomial exp (relative error < 2e-7 on the (-inf, 0] arguments of
 // the softmax) that vectorizes; fp64 uses std::exp.
-// Edge rows: a row without any key gives out 0 and lse -inf whatever its tau; otherwise a tau that
-// is not positive finite gives NaN out and lse (its items run with c = 0, and are overwritten).
+// NaN/Inf (the rule: reference/paged_temperature_attention.py): only a row's keys are read; a row
+// without one gives 0 / -inf; else a query row is NaN when c = scale / tau is not finite (its items
+// run with c = 0), when one of its scores is not finite (a NaN/Inf in its q row or a key's k row;
+// the score is then dropped, so the math stays finite), or when its output is not finite (a NaN/Inf
+// in a key's v row reaches it through p * v, 0 * Inf included). Cost: an (x - x) per score and per
+// output element, against D multiply-adds per score.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
@@ -283,9 +287,10 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
   for (int64_t b = 0; b < B; ++b)
     for (int64_t ch = chunk_begin[b]; ch < chunk_begin[b + 1]; ++ch) chunk_row[ch] = b;
 
-  // partials of (chunk, kv head) it = ch * Hkv + h: m, l (R each) and acc (R, Dv)
+  // partials of (chunk, kv head) it = ch * Hkv + h: m, l (R each) and acc (R, Dv); bad: a non-finite score
   const int64_t items = chunks * Hkv;
   std::vector<acc_t> part_m(items * R), part_l(items * R), part_acc(items * R * Dv);
+  std::vector<uint8_t> part_bad(items * R, 0);
 
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> qs(Hkv * R * D), s(Hkv * R * kBlock), kbuf(D), vbuf(2 * Dv);
@@ -326,6 +331,14 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
           acc_t& m = part_m[it_r];
           acc_t& l = part_l[it_r];
           acc_t* sr = s.data() + hr * kBlock;
+          acc_t z = 0;  // 0 when every score is finite, NaN otherwise
+#pragma omp simd reduction(+ : z)
+          for (int64_t t = 0; t < nb; ++t) z += sr[t] - sr[t];
+          if (z != 0) {  // a non-finite q row or k row: the row is NaN at the merge; keep the math finite
+            part_bad[it_r] = 1;
+            for (int64_t t = 0; t < nb; ++t)
+              if (!std::isfinite(sr[t])) sr[t] = kNegInf;
+          }
           acc_t bm = kNegInf;
           for (int64_t t = 0; t < nb; ++t) bm = sr[t] > bm ? sr[t] : bm;
           const acc_t mn = std::max(m, bm);
@@ -388,16 +401,16 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
           const int64_t r = g * n + i, hq = h * G + g, row = (b * Hq + hq) * n + i;
           scalar_t* dst = op + row * Dv;
           acc_t M = kNegInf;
-          for (int64_t ch = chunk_begin[b]; ch < chunk_begin[b + 1]; ++ch)
+          bool bad = std::isnan(cp[row]);
+          for (int64_t ch = chunk_begin[b]; ch < chunk_begin[b + 1]; ++ch) {
             M = std::max(M, part_m[(ch * Hkv + h) * R + r]);
+            bad = bad || part_bad[(ch * Hkv + h) * R + r];
+          }
           acc_t row_lse;
-          if (!has_keys || std::isnan(cp[row])) {
+          if (!has_keys || bad) {
             row_lse = has_keys ? nan : kNegInf;
             std::fill(o.begin(), o.end(), has_keys ? nan : acc_t(0));
-          } else if (M == kNegInf) {  // only -inf logits (infinite q or k): the reference gives 0 / -inf
-            row_lse = kNegInf;
-            std::fill(o.begin(), o.end(), acc_t(0));
-          } else {
+          } else {  // (every score of the row is finite here, so M is)
             std::fill(o.begin(), o.end(), acc_t(0));
             acc_t L = 0;
             for (int64_t ch = chunk_begin[b]; ch < chunk_begin[b + 1]; ++ch) {
@@ -410,8 +423,16 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
               for (int64_t d = 0; d < Dv; ++d) o[d] += w * a[d];
             }
             const acc_t inv = acc_t(1) / L;
-            for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+            acc_t z = 0;
+            for (int64_t d = 0; d < Dv; ++d) {
+              o[d] *= inv;
+              z += o[d] - o[d];
+            }
             row_lse = M + std::log(L);
+            if (z != 0) {  // a NaN/Inf in the v row of one of its keys: the whole row is NaN
+              row_lse = nan;
+              std::fill(o.begin(), o.end(), nan);
+            }
           }
           for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<scalar_t>(o[d]);
           lp[row] = row_lse;
@@ -434,11 +455,12 @@ std::tuple<Tensor, Tensor> paged_temperature_attention_cpu(const Tensor& q, cons
   const Tensor kp = k_pool.stride(3) == 1 ? k_pool : k_pool.contiguous();
   const Tensor vp = v_pool.stride(3) == 1 ? v_pool : v_pool.contiguous();
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
-  // c = scale / tau per (b, hq, i), NaN where tau is not positive finite (as the reference's temperature_coefficient)
+  // c = scale / tau per (b, hq, i) (a true division in cd), NaN where tau is not positive finite or
+  // the quotient overflows (as the reference's temperature_coefficient)
   auto t = tau.to(cd);
-  auto c = at::where(at::logical_and(t.gt(0), at::isfinite(t)), sc / t, at::scalar_tensor(std::nan(""), t.options()))
-               .expand({B, Hq, n})
-               .contiguous();
+  auto c = sc / t;
+  auto valid = at::logical_and(at::logical_and(t.gt(0), at::isfinite(t)), at::isfinite(c));
+  c = at::where(valid, c, at::scalar_tensor(std::nan(""), t.options())).expand({B, Hq, n}).contiguous();
   const Keys keys = collect_keys(kp, vp, page_table, live_pool, slots, B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kOp, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

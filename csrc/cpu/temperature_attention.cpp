@@ -15,20 +15,36 @@
 //     own broadcast shape; plain is_causal when Tq = Tk and there is no mask;
 //   - rows with no allowed key: ATen returns out 0 and lse 0; we return lse -inf, and zero c there
 //     so that a bad tau on an empty row cannot put NaN into the gradients;
-//   - rows with a bad tau (c NaN): ATen would give 0/0 rows without a mask and let the NaN leak
-//     into other rows' gradients, so it sees c = 0 there and the reference's NaNs are written
-//     afterwards (out, lse and dq of the row, dtau, dk and dv of the keys it may attend);
 //   - Dv != D: zero columns pad the smaller head size (they change no logit and no output);
 //   - a head dimension without unit stride: copied (the private op assumes it; see pad_head);
 //   - the gradient of lse: ATen's backward uses out only through delta = rowsum(dO * O). One extra
 //     head column with v = 0, dO = 1 and O = -grad_lse turns delta into delta - grad_lse, which is
-//     exactly the lse term of dS = P * (dP - delta + grad_lse), and changes nothing else.
+//     exactly the lse term of dS = P * (dP - delta + grad_lse), and changes nothing else;
+//   - NaN/Inf (the rule is in the reference's docstring): ATen turns a row whose scores are all NaN
+//     into out 0 / lse 0, lets the NaN of a bad tau leak into other rows' gradients, and multiplies
+//     the zero weight of a masked key by its v (0 * NaN = NaN leaks into rows that may not see it).
+//     So ATen only ever sees finite data: bad rows (c not finite, a non-finite q row, or an allowed
+//     key whose k or v row is not finite) run with c = 0; non-finite q, k, v elements are replaced by
+//     0 in copies; the rule's NaNs are written afterwards (out and lse of bad rows; in the backward,
+//     dq and dtau of bad rows and of rows with a non-finite grad_out row / grad_lse, and the dk, dv
+//     rows of every key such a row may attend).
+//     Cost on finite inputs: one read of q and k and one of the output (all_finite: bit tests that
+//     vectorize, no allocation) in the forward -- v is checked through the output, which a
+//     non-finite v that matters always reaches -- and one read of q, k, v and dO in the backward,
+//     plus O(B Hq Tq) flag work. That is small next to attention except for very short query
+//     blocks: with Tq = 1 (decode; use paged_temperature_attention there) the read of k is half the
+//     attention's own read of K and V: B8 H8 Tk4096 D64 fp32 forward, one thread, 9.4 -> 12.9 ms. Only
+//     hostile inputs pay for the copies, a second ATen call when v is not finite, and the flags of
+//     the keys each row may attend (a (B, Hq, Tq, Tk) bool reduction under a mask).
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 
@@ -98,12 +114,53 @@ void check_like(const char* name, const Tensor& t, at::IntArrayRef shape, c10::o
 
 at::ScalarType compute_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
+// ---------------------------------------------------------------- non-finite inputs
+// Every one of the n words at data finite: no word has all exponent bits `exp` set. An OR of
+// equality masks (SSE2 compares; no float reduction, which would not vectorize without fast-math),
+// one read, no allocation. Doubles are tested on their high 32-bit words.
+template <typename U>
+bool bits_finite(const void* data, int64_t n, int64_t stride, U exp) {
+  const U* p = static_cast<const U*>(data);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, n, 1 << 15, [&](int64_t lo, int64_t hi) {
+    U bad = 0;
+    for (int64_t i = lo; i < hi; ++i) bad |= static_cast<U>((p[i * stride] & exp) == exp);
+    if (bad) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+bool all_finite(const Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (t.is_non_overlapping_and_dense()) {  // its elements fill [data_ptr, data_ptr + numel) in some order
+    const int64_t n = t.numel();
+    switch (t.scalar_type()) {
+      case at::kFloat: return bits_finite<uint32_t>(t.data_ptr(), n, 1, 0x7f800000u);
+      case at::kDouble: {  // the 32-bit word of each double that holds its exponent
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        const int64_t high = 0;
+#else
+        const int64_t high = 1;
+#endif
+        return bits_finite<uint32_t>(static_cast<const uint32_t*>(t.data_ptr()) + high, n, 2, 0x7ff00000u);
+      }
+      case at::kHalf: return bits_finite<uint16_t>(t.data_ptr(), n, 1, 0x7c00u);
+      case at::kBFloat16: return bits_finite<uint16_t>(t.data_ptr(), n, 1, 0x7f80u);
+      default: break;
+    }
+  }
+  return at::isfinite(t).all().item<bool>();
+}
+
+Tensor zero_nonfinite(const Tensor& t) { return at::where(at::isfinite(t), t, at::zeros({}, t.options())); }
+
 // ---------------------------------------------------------------- the ATen flash call, prepared
 struct Plan {
   Tensor c;                 // (B, Hq, Tq) scale / tau in the compute dtype; NaN for bad tau, 0 on empty rows
-  Tensor c_kernel;          // c with 0 on bad rows too: what ATen sees, so a bad row cannot pollute others
-  Tensor bad;               // (B, Hq, Tq) rows whose tau is bad (and that have an allowed key)
+  Tensor c_kernel;          // c with 0 on bad rows: what ATen sees, so a bad row cannot pollute others
+  Tensor bad;               // (B, Hq, Tq) rows the rule makes NaN (they have an allowed key)
   bool any_bad = false;
+  Tensor q, k, v;           // what ATen reads: the inputs, or copies with NaN/Inf replaced by 0
   OptTensor bias;           // additive 0 / -inf mask for ATen, in q's dtype; none when not needed
   OptTensor nonempty;       // rows with at least one allowed key (broadcastable to (B, Hq, Tq)); none = all
   bool is_causal = false;   // ATen's top-left causal, used when Tq = Tk and there is no mask
@@ -123,8 +180,18 @@ OptTensor allowed_keys(const Tensor& q, const Tensor& k, const OptTensor& mask, 
   return allowed;
 }
 
-Plan plan(const Tensor& q, const Tensor& k, const Tensor& tau, const OptTensor& mask, bool causal,
-          c10::optional<double> scale) {
+// (B, Hq, Tq) rows that may attend a key flagged in key_bad (B, Hkv, Tk).
+Tensor rows_meeting(const Tensor& key_bad, const Tensor& q, const Tensor& k, const OptTensor& mask, bool causal) {
+  const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), Tk = k.size(2);
+  auto per_head = key_bad.repeat_interleave(Hq / k.size(1), 1).view({B, Hq, 1, Tk});
+  auto allowed = allowed_keys(q, k, mask, causal);
+  auto meet = allowed.has_value() ? at::logical_and(*allowed, per_head).any(-1) : per_head.any(-1);
+  return meet.expand({B, Hq, Tq});
+}
+
+// scan_v false: v is taken as finite (the forward checks it through its output instead).
+Plan plan(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau, const OptTensor& mask, bool causal,
+          c10::optional<double> scale, bool scan_v) {
   const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), Tk = k.size(2);
   const auto cd = compute_dtype(q.scalar_type());
   Plan p;
@@ -136,12 +203,26 @@ Plan plan(const Tensor& q, const Tensor& k, const Tensor& tau, const OptTensor& 
     p.nonempty = allowed->any(-1);
   }
   auto t = tau.to(cd);
-  auto valid = at::logical_and(t.gt(0), at::isfinite(t));
-  auto c = at::where(valid, p.scale / t, at::scalar_tensor(std::nan(""), t.options()));
+  auto c = p.scale / t;  // a true division of scale (rounded to cd) by tau, as the reference's
+  auto valid = at::logical_and(at::logical_and(t.gt(0), at::isfinite(t)), at::isfinite(c));
+  c = at::where(valid, c, at::scalar_tensor(std::nan(""), t.options()));
   if (p.nonempty.has_value()) c = at::where(*p.nonempty, c, at::zeros({}, t.options()));
   p.c = c.expand({B, Hq, Tq}).contiguous();
-  // A host check is free on CPU (no device to wait for): bad rows then cost nothing when absent.
+  // Host checks are free on CPU (no device to wait for): finite inputs pay one read each, no copy.
   p.bad = at::isnan(p.c);
+  p.q = q, p.k = k, p.v = v;
+  if (!all_finite(q)) {
+    auto row = at::isfinite(q).all(-1).logical_not();
+    p.bad.logical_or_(p.nonempty.has_value() ? at::logical_and(row, *p.nonempty) : row);
+    p.q = zero_nonfinite(q);
+  }
+  const bool k_ok = all_finite(k), v_ok = !scan_v || all_finite(v);
+  if (!k_ok || !v_ok) {
+    auto key_bad = at::logical_and(at::isfinite(k).all(-1), at::isfinite(v).all(-1)).logical_not();
+    p.bad.logical_or_(rows_meeting(key_bad, q, k, mask, causal));
+    if (!k_ok) p.k = zero_nonfinite(k);
+    if (!v_ok) p.v = zero_nonfinite(v);
+  }
   p.any_bad = p.bad.any().item<bool>();
   p.c_kernel = p.any_bad ? p.c.masked_fill(p.bad, 0) : p.c;
   return p;
@@ -155,8 +236,8 @@ Tensor pad_head(const Tensor& t, int64_t size) {
   return t.stride(3) == 1 ? t : t.contiguous();
 }
 
-Tensor prescaled_q(const Tensor& q, const Plan& p) {
-  return (q.to(p.c.scalar_type()) * p.c_kernel.unsqueeze(-1)).to(q.scalar_type());
+Tensor prescaled_q(const Plan& p) {
+  return (p.q.to(p.c.scalar_type()) * p.c_kernel.unsqueeze(-1)).to(p.q.scalar_type());
 }
 
 // ---------------------------------------------------------------- kernels
@@ -169,16 +250,26 @@ std::tuple<Tensor, Tensor> temperature_attention_cpu(const Tensor& q, const Tens
   if (B * Hq * Tq == 0 || Tk == 0)
     return {at::zeros({B, Hq, Tq, Dv}, q.options()),
             at::full({B, Hq, Tq}, -std::numeric_limits<double>::infinity(), q.options().dtype(cd))};
-  const Plan p = plan(q, k, tau, attn_mask, causal, scale);
   const auto Dm = std::max(D, Dv);
-  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      pad_head(prescaled_q(q, p), Dm), pad_head(k, Dm), pad_head(v, Dm), 0.0, p.is_causal, p.bias, 1.0);
+  auto run = [&](const Plan& p) {
+    return at::_scaled_dot_product_flash_attention_for_cpu(pad_head(prescaled_q(p), Dm), pad_head(p.k, Dm),
+                                                           pad_head(p.v, Dm), 0.0, p.is_causal, p.bias, 1.0);
+  };
+  Plan p = plan(q, k, v, tau, attn_mask, causal, scale, /*scan_v=*/false);
+  auto [out, lse] = run(p);
+  // v is checked through ATen's output: a NaN/Inf in the v row of a key some row may attend reaches
+  // that row's output (p * Inf, 0 * Inf and 0 * NaN are not finite), so v is only read, and the call
+  // run again on a finite copy, when the output is not finite.
+  if (!all_finite(out) && !all_finite(v)) {
+    p = plan(q, k, v, tau, attn_mask, causal, scale, /*scan_v=*/true);
+    std::tie(out, lse) = run(p);
+  }
   // Outputs are contiguous whatever the inputs' layout (ATen's follows q's), as the fake impl says.
   out = out.narrow(3, 0, Dv).contiguous();
   if (p.nonempty.has_value())
     lse = at::where(*p.nonempty, lse, at::scalar_tensor(-std::numeric_limits<double>::infinity(), lse.options()));
   lse = lse.expand({B, Hq, Tq}).contiguous();
-  if (p.any_bad) {  // the reference's NaN rows (see the file comment)
+  if (p.any_bad) {  // the rule's NaN rows (see the file comment)
     out.masked_fill_(p.bad.unsqueeze(-1), std::nan(""));
     lse.masked_fill_(p.bad, std::nan(""));
   }
@@ -201,28 +292,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_backward_cpu(
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
             at::zeros(tau.sizes(), tau.options())};
 
-  const Plan p = plan(q, k, tau, attn_mask, causal, scale);
-  const bool with_lse = grad_lse.has_value();
+  Plan p = plan(q, k, v, tau, attn_mask, causal, scale, /*scan_v=*/true);
+  // Rows whose gradients are NaN: the forward's bad rows, rows whose scores overflowed to +inf there
+  // (lse NaN), and rows with a non-finite grad_out row or grad_lse, among rows with an allowed key.
+  // (grad_out and grad_lse lose their non-finite elements even on rows without a key, whose zero
+  // weights would multiply them.)
+  auto nan_rows = at::logical_or(p.bad, lse.isnan());
+  Tensor g = grad_out, o = out;
+  OptTensor gl = grad_lse;
+  if (!all_finite(grad_out)) {
+    nan_rows.logical_or_(at::isfinite(grad_out).all(-1).logical_not());
+    g = zero_nonfinite(grad_out);
+  }
+  if (grad_lse.has_value() && !all_finite(*grad_lse)) {
+    nan_rows.logical_or_(at::isfinite(*grad_lse).logical_not());
+    gl = zero_nonfinite(*grad_lse);
+  }
+  if (p.nonempty.has_value()) nan_rows.logical_and_(*p.nonempty);
+  const bool any_nan = nan_rows.any().item<bool>();
+  // ATen sees those rows with c = 0, dO = 0, O = 0, grad_lse = 0 and lse = 0: they then add exactly
+  // 0 to every key, and the keys they may attend get NaN below.
+  auto lse_aten = at::where(lse.isneginf(), at::zeros({}, lse.options()), lse);  // ATen's own lse of empty rows
+  if (any_nan) {
+    p.c_kernel = p.c_kernel.masked_fill(nan_rows, 0);
+    g = g.masked_fill(nan_rows.unsqueeze(-1), 0);
+    o = out.masked_fill(nan_rows.unsqueeze(-1), 0);
+    if (gl.has_value()) gl = gl->masked_fill(nan_rows, 0);
+    lse_aten = lse_aten.masked_fill(nan_rows, 0);
+  }
+  const bool with_lse = gl.has_value();
   const auto Dm = std::max(D, Dv) + (with_lse ? 1 : 0);
-  auto go = pad_head(grad_out, Dm), o = pad_head(out, Dm);
+  auto go = pad_head(g, Dm);
+  o = pad_head(o, Dm);
   if (with_lse) {  // the extra column: v = 0 (padding), dO = 1, O = -grad_lse (see the file comment)
     go = go.clone();
     go.select(3, Dm - 1).fill_(1);
     o = o.clone();
-    o.select(3, Dm - 1).copy_(grad_lse->neg());
+    o.select(3, Dm - 1).copy_(gl->neg());
   }
-  // ATen's backward expects its own lse, which is 0 on rows without an allowed key.
-  auto lse_aten = at::where(lse.isneginf(), at::zeros({}, lse.options()), lse);
   auto [dqs, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      go, pad_head(prescaled_q(q, p), Dm), pad_head(k, Dm), pad_head(v, Dm), o, lse_aten, 0.0, p.is_causal,
+      go, pad_head(prescaled_q(p), Dm), pad_head(p.k, Dm), pad_head(p.v, Dm), o, lse_aten, 0.0, p.is_causal,
       p.bias, 1.0);
-  auto dq = dqs.narrow(3, 0, D).to(cd) * p.c.unsqueeze(-1);  // NaN c: NaN rows, as the reference
-  auto rowdot = (q.to(cd) * dq).sum(-1);
+  auto dq = dqs.narrow(3, 0, D).to(cd) * p.c.unsqueeze(-1);
+  if (any_nan) dq.masked_fill_(nan_rows.unsqueeze(-1), std::nan(""));
+  auto rowdot = (p.q.to(cd) * dq).sum(-1);
   auto dtau = at::sum_to(rowdot.neg() * (p.c / p.scale), tau.sizes()).to(tau.scalar_type());
   dk = dk.narrow(3, 0, D).contiguous();
   dv = dv.narrow(3, 0, Dv).contiguous();
-  if (p.any_bad) {  // NaN reaches every key a bad row may attend, in its (batch, kv head)
-    auto reach = p.bad.unsqueeze(-1);
+  if (any_nan) {  // NaN reaches every key a NaN row may attend, in its (batch, kv head)
+    auto reach = nan_rows.unsqueeze(-1);
     if (auto allowed = allowed_keys(q, k, attn_mask, causal); allowed.has_value())
       reach = at::logical_and(reach, *allowed);
     const auto Hkv = k.size(1);

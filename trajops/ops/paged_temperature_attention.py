@@ -161,8 +161,10 @@ def paged_temperature_attention(
         cache: a :class:`~trajops.PagedTrajectoryKVCache`.
         layer: which layer's K/V pools to read.
         tau: positive temperature, broadcastable to (B, Hq, n): a float, a 0-d tensor, (Hq, 1),
-            (1, Hq, 1), (B, 1, n), (B, Hq, n)... any float dtype. A tau that is not positive finite
-            makes its rows NaN; a row with no live key gives out 0 and lse -inf.
+            (1, Hq, 1), (B, 1, n), (B, Hq, n)... any float dtype. A row with no live key gives out 0
+            and lse -inf; otherwise a query row is NaN (out and lse) when scale / tau is not finite
+            (tau <= 0, NaN, inf or subnormal), or when its q row or the k or v row of one of its
+            keys holds a NaN/Inf. Dead slots and pages the row does not list never matter.
         scale: multiplies the logits; default 1/sqrt(D).
         slots: optional (B, k) int64 logical slots to attend instead of every live slot (e.g. the
             top-k of :meth:`~trajops.PagedTrajectoryKVCache.topk`, Quest-style sparse retrieval);

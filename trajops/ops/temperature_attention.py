@@ -298,9 +298,14 @@ def temperature_attention(
         (fp64 for fp64 inputs).
 
     A query row with no key to attend (masked out, or causal with Tq > Tk) gives out = 0, lse = -inf
-    and zero gradients, never NaN. A tau that is not a positive finite number (<= 0, NaN, inf) makes
-    its rows' out and lse NaN, and the gradients of k and v NaN; this is detected inside the kernels,
-    without a host sync. Differentiable in q, k, v and tau (and through lse), not twice.
+    and zero gradients, never NaN. NaN/Inf, the same on every backend (the full rule is in
+    trajops/reference/temperature_attention.py): keys a row may not attend never matter, whatever
+    their k and v hold; a row is all NaN (out and lse) when scale / tau is not finite (tau <= 0, NaN,
+    inf or subnormal), or when its q row or the k or v row of a key it may attend holds a NaN/Inf;
+    the NaN gradients of such a row (and of a row whose grad_out is not finite) stay in its dq, dtau
+    and the dk, dv rows of the keys it may attend. Every other value is exactly what the finite
+    inputs give. Detected without a host sync on CUDA. Differentiable in q, k, v and tau (and through
+    lse), not twice.
     Same as ``torch.ops.trajops.temperature_attention`` after ``attn_mask`` is made 4-D.
     """
     if not isinstance(tau, Tensor):

@@ -2,6 +2,13 @@
 
 The kernels read K/V straight from the page pools; this reference gathers a dense copy first and
 runs the reference attention with a key mask, which defines what the kernels must compute.
+
+NaN/Inf rule: that of trajops.temperature_attention (see reference/temperature_attention.py) with
+the live slots of row b (its pages' live slots, or the listed ``slots`` that are live) as the keys
+every query of row b may attend. So: dead slots, slots of pages the row's table does not list, and
+unlisted slots never matter, whatever they hold; a row without a key gives out 0 and lse -inf;
+otherwise a query row is NaN (out and lse) when c = scale / tau is not finite, when its q row holds
+a NaN/Inf, or when the k or v row of any of its keys (in its kv head) does.
 """
 from __future__ import annotations
 

@@ -1,0 +1,96 @@
+"""NaN/Inf handling shared by the temperature-attention Triton kernels (the design: the NaN/Inf
+paragraph of temperature_attention.py's docstring; the rule: trajops/reference/temperature_attention.py).
+
+* :func:`key_flags` ``(k, v) -> (flags, first)``: one read of k and v; per key whether its k or v row
+  holds a NaN/Inf, and per (batch, kv head) the first such key.
+* jit helpers: _serves (which launch serves a head), _nan_on_bad_q, _key_bad, _key_bias.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["key_flags"]
+
+
+@triton.jit
+def _serves(FIRST, HOST, kv, Tk, HAS_HOST: tl.constexpr, HOSTILE: tl.constexpr):
+    """Whether a launch with this HOSTILE serves (batch, kv head) kv. A head is hostile when one of its
+    keys is flagged (FIRST[kv] < Tk: a NaN/Inf in its k or v row) or, with HAS_HOST, HOST[kv] != 0 (the
+    backward's rows with a NaN/Inf or a NaN lse). The fast kernels serve the other heads and never meet
+    a NaN/Inf in k, v (nor, in the backward, in q, dO); a second launch of the same kernel with
+    HOSTILE (small tiles: its extra work must not make the fast tiles spill) serves hostile heads."""
+    bad = tl.load(FIRST + kv) < Tk
+    if HAS_HOST:
+        bad = bad | (tl.load(HOST + kv) != 0)
+    if HOSTILE:
+        return bad
+    return ~bad
+
+
+@triton.jit
+def _nan_on_bad_q(c, q, cdt: tl.constexpr):
+    """c with NaN on the rows whose q holds a NaN/Inf: all their scores are then NaN (never -inf).
+    Tested on the exponent bits (no conversion of the tile to fp32: fewer registers)."""
+    if q.dtype == tl.bfloat16:
+        bad = (q.to(tl.int16, bitcast=True) & 0x7F80) == 0x7F80
+    elif q.dtype == tl.float16:
+        bad = (q.to(tl.int16, bitcast=True) & 0x7C00) == 0x7C00
+    elif q.dtype == tl.float32:
+        bad = (q.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+    else:
+        bad = ~(tl.abs(q) < float("inf"))
+    return tl.where(tl.max(bad.to(tl.int32), 1) != 0, float("nan"), c)
+
+
+@triton.jit
+def _key_bad(KFh, start_n, cols, Tk):
+    """(BN,) bool: keys whose k or v row holds a NaN/Inf (flags of _key_flags_kernel); False past Tk."""
+    return tl.load(KFh + start_n + cols, mask=start_n + cols < Tk, other=0) != 0
+
+
+@triton.jit
+def _key_bias(kb, cdt: tl.constexpr):
+    """(BN,) NaN on flagged keys, 0 elsewhere: added to the scores (one FMA with the scaling)."""
+    return tl.where(kb, float("nan"), 0.0).to(cdt)
+
+
+@triton.jit
+def _key_flags_kernel(K, V, KF, FIRST, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Tk, D, Dv,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, cdt: tl.constexpr):
+    """KF[b * Hkv + h, j] = 1 where k[b, h, j] or v[b, h, j] holds a NaN/Inf, else 0; FIRST[b * Hkv + h]
+    = min(its initial Tk, the first such j). Grid (B * Hkv, cdiv(Tk, BLOCK_T))."""
+    bh = tl.program_id(0)
+    b64, h64 = tl.cast(bh // Hkv, tl.int64), tl.cast(bh % Hkv, tl.int64)
+    offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs < Tk
+    t64 = tl.cast(offs, tl.int64)
+    dc = tl.arange(0, BLOCK_D)
+    dvc = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + b64 * skb + h64 * skh + t64[:, None] * skn + dc[None, :] * skd,
+                mask=t_ok[:, None] & (dc[None, :] < D), other=0.0).to(cdt)
+    v = tl.load(V + b64 * svb + h64 * svh + t64[:, None] * svn + dvc[None, :] * svd,
+                mask=t_ok[:, None] & (dvc[None, :] < Dv), other=0.0).to(cdt)
+    bad = (tl.max((~(tl.abs(k) < float("inf"))).to(tl.int32), 1)
+           | tl.max((~(tl.abs(v) < float("inf"))).to(tl.int32), 1))
+    tl.store(KF + tl.cast(bh, tl.int64) * Tk + offs, bad.to(tl.uint8), mask=t_ok)
+    tl.atomic_min(FIRST + bh, tl.min(tl.where(bad != 0, offs, Tk), 0))
+
+
+def key_flags(k, v) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(flags (B * Hkv, Tk) uint8: the key's k or v row holds a NaN/Inf; first (B * Hkv,) int32: the
+    first flagged key, Tk if none). One read of k and v, two launches, no host sync."""
+    B, Hkv, Tk, D = k.shape
+    Dv = v.shape[3]
+    flags = torch.empty((B * Hkv, Tk), dtype=torch.uint8, device=k.device)
+    first = torch.full((B * Hkv,), Tk, dtype=torch.int32, device=k.device)
+    bd, bdv = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    block_t = max(1, min(triton.next_power_of_2(Tk), 4096 // max(bd, bdv)))
+    cdt = tl.float64 if k.dtype == torch.float64 else tl.float32
+    _key_flags_kernel[(B * Hkv, triton.cdiv(Tk, block_t))](
+        k, v, flags, first, *k.stride(), *v.stride(), Hkv, Tk, D, Dv,
+        BLOCK_T=block_t, BLOCK_D=bd, BLOCK_DV=bdv, cdt=cdt)
+    return flags, first
