@@ -18,10 +18,12 @@ import math
 import pytest
 import torch
 
+import trajops
+
 from trajops.ops import paged_temperature_attention as paged_ops
 from trajops.ops import temperature_attention as attn_ops
 
-from conftest import TOL
+from conftest import INTERPRETER, TOL
 
 NAN, INF = math.nan, math.inf
 FLOATS = [torch.float32, torch.float64]
@@ -290,3 +292,48 @@ def test_paged_nonfinite(case, dtype):
         close(a, e, dtype)
     empty = (x["page_table"][:3] < 0).all(-1)
     assert bool((out[empty] == 0).all()) and bool((lse[empty] == -INF).all())
+
+
+def test_paged_corrupt_page_table_raises_on_cpu_and_is_flagged_by_the_reference():
+    # issue 20, item 2: an entry past the pool (or below -1) is an IndexError naming page_table on every
+    # CPU backend; the reference function (the semantics the CUDA kernel follows without a host check)
+    # reads it as no page and makes the rows whose keys lie on it NaN
+    from trajops import reference as R
+
+    c = trajops.PagedTrajectoryKVCache(1, 8, 4, 1, 4, 3, 2, 8)
+    k = torch.randn(2, 1, 2, 4)
+    c.append(0, k, k, torch.randn(2, 3))
+    q, tau = torch.randn(2, 1, 1, 4), torch.ones(())
+    for bad in (10**6, 8, -2):
+        pt = c.page_table.clone()
+        pt[0, 1] = bad
+        with pytest.raises(IndexError, match=rf"page_table\[0, 1\] = {bad} is not a page of the pool \(P=8\)"):
+            torch.ops.trajops.paged_temperature_attention(q, c.k_pool[0], c.v_pool[0], pt, c.live_pool, tau, None, None)
+        out, lse = R.paged_temperature_attention(q, c.k_pool[0], c.v_pool[0], pt, c.live_pool, tau)
+        clean, clean_lse = R.paged_temperature_attention(q, c.k_pool[0], c.v_pool[0], c.page_table, c.live_pool, tau)
+        assert bool(out[0].isnan().all()) and bool(lse[0].isnan().all())
+        assert torch.equal(out[1], clean[1]) and torch.equal(lse[1], clean_lse[1])
+        # with slots, only a listed slot on the corrupt page flags the row
+        slots = torch.tensor([[0, 1], [0, 1]])  # page entry 0 only
+        out, _ = R.paged_temperature_attention(q, c.k_pool[0], c.v_pool[0], pt, c.live_pool, tau, slots)
+        assert not bool(out.isnan().any())
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the Triton kernel itself runs only under TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_triton_kernel_flags_corrupt_pages_without_reading_them(num_splits):
+    from trajops.triton_kernels import paged_temperature_attention as kernels
+
+    c = trajops.PagedTrajectoryKVCache(1, 8, 2, 1, 4, 3, 2, 8)
+    k = torch.randn(2, 1, 5, 4)
+    c.append(0, k, k, torch.randn(2, 3))
+    pt = c.page_table.clone()
+    pt[0, 1] = 10**12  # far outside the pool: an unmasked read would fault
+    q, tau = torch.randn(2, 1, 1, 4), torch.ones(())
+    out, lse = kernels.paged_attention(q, c.k_pool[0], c.v_pool[0], pt, c.live_pool, tau, 0.5, None,
+                                       num_splits=num_splits)
+    assert bool(out[0].isnan().all()) and bool(lse[0].isnan().all())
+    want, want_lse = torch.ops.trajops.paged_temperature_attention(q, c.k_pool[0], c.v_pool[0], c.page_table,
+                                                                   c.live_pool, tau, None, 0.5)
+    torch.testing.assert_close(out[1], want[1])
+    torch.testing.assert_close(lse[1], want_lse[1])

@@ -63,9 +63,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _gather_keys(PT, LIVE, SLOTS, b, pos, hi, L_logical, S, sptb, sptp, slp, sls, sslb, ssln,
+def _gather_keys(PT, LIVE, SLOTS, b, pos, hi, L_logical, S, NP, sptb, sptp, slp, sls, sslb, ssln,
                  HAS_SLOTS: tl.constexpr):
-    """(page, offset, ok) of the keys at positions ``pos`` of row b's key list; ok False = no key."""
+    """(page, offset, ok, corrupt) of the keys at positions ``pos`` of row b's key list; ok False = no key.
+
+    A page-table entry outside [-1, NP) (corrupt input; the host checks it only for CPU tensors, a
+    check here on the GPU would sync) reads nothing: it counts as a key read from page 0 with
+    ``corrupt`` set, and the caller makes its value NaN, so the row comes out NaN (flagged)."""
     in_range = pos < hi
     if HAS_SLOTS:
         j = tl.load(SLOTS + b * sslb + pos * ssln, mask=in_range, other=-1)
@@ -75,10 +79,11 @@ def _gather_keys(PT, LIVE, SLOTS, b, pos, hi, L_logical, S, sptb, sptp, slp, sls
     j = tl.where(in_range, j, 0).to(tl.int32)  # < MP * S: 32-bit division; page ids stay int64
     page = tl.load(PT + b * sptb + (j // S) * sptp, mask=in_range, other=-1)
     off = j % S
-    has_page = page >= 0
+    corrupt = in_range & ((page < -1) | (page >= NP))
+    has_page = (page >= 0) & (page < NP)
     page = tl.where(has_page, page, 0)
     live = tl.load(LIVE + page * slp + off * sls, mask=has_page, other=0) != 0
-    return page, off, has_page & live
+    return page, off, (has_page & live) | corrupt, corrupt
 
 
 @triton.jit
@@ -119,7 +124,7 @@ def _coefficient(TAU, b, head, qi, stb, sth, stn, scale_hi, scale_lo, mask, cdt:
 def _split_kernel(Q, K, V, PT, LIVE, SLOTS, TAU, O, LSE, MPART, LPART, APART,
                   sqb, sqh, sqm, sqd, skp, sks, skh, skd, svp, svs, svh, svd,
                   sptb, sptp, slp, sls, sslb, ssln, stb, sth, stn, scale_hi, scale_lo,
-                  Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, NS,
+                  Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, NS, NP,
                   HAS_SLOTS: tl.constexpr, DIRECT: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                   SKIP_EMPTY: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -153,12 +158,13 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, TAU, O, LSE, MPART, LPART, APART,
     hi = tl.minimum(lo + chunk, L)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        page, off, ok = _gather_keys(PT, LIVE, SLOTS, b, pos, hi, L_logical, S, sptb, sptp, slp, sls, sslb, ssln,
-                                     HAS_SLOTS)
+        page, off, ok, corrupt = _gather_keys(PT, LIVE, SLOTS, b, pos, hi, L_logical, S, NP, sptb, sptp, slp, sls,
+                                              sslb, ssln, HAS_SLOTS)
         k = tl.load(K + page[:, None] * skp + off[:, None] * sks + offs_d[None, :] * skd,
                     mask=ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + page[:, None] * svp + off[:, None] * svs + offs_dv[None, :] * svd,
                     mask=ok[:, None] & dv_ok[None, :], other=0.0)
+        v = tl.where(corrupt[:, None], float("nan"), v)
         if SKIP_EMPTY:
             # a block without a key (unallocated pages, evicted runs) costs its index loads only
             if tl.max(ok.to(tl.int32), 0) != 0:
@@ -352,7 +358,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
            (q, k_pool, v_pool, page_table, live8, slots_t, tau, out, lse, mpart, lpart, apart,
             *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *live8.stride(), *slot_strides,
             *tau.stride(), scale_hi, scale_lo,
-            Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns),
+            Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns, k_pool.shape[0]),
            cands, key, q.device, what,
            HAS_SLOTS=slots is not None, DIRECT=direct,
            PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)

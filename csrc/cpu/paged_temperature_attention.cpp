@@ -48,16 +48,6 @@ using OptTensor = c10::optional<Tensor>;
 constexpr const char* kOp = "paged_temperature_attention";
 constexpr int64_t kBlock = 16;  // keys per online-softmax step (scores of a block stay in L1)
 
-std::string py_float(double x) {  // Python's repr of a float (1.0, -0.5, inf, nan, 1e+20)
-  if (std::isnan(x)) return "nan";
-  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-  char buf[64];
-  auto res = std::to_chars(buf, buf + sizeof(buf), x);
-  std::string s(buf, res.ptr);
-  if (s.find_first_of(".e") == std::string::npos) s += ".0";
-  return s;
-}
-
 // ---------------------------------------------------------------- checks
 // Messages match _check in trajops/ops/paged_temperature_attention.py so every backend fails the same way.
 void check(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const Tensor& page_table,
@@ -201,10 +191,10 @@ Keys collect_keys(const Tensor& k_pool, const Tensor& v_pool, const Tensor& page
   const int64_t pt0 = page_table.stride(0), pt1 = page_table.stride(1);
   const bool* live = live_pool.data_ptr<bool>();
   const int64_t lv0 = live_pool.stride(0), lv1 = live_pool.stride(1);
-  // A page index past the pool cannot be read (the reference fails on it too); -1 (any negative) = no page.
+  // Entries are -1 (no page) or a page of the pool, checked before any read (as the Python checks).
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < MP; ++p)
-      TORCH_CHECK_INDEX(pt[b * pt0 + p * pt1] < P, kOp, ": page_table[", b, ", ", p, "] = ", pt[b * pt0 + p * pt1],
+      TORCH_CHECK_INDEX(pt[b * pt0 + p * pt1] >= -1 && pt[b * pt0 + p * pt1] < P, kOp, ": page_table[", b, ", ", p, "] = ", pt[b * pt0 + p * pt1],
                         " is not a page of the pool (P=", P, ")");
   const bool listed = slots.has_value();  // (an empty slots tensor may have a null data pointer)
   const int64_t* sl = listed ? slots->data_ptr<int64_t>() : nullptr;

@@ -101,7 +101,7 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau,
                       ", got shape ", m.sizes());
   }
   if (scale.has_value())
-    TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, kOp, ": scale must be a finite number > 0, got ", *scale);
+    TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, kOp, ": scale must be a finite number > 0, got ", py_float(*scale));
 }
 
 void check_like(const char* name, const Tensor& t, at::IntArrayRef shape, c10::optional<at::ScalarType> dtype,

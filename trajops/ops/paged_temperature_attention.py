@@ -113,8 +113,22 @@ def _fake(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None)
     return q.new_empty((B, Hq, n, v_pool.shape[3])), q.new_empty((B, Hq, n), dtype=compute_dtype(q.dtype))
 
 
+def _check_pages(q: Tensor, k_pool: Tensor, page_table: Tensor) -> None:
+    """CPU only (reads values; C++ does the same): rows 0..B-1 of the page table hold -1 or a page of
+    the pool. On CUDA the kernel flags such rows NaN instead (no host sync)."""
+    if page_table.device.type != "cpu":
+        return
+    B, P = q.shape[0], k_pool.shape[0]
+    pt = page_table[:B]
+    bad = torch.nonzero((pt < -1) | (pt >= P))
+    if bad.numel():
+        b, p = int(bad[0, 0]), int(bad[0, 1])
+        raise IndexError(f"{_OP}: page_table[{b}, {p}] = {int(pt[b, p])} is not a page of the pool (P={P})")
+
+
 def _reference(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None):
     _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale)
+    _check_pages(q, k_pool, page_table)
     out, lse = reference.paged_temperature_attention(
         q, k_pool, v_pool, page_table, live_pool, tau, slots, _scale(q, scale)
     )
@@ -123,6 +137,7 @@ def _reference(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=
 
 def _triton(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None):
     _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale)
+    _check_pages(q, k_pool, page_table)
     from ..triton_kernels import paged_temperature_attention as kernels
 
     # the kernels read tau through its broadcast strides and form c = scale / tau themselves

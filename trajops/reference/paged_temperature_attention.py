@@ -9,6 +9,11 @@ every query of row b may attend. So: dead slots, slots of pages the row's table 
 unlisted slots never matter, whatever they hold; a row without a key gives out 0 and lse -inf;
 otherwise a query row is NaN (out and lse) when c = scale / tau is not finite, when its q row holds
 a NaN/Inf, or when the k or v row of any of its keys (in its kv head) does.
+
+Corrupt page tables: the op raises an IndexError on CPU for an entry of rows 0..B-1 outside [-1, P);
+this function (and the CUDA kernel, where checking would sync) reads such an entry as no page and
+makes every query row of that batch row NaN when one of its keys (a logical slot, or a listed one)
+lies on it.
 """
 from __future__ import annotations
 
@@ -35,7 +40,9 @@ def paged_gather(
     The mask is True on slots that map to a live entry; other keys read as 0.
     """
     S, Hkv = k_pool.shape[1], k_pool.shape[2]
-    phys = kv_logical_to_physical(page_table[:B], S)
+    pt = page_table[:B]
+    # entries outside [-1, P) are read as no page (the op checks them on CPU; see the module docstring)
+    phys = kv_logical_to_physical(torch.where((pt >= -1) & (pt < k_pool.shape[0]), pt, -1), S)
     if slots is not None:
         L = phys.shape[1]
         inside = (slots >= 0) & (slots < L)
@@ -58,4 +65,17 @@ def paged_temperature_attention(
     k, v, ok = paged_gather(k_pool, v_pool, page_table, live_pool, B, slots)
     has_keys = ok.any(-1)[:, None, None]
     c = temperature_coefficient(tau, (B, Hq, n), scale, compute_dtype(q.dtype), has_keys)
-    return temperature_attention(q, k, v, c, ok[:, None, None, :], False)
+    out, lse = temperature_attention(q, k, v, c, ok[:, None, None, :], False)
+    corrupt = _corrupt_rows(page_table[:B], k_pool.shape[0], k_pool.shape[1], slots)[:, None, None]
+    return torch.where(corrupt[..., None], torch.nan, out), torch.where(corrupt, torch.nan, lse)
+
+
+def _corrupt_rows(pt: Tensor, P: int, S: int, slots: Optional[Tensor]) -> Tensor:
+    """(B,) bool: a key of the row (any logical slot, or a listed in-range one) lies on an entry
+    outside [-1, P) — the keys the CUDA kernel reads, and flags."""
+    bad = ((pt < -1) | (pt >= P)).repeat_interleave(S, dim=1)  # per logical slot
+    if slots is not None:
+        L = bad.shape[1]
+        inside = (slots >= 0) & (slots < L)
+        bad = inside & bad.gather(1, slots.clamp(0, max(L - 1, 0)))
+    return bad.any(1)
