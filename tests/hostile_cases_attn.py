@@ -80,10 +80,8 @@ def _only_key_nan(where):
         out, lse = attn(q, k, v, attn_mask=mask)
         if where == "k":
             check_rows((out, lse), clean, bad, "a row's only key NaN")
-        else:  # the row's logits are finite: lse stays, out is NaN
-            check(bool(rows_nan(out, 1)[bad].all()), "a row's only value NaN: out must be NaN")
-            same(out[~bad], clean[0][~bad], "out of the other rows", TOL)
-            same(lse, clean[1], "lse (keys are finite)", TOL)
+        else:  # the documented rule: a non-finite v row of an allowed key makes the whole row NaN, lse too
+            check_rows((out, lse), clean, bad, "a row's only value NaN")
     return fn
 
 
@@ -164,7 +162,15 @@ def _neg_inf_v_underflow():
 _case("neg_inf_value_underflowing_weight", _vs_reference(_neg_inf_v_underflow))
 _case("inf_query", _vs_reference(lambda: (*_with(qkv(), 0, (0, 0, 1, 3), math.inf), 1.0)))
 _case("inf_key", _vs_reference(lambda: (*_with(qkv(), 1, (0, 1, 2, 0), -math.inf), 1.0)))
-_case("huge_logits_fp32", _vs_reference(lambda: (*(t * 1e20 for t in qkv()), 1.0)))
+def _huge_logits():
+    # finite inputs whose scores overflow fp32: the one corner the rule leaves to each backend's IEEE
+    # arithmetic (README); it must not crash and keeps its shapes
+    q, k, v = (t * 1e20 for t in qkv())
+    out, lse = attn(q, k, v)
+    check(out.shape == q.shape[:3] + v.shape[3:] and lse.shape == q.shape[:3], "shapes")
+
+
+_case("huge_logits_fp32", _huge_logits)
 _case("huge_tau", _vs_reference(lambda: (*qkv(), 3e38)))
 _case("tiny_normal_tau", _vs_reference(lambda: (*qkv(), 1.2e-38)))
 _case("scale_subnormal", _vs_reference(lambda: (*qkv(), 1.0), scale=1e-45))

@@ -205,14 +205,16 @@ def _mask4(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> Optional[Tensor
     return attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
-def _fp64_mask_on_gpu(q: Tensor, attn_mask: Optional[Tensor]) -> bool:
-    # Triton 3.6 fails to compile (ConvertTritonGPUToLLVM) the fp64 kernels that load a mask on
-    # sm90; fp64 is for gradchecks, so those calls take the reference.
-    return q.is_cuda and q.dtype == torch.float64 and attn_mask is not None
+def _fp64_on_gpu(q: Tensor, attn_mask: Optional[Tensor]) -> bool:
+    # Triton 3.6 (the GPU boxes' version) fails to lower the fp64 kernels on sm_90: those that load
+    # a mask, and since the non-finite flags all of them ("fp64 don't support largeK MMA" in
+    # ConvertTritonGPUToLLVM; Triton 3.9 compiles them). fp64 is for gradchecks, so it takes the
+    # reference on a GPU; the interpreter still runs the kernels in fp64 on the CPU.
+    return q.is_cuda and q.dtype == torch.float64
 
 
 def _triton_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
-    if _fp64_mask_on_gpu(q, attn_mask):
+    if _fp64_on_gpu(q, attn_mask):
         return _reference_forward(q, k, v, tau, attn_mask, causal, scale)
     _check(q, k, v, tau, attn_mask, scale)
     from ..triton_kernels import temperature_attention as kernels
@@ -222,7 +224,7 @@ def _triton_forward(q, k, v, tau, attn_mask=None, causal=False, scale=None):
 
 
 def _triton_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse):
-    if _fp64_mask_on_gpu(q, attn_mask):
+    if _fp64_on_gpu(q, attn_mask):
         return _reference_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, causal, scale, out, lse)
     _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse)
     from ..triton_kernels import temperature_attention as kernels
