@@ -10,6 +10,13 @@ under TRAJOPS_BACKEND=triton TRITON_INTERPRET=1): Triton kernels (triton_kernels
 the fused scoring and the K/V writes; the ranking and page bookkeeping around the scorer are the
 reference's device-side torch ops (fixed shapes, no host sync, so CUDA-graph capturable). Anything
 else: the pure-PyTorch reference, which loops over the batch (a shape) and is vectorized over slots.
+
+Bad input: shapes, dtypes and devices of every argument are checked first (fake impls too), then
+on CPU every value an op indexes with or counts from (page-table rows 0..B-1, free_top and the
+stack below it, each page held once, live_count, capacity, lengths, written slots) before any
+access, with the text of csrc/cpu/kv_cache.cpp. On CUDA the reference treats corrupt entries as
+absent and flags the result instead (NaN scores, slots -1, ok False), and the write kernel drops
+slots outside the pool: no host sync, no access outside a tensor.
 """
 from __future__ import annotations
 
