@@ -17,6 +17,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import trajops
 
@@ -186,6 +188,39 @@ def test_attention_nonfinite(case, dtype):
     empty = ~allowed.any(-1)
     assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))
     assert bool((got[1][empty] == -INF).all()) and bool((got[2][empty] == 0).all())
+
+
+_SPOTS = st.tuples(st.sampled_from(["q", "k", "v", "tau", "gout", "glse"]), st.integers(0, 10**6),
+                   st.sampled_from([NAN, INF, -INF]))
+
+
+@settings(max_examples=12 if INTERPRETER else 40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spots=st.lists(_SPOTS, min_size=1, max_size=3), causal=st.booleans(), masked=st.booleans(),
+       gqa=st.booleans(), dtype=st.sampled_from(FLOATS), seed=st.integers(0, 3))
+def test_attention_nonfinite_fuzz(spots, causal, masked, gqa, dtype, seed):
+    """NaN/±Inf at random places of any input: NaNs exactly where the rule puts them, on the backend
+    under test and on the reference, and the rest bit for bit a clean run's."""
+    clean = attention_inputs(dtype, Hq=4 if gqa else 2, causal=causal, masked=masked, seed=seed)
+    x = {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in clean.items()}
+    for name, at, value in spots:
+        flat = x[name].view(-1)
+        flat[at % flat.numel()] = value
+    B, Hq, Tq, D = x["q"].shape
+    Tk = x["k"].shape[2]
+    allowed = torch.ones(B, Hq, Tq, Tk, dtype=torch.bool)
+    if causal:
+        allowed &= torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    if x["mask"] is not None:
+        allowed &= x["mask"]
+    rows, grad_rows, keys = rule(x["q"], x["k"], x["v"], x["tau"], allowed, 1 / math.sqrt(D), x["gout"], x["glse"])
+    nan_at = [rows[..., None], rows, grad_rows[..., None], keys[..., None], keys[..., None], grad_rows]
+    got = attention_run(x)
+    expected = attention_run(x, attn_ops._reference_forward, attn_ops._reference_backward)
+    baseline = attention_run(clean)
+    for name, a, e, b, where in zip(["out", "lse", "dq", "dk", "dv", "dtau"], got, expected, baseline, nan_at):
+        exact_outside(a, b, where, name)
+        assert torch.equal(e.isnan(), where.expand(e.shape)), f"reference {name}"
+        close(a, e, dtype)
 
 
 def test_no_key_at_all_with_nan_everywhere():
