@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, _capturing, device_spec, launch
-from .temperature_attention_nonfinite import _key_bad, _key_bias, _nan_on_bad_q, _serves, key_flags
+from .temperature_attention_nonfinite import _key_bad, _key_bias, _nan_on_bad_q, _serves, any_hostile, key_flags
 from .temperature_attention_tiles import TILE_OVERRIDES, _candidates, _estimate, _hostile_tiles  # noqa: F401
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the Hopper forward path needs them
@@ -444,8 +444,9 @@ def attention_fwd(q, k, v, tau, scale: float, mask, causal: bool) -> Tuple[torch
     if not tma:
         launch(_fwd_kernel, grid, args, cands, key, q.device, what, HOSTILE=False, **flags)
     # the heads with a flagged key (the programs of the others return at once), on small tiles
-    launch(_fwd_kernel, grid, args, _hostile_tiles("fwd", es, bd, bdv, mk), key + ("hostile",), q.device, what,
-           HOSTILE=True, **flags)
+    if any_hostile(first, Tk):
+        launch(_fwd_kernel, grid, args, _hostile_tiles("fwd", es, bd, bdv, mk), key + ("hostile",), q.device, what,
+               HOSTILE=True, **flags)
     return out, lse
 
 

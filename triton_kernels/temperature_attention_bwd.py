@@ -23,7 +23,7 @@ import triton.language as tl
 from ._common import INTERPRET, device_spec, launch
 from .temperature_attention import (_allowed, _block, _candidates, _coefficient, _hostile_tiles, _key_ranges,
                                     _mask_args, _precision, _query_block, _scale_pair, _tile, _tile_rows, _what)
-from .temperature_attention_nonfinite import _key_bad, _serves, key_flags
+from .temperature_attention_nonfinite import _key_bad, _serves, any_hostile, key_flags
 
 __all__ = ["attention_bwd", "use_atomic_dq"]
 
@@ -388,8 +388,9 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
         launch(_dq_kernel, dq_grid, dq_args, dq_cands, ("dq",) + key, q.device, what, HOSTILE=False, **flags)
     # the others (their programs in the launches above did nothing; here the others' return at once),
     # on small tiles, after the atomic path's finalize (which writes every row)
-    launch(_dkdv_kernel, dkdv_grid, dkdv_args, _hostile_tiles("dkdv", es, bd, bdv, mk), ("dkdv", "hostile") + key,
-           q.device, what, ATOMIC_DQ=False, HOSTILE=True, **flags)
-    launch(_dq_kernel, dq_grid, dq_args, _hostile_tiles("dq", es, bd, bdv, mk), ("dq", "hostile") + key, q.device,
-           what, HOSTILE=True, **flags)
+    if any_hostile(first, Tk, host):
+        launch(_dkdv_kernel, dkdv_grid, dkdv_args, _hostile_tiles("dkdv", es, bd, bdv, mk),
+               ("dkdv", "hostile") + key, q.device, what, ATOMIC_DQ=False, HOSTILE=True, **flags)
+        launch(_dq_kernel, dq_grid, dq_args, _hostile_tiles("dq", es, bd, bdv, mk), ("dq", "hostile") + key,
+               q.device, what, HOSTILE=True, **flags)
     return dq, dk, dv, dtau

@@ -13,7 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["key_flags"]
+__all__ = ["any_hostile", "key_flags"]
+
+
+ALWAYS_HOSTILE = False  # the AOT resource check (tests/triton_resources.py) captures every launch
+
+
+def any_hostile(first: torch.Tensor, Tk: int, host=None) -> bool:
+    """Whether a HOSTILE launch has a head to serve. Known only by reading the flags, which on a GPU
+    would sync: there the launch always runs (its programs for clean heads return at once). On CPU
+    tensors (the interpreter, where every program costs Python time) the read is free and a clean
+    call skips the launch."""
+    if ALWAYS_HOSTILE or first.device.type != "cpu":
+        return True
+    return bool((first < Tk).any()) or (host is not None and bool((host != 0).any()))
 
 
 @triton.jit
