@@ -127,22 +127,26 @@ def test_stp_loss_forward_and_backward(printed):
     assert p["stp.grad_h0"][1, 5].abs().max() == 0
 
 
-@pytest.mark.parametrize("objective", ["attn", "attn_out_only"])
-def test_temperature_attention_forward_and_backward(printed, objective):
+@pytest.mark.parametrize("case", ["attn", "attn_masked"])
+def test_temperature_attention_forward_and_backward(printed, case):
     p = printed
     q, k, v, tau = (_leaf(p[f"attn.{n}"]) for n in ("q", "k", "v", "tau"))
-    out, lse = trajops.temperature_attention(q, k, v, tau, causal=True, return_lse=True)
+    mask = p["attn_masked.mask"].bool() if case == "attn_masked" else None
+    out, lse = trajops.temperature_attention(q, k, v, tau, causal=True, attn_mask=mask, return_lse=True)
     total = (out * p["attn.w_out"]).sum()
-    if objective == "attn":  # the backward op gets grad_lse too; attn_out_only gets None
+    if case == "attn":  # the backward op gets grad_lse too; attn_masked gets None
         total = total + (lse * p["attn.w_lse"]).sum()
     total.backward()
-    assert_close(p["attn.out"], out.detach())
-    assert_close(p["attn.lse"], lse.detach())
+    assert_close(p[f"{case}.out"], out.detach())
+    assert_close(p[f"{case}.lse"], lse.detach())
     for name, t in (("q", q), ("k", k), ("v", v), ("tau", tau)):
-        assert p[f"{objective}.grad_{name}"].abs().max() > 1e-3, name
-        assert_close(p[f"{objective}.grad_{name}"], t.grad)
-    # The lse term changes every gradient, so the two objectives cannot both pass by accident.
-    assert not torch.allclose(p["attn.grad_tau"], p["attn_out_only.grad_tau"])
+        assert p[f"{case}.grad_{name}"].abs().max() > 1e-3, name
+        assert_close(p[f"{case}.grad_{name}"], t.grad)
+    # The mask and the lse term change the results, so a wrapper that dropped either fails above.
+    assert not torch.allclose(p["attn.out"], p["attn_masked.out"])
+    assert not torch.allclose(p["attn.grad_tau"], p["attn_masked.grad_tau"])
+    # Key 1 of batch 1 is hidden from every query: it gets no gradient.
+    assert p["attn_masked.grad_k"][1, :, 1].abs().max() == 0 and p["attn_masked.grad_v"][1, :, 1].abs().max() == 0
 
 
 def test_library_imports_no_python_data_symbols():

@@ -33,6 +33,7 @@ namespace {
 // typed<...>() checks the C++ signature against the registered schema and throws on a mismatch:
 // int -> int64_t, float -> double, Tensor? -> optional<Tensor>, Tensor[] -> TensorList in and
 // std::vector<Tensor> out, float? -> optional<double>.
+// A host would keep the handles; looking one up per call is a locked hash-map lookup, fine here.
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -208,11 +209,17 @@ void run_temperature_attention() {
     t.mutable_grad().reset();
   }
 
-  // 2) an objective of out only: lse's gradient is undefined and the op gets grad_lse = None.
-  res = TemperatureAttention::apply(q, k, v, tau, std::nullopt, true, std::nullopt);
+  // 2) an objective of out only (lse's gradient is undefined: the op gets grad_lse = None), with a
+  //    key-padding mask (B, 1, 1, Tk) that hides key 1 from batch 1, so the mask is saved too.
+  const Tensor mask = at::arange(5, at::kLong).ne(1).logical_or(at::arange(2, at::kLong).eq(0).reshape({2, 1}))
+                          .reshape({2, 1, 1, 5});
+  res = TemperatureAttention::apply(q, k, v, tau, std::optional<Tensor>(mask), true, std::nullopt);
   (res[0] * w_out).sum().backward();
+  print("attn_masked.mask", mask);
+  print("attn_masked.out", res[0]);
+  print("attn_masked.lse", res[1]);
   for (const auto& [name, t] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"tau", tau}}) {
-    print(std::string("attn_out_only.grad_") + name, t.grad());
+    print(std::string("attn_masked.grad_") + name, t.grad());
   }
 }
 
