@@ -5,6 +5,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// The one Python symbol this library uses is weak, so that a non-Python host (a C++ or Rust
+// program on libtorch) can load it with eager binding (RTLD_NOW, LD_BIND_NOW): it then resolves
+// to null, and only PyInit__C, which such a host never calls, would use it.
+#pragma weak PyModule_Create2
+
 extern "C" {
 // No Python API is exposed: the ops are reached through torch.ops.trajops.*.
 PyObject* PyInit__C(void) {

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "examples" / "cpp"
 BUILD = ROOT / "build" / "cpp-example"
 BINARY = BUILD / "trajops_example"
-# The only Python symbol _C.abi3.so may import: PyInit__C's PyModule_Create (a function, bound
-# lazily and only called by `import trajops._C`). A data symbol (PyExc_*, _Py_NoneStruct) or a
-# Python call from a kernel would make the library unloadable without libpython.
+# The only Python symbol _C.abi3.so may import: PyInit__C's PyModule_Create, weak (csrc/trajops.cpp)
+# and only called by `import trajops._C`. Any other Python symbol (PyExc_*, _Py_NoneStruct, a Python
+# call from a kernel) would make the library unloadable without libpython.
 ALLOWED_PYTHON_SYMBOLS = {"PyModule_Create2"}
 
 
@@ -61,9 +61,9 @@ def _build() -> Path:
     return BINARY
 
 
-def _host_env() -> Dict[str, str]:
-    # A plain host process: eager binding would bind PyModule_Create2 and fail by design (README).
-    return {k: v for k, v in os.environ.items() if k not in ("LD_BIND_NOW", "LD_PRELOAD")}
+def _host_env(**extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_BIND_NOW", "LD_PRELOAD")}
+    return {**env, **extra}
 
 
 def _parse(stdout: str) -> Dict[str, object]:
@@ -159,6 +159,16 @@ def test_library_imports_no_python_data_symbols():
     imported = {line.split()[-1].split("@")[0] for line in done.stdout.splitlines() if line.strip()}
     python = {s for s in imported if s.startswith(("Py", "_Py"))}
     assert python <= ALLOWED_PYTHON_SYMBOLS, f"_C.abi3.so now needs libpython for {sorted(python)}"
+    weak = {line.split()[-1].split("@")[0] for line in done.stdout.splitlines() if line.split()[:1] == ["w"]}
+    assert python <= weak, f"the Python symbols {sorted(python - weak)} must be weak (csrc/trajops.cpp)"
+
+
+def test_eager_binding_loads_without_libpython(printed):
+    # LD_BIND_NOW=1 resolves every symbol at dlopen time, as RTLD_NOW and at::DynamicLibrary do: a
+    # non-weak PyModule_Create2 fails the load with "undefined symbol" in this Python-free process.
+    done = _run([str(BINARY), _extension_path()], env=_host_env(LD_BIND_NOW="1"))
+    assert done.returncode == 0, f"trajops_example under LD_BIND_NOW=1 failed:\n{done.stderr[-2000:]}"
+    assert _parse(done.stdout)["flow.out"].shape == printed["flow.out"].shape
 
 
 def test_bad_library_path_is_a_clear_error(printed, tmp_path):

@@ -232,8 +232,8 @@ int main(int argc, char** argv) {
   }
   // Loading the library runs its static initializers, which register the schemas
   // (TORCH_LIBRARY) and the CPU kernels (TORCH_LIBRARY_IMPL) with this process's dispatcher.
-  // RTLD_LAZY: the library's one Python symbol (PyModule_Create2, used only by the PyInit__C that
-  // Python calls on `import trajops._C`) is then never bound, so no libpython is needed.
+  // No libpython is needed: the library's one Python symbol (PyModule_Create2, used only by the
+  // PyInit__C that Python calls on `import trajops._C`) is weak, so even RTLD_NOW loads it.
   if (dlopen(argv[1], RTLD_LAZY | RTLD_LOCAL) == nullptr) {
     std::fprintf(stderr, "trajops_example: cannot load %s: %s\n", argv[1], dlerror());
     return 1;
