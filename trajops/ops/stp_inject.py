@@ -104,6 +104,10 @@ def stp_inject(
         ``out`` (B, T, D), or ``(out, loss)`` with ``return_loss=True`` (``loss`` is None when
         ``weight == 0``: nothing is computed then).
 
+    The injected term does not scale with the incoming gradient (it is the gradient of another
+    loss), so ``torch.autograd.gradcheck``'s "backward multiplied by grad_output" check does not
+    apply; the tests compare it with finite differences of ``main + weight * scale * STP`` instead.
+
     ``out`` is an alias made by a custom autograd Function: modifying it in place raises
     PyTorch's "view ... created inside a custom Function" error; ``.clone()`` it first if you must.
     """
@@ -116,6 +120,8 @@ def stp_inject(
     if isinstance(n_spans, bool) or not isinstance(n_spans, int) or n_spans < 1:
         raise ValueError(f"stp_inject: n_spans must be an int >= 1, got {n_spans!r}")
     coef = weight * scale
+    if not math.isfinite(coef):
+        raise ValueError(f"stp_inject: weight * scale must be finite, got {weight!r} * {scale!r}")
     if coef == 0:
         # Nothing to inject: skip the loss (and its sampling) entirely. ``hidden`` itself is
         # returned, not a view: there is no backward to attach.
