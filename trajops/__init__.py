@@ -10,6 +10,7 @@ from .kv_cache import PagedTrajectoryKVCache
 from .ops.adaptive_positional_encoding import adaptive_positional_encoding
 from .ops.paged_temperature_attention import paged_temperature_attention
 from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
+from .ops.stp_inject import stp_inject
 from .ops.temperature_attention import temperature_attention
 from .ops.trajectory_flow import trajectory_flow
 from . import nn  # noqa: E402  (after the ops it uses)
@@ -28,6 +29,7 @@ __all__ = [
     "paged_temperature_attention",
     "reference",
     "sample_stp_triples",
+    "stp_inject",
     "stp_loss",
     "stp_loss_dense",
     "temperature_attention",
