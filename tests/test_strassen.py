@@ -9,6 +9,7 @@ import torch
 from examples.strassen import train
 from examples.strassen.__main__ import main
 from examples.strassen.verify import (active_products, apply_rule, discretize, matmul_tensor, naive_rule,
+                                      product_ranks, same_orbit_signature,
                                       normalize_gauge, recursive_matmul, rule_tensor, sparsify, strassen_rule,
                                       verify, zero_shot)
 
@@ -156,3 +157,25 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--seeds", "0", "--out", str(tmp_path)])
+
+
+def _strassen_in_another_basis(seed: int = 0):
+    """Strassen after A -> P A Q^-1, B -> Q B S^-1, C -> P C S^-1 (random P, Q, S): exact, not integer."""
+    g = torch.Generator().manual_seed(seed)
+    P, Q, S = (torch.randn(2, 2, generator=g, dtype=torch.float64) + 2 * torch.eye(2, dtype=torch.float64)
+               for _ in range(3))
+    inv = torch.linalg.inv
+    U, V, W = strassen_rule()
+    # row-major vec(X M Y) = (X kron Y^T) vec(M)
+    return U @ torch.kron(inv(P), Q.T), V @ torch.kron(inv(Q), S.T), torch.kron(P, inv(S).T) @ W
+
+
+def test_strassen_in_another_basis_is_exact_but_does_not_round():
+    U, V, W = _strassen_in_another_basis()
+    assert torch.allclose(rule_tensor(U, V, W), matmul_tensor(), atol=1e-12)
+    assert same_orbit_signature(U, V, W) and same_orbit_signature(*strassen_rule())
+    assert not same_orbit_signature(*naive_rule())
+    assert not verify(U, V, W).passed
+    (Ur, Vr, Wr), delta = discretize(U, V, W)
+    assert delta.item() > 0.05 and not verify(Ur, Vr, Wr).passed
+    assert product_ranks(*strassen_rule()).sort(-1).values.tolist() == [[1] * 6 + [2]] * 3

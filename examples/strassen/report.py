@@ -24,7 +24,8 @@ def summarize(run: Dict[str, object]) -> Dict[str, object]:
     """Summary numbers of one configuration's run (see :func:`train.run_protocol`)."""
     ok, r7 = run["passed"], run["rank7"]
     return {
-        "fit_rate": run["fit_rate"], "rank7_rate": run["rank7_rate"], "success_rate": run["success_rate"],
+        "fit_rate": run["fit_rate"], "rank7_rate": run["rank7_rate"],
+        "signature_rate": run["signature_rate"], "success_rate": run["success_rate"],
         "median_delta": median(run["delta"]), "min_delta": min(run["delta"]),
         "straight1_success": _mean_where(run["straight1"], ok, True),
         "straight1_failed": _mean_where(run["straight1"], ok, False),
@@ -45,18 +46,20 @@ def markdown(doc: Dict[str, object]) -> str:
              f"Wall time {doc['wall_s']:.0f} s on {doc['threads']} thread(s), torch {doc['torch']}.",
              "",
              "fit = phase-1 loss < 1e-6; rank-7 = phase-2 loss < 1e-8 (a real-valued 7-product rule); "
+             "Strassen sig. = rank-7 and each factor's 7 coefficient vectors, read as 2x2 matrices, have "
+             "Strassen's ranks (one rank-2, six rank-1: invariant under a change of basis); "
              "success = verify passed (7 products, all in {-1,0,1}, error < 1e-5, zero-shot to 64x64). "
              "delta = max |x - round(x)| before rounding (after the per-product scale gauge). "
              "curv = mean `trajops.stp_loss_dense` of the weight trajectory (0 straight, 1 = 90° turns).",
              "",
-             "| run | batch | weight decay | noise σ | fit | rank-7 | success | median δ | min δ "
+             "| run | batch | weight decay | noise σ | fit | rank-7 | Strassen sig. | success | median δ | min δ "
              "| curv ph.1 rank-7 / not | curv ph.2 rank-7 / not | curv ph.1 success / failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in doc["runs"]:
         s = row["summary"]
         lines.append(
             f"| {row['name']} | {row['batch']} | {row['weight_decay']:g} | {row['noise']:g} | {s['fit_rate']:.0%} "
-            f"| {s['rank7_rate']:.0%} | **{s['success_rate']:.0%}** | {s['median_delta']:.3f} | {s['min_delta']:.3f} "
+            f"| {s['rank7_rate']:.0%} | {s['signature_rate']:.0%} | **{s['success_rate']:.0%}** | {s['median_delta']:.3f} | {s['min_delta']:.3f} "
             f"| {_fmt(s['straight1_rank7'])} / {_fmt(s['straight1_not_rank7'])} "
             f"| {_fmt(s['straight2_rank7'])} / {_fmt(s['straight2_not_rank7'])} "
             f"| {_fmt(s['straight1_success'])} / {_fmt(s['straight1_failed'])} |")

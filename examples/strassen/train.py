@@ -18,7 +18,7 @@ from torch import Tensor
 
 import trajops
 
-from .verify import Rule, apply_rule, discretize, sparsify, verify
+from .verify import Rule, apply_rule, discretize, same_orbit_signature, sparsify, verify
 
 SLOTS = 8  # the model's products; the target rank is 7
 
@@ -106,7 +106,8 @@ def crystallize(rule: Rule, cfg: Config, gen: torch.Generator, *, zero_shot: boo
     """Phase 2 on a batch of fitted rules (S, 8, 4)...: sparsify to 7, masked fine-tune, round, verify.
 
     Returns per-seed lists: loss2 (masked fine-tune loss), delta (distance to integers before rounding),
-    rank7 (loss2 < cfg.rank7_tol), passed / reasons (verify), the rounded rules of the passing seeds,
+    rank7 (loss2 < cfg.rank7_tol), strassen_signature (rank7 and Strassen's product-rank fingerprint:
+    Strassen in another basis), passed / reasons (verify), the rounded rules of the passing seeds,
     and the phase-2 snapshots (S, T, 84... as 24 * 8 entries with the dropped slot zero).
     """
     (U, V, W), mask = sparsify(*rule, k=7)
@@ -117,6 +118,7 @@ def crystallize(rule: Rule, cfg: Config, gen: torch.Generator, *, zero_shot: boo
     U7, V7 = tuned[0].gather(1, idx4), tuned[1].gather(1, idx4)
     W7 = tuned[2].gather(2, keep[:, None, :].expand(-1, 4, -1))
     (Ur, Vr, Wr), delta = discretize(U7, V7, W7)
+    orbit = same_orbit_signature(U7, V7, W7) & (loss2 < cfg.rank7_tol)
     passed, reasons, rules = [], [], {}
     for s in range(U7.shape[0]):
         v = verify(Ur[s], Vr[s], Wr[s], sizes=None if not zero_shot else (2, 4, 8, 16, 32, 64))
@@ -127,6 +129,7 @@ def crystallize(rule: Rule, cfg: Config, gen: torch.Generator, *, zero_shot: boo
             rules[s] = {"U": Ur[s].tolist(), "V": Vr[s].tolist(), "W": Wr[s].tolist(),
                         "zero_shot": {str(k): e for k, e in v.zero_shot.items()}}
     return {"loss2": loss2.tolist(), "delta": delta.tolist(), "rank7": (loss2 < cfg.rank7_tol).tolist(),
+            "strassen_signature": orbit.tolist(),
             "passed": passed, "reasons": reasons, "rules": rules, "snaps": snaps}
 
 
@@ -149,6 +152,7 @@ def run_protocol(seeds: List[int], cfg: Config, *, zero_shot: bool = True) -> Di
     S = len(seeds)
     res["fit_rate"] = sum(x < 1e-6 for x in res["loss1"]) / S
     res["rank7_rate"] = sum(res["rank7"]) / S
+    res["signature_rate"] = sum(res["strassen_signature"]) / S
     res["success_rate"] = sum(res["passed"]) / S
     return res
 

@@ -136,6 +136,32 @@ def active_products(U: Tensor, V: Tensor, W: Tensor) -> Tensor:
     return ((U != 0).any(-1) & (V != 0).any(-1) & (W != 0).any(-2)).sum(-1)
 
 
+def product_ranks(U: Tensor, V: Tensor, W: Tensor, tol: float = 1e-3) -> Tensor:
+    """Rank (0, 1 or 2) of each product's u_r, v_r and w_r read as a 2x2 matrix -> (..., 3, R) int64.
+
+    A change of basis A -> P A Q^-1, B -> Q B S^-1, C -> P C S^-1 maps one exact rule to another and
+    preserves these ranks, so the sorted ranks are a fingerprint of a rule's orbit (Strassen: one
+    rank-2 and six rank-1 matrices in each factor). rank 2 iff |det| > tol * ||x||^2 / 2 (scale-free).
+    """
+    _check_rule(U, V, W)
+    x = torch.stack([U, V, W.transpose(-1, -2)], dim=-3)  # (..., 3, R, 4)
+    sq = (x * x).sum(-1)
+    det = (x[..., 0] * x[..., 3] - x[..., 1] * x[..., 2]).abs()
+    nonzero = sq > tol * tol * sq.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(det > tol * sq / 2, 2, nonzero.long())
+
+
+def same_orbit_signature(U: Tensor, V: Tensor, W: Tensor, ref: Optional[Rule] = None) -> Tensor:
+    """Whether the sorted :func:`product_ranks` of each rule equal those of ``ref`` (default Strassen)
+    -> (...,) bool. Necessary (not sufficient) for being ``ref`` in another basis."""
+    ref = strassen_rule(U.dtype) if ref is None else ref
+    mine = product_ranks(U, V, W).sort(-1).values
+    theirs = product_ranks(*ref).sort(-1).values
+    if mine.shape[-1] != theirs.shape[-1]:
+        return torch.zeros(mine.shape[:-2], dtype=torch.bool)
+    return (mine == theirs).all(-1).all(-1)
+
+
 def recursive_matmul(U: Tensor, V: Tensor, W: Tensor, A: Tensor, B: Tensor) -> Tensor:
     """Apply a 2x2 rule recursively to n x n matrices (n a power of 2): the blocks of A and B take the
     place of the scalars a_i, b_j, level after level, down to 1 x 1.
