@@ -108,7 +108,7 @@ def crystallize(rule: Rule, cfg: Config, gen: torch.Generator, *, zero_shot: boo
     Returns per-seed lists: loss2 (masked fine-tune loss), delta (distance to integers before rounding),
     rank7 (loss2 < cfg.rank7_tol), strassen_signature (rank7 and Strassen's product-rank fingerprint:
     Strassen in another basis), passed / reasons (verify), the rounded rules of the passing seeds,
-    and the phase-2 snapshots (S, T, 84... as 24 * 8 entries with the dropped slot zero).
+    and the phase-2 snapshots "snaps" (S, T, 192): the flattened 8-slot weights, the dropped slot zero.
     """
     (U, V, W), mask = sparsify(*rule, k=7)
     tuned, snaps = train_phase((U, V, W), cfg, cfg.steps2, gen, mask=mask)
