@@ -59,7 +59,7 @@ def train_phase(rule: Rule, cfg: Config, steps: int, gen: torch.Generator,
     """AdamW with cosine decay on (U, V, W) of shapes (S, R, 4), (S, R, 4), (S, 4, R).
 
     Returns (the trained rule, masked if ``mask`` (S, R) is given; detached copies) and the snapshots
-    (S, cfg.checkpoints, 24 R) of the flattened, masked weights, evenly spaced over the phase.
+    (S, cfg.checkpoints, 12 R) of the flattened, masked weights, evenly spaced over the phase.
     """
     params = [x.detach().clone().requires_grad_(True) for x in rule]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -108,7 +108,7 @@ def crystallize(rule: Rule, cfg: Config, gen: torch.Generator, *, zero_shot: boo
     Returns per-seed lists: loss2 (masked fine-tune loss), delta (distance to integers before rounding),
     rank7 (loss2 < cfg.rank7_tol), strassen_signature (rank7 and Strassen's product-rank fingerprint:
     Strassen in another basis), passed / reasons (verify), the rounded rules of the passing seeds,
-    and the phase-2 snapshots "snaps" (S, T, 192): the flattened 8-slot weights, the dropped slot zero.
+    and the phase-2 snapshots "snaps" (S, T, 96): the flattened 8-slot weights, the dropped slot zero.
     """
     (U, V, W), mask = sparsify(*rule, k=7)
     tuned, snaps = train_phase((U, V, W), cfg, cfg.steps2, gen, mask=mask)
