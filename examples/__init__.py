@@ -1,0 +1,1 @@
+"""Runnable examples built on trajops (``python -m examples.<name>``)."""
