@@ -16,7 +16,7 @@ STP term during training, and the median step time (forward + backward + AdamW).
 the STP term itself (forward + backward on three layers of the step's shape).
 
 Writes bench/results/stp-ablation-cpu.{json,md,png}; re-running resumes from the json (same config only).
-Usage: python bench/stp_ablation.py [--steps 60] [--only baseline --only n3] [--fresh]
+Usage: python bench/stp_ablation.py [--steps 30] [--only baseline --only n3] [--fresh]
 """
 from __future__ import annotations
 
@@ -255,15 +255,15 @@ def write_report(res: Dict[str, object], stem: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--pairs", type=int, default=6, help="interleaved with/without-STP timing pairs (0 = skip)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=48)
     ap.add_argument("--eval-seqs", type=int, default=16)
     ap.add_argument("--first-trained", type=int, default=20, help="lowest trained decoder layer")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight", type=float, default=0.1,
-                    help="STP weight (seed default 0.02; 0.1 so that 60 steps can move the metric at all)")
+                    help="STP weight (seed default 0.02; 0.1 so that 30 steps can move the metric at all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text-bytes", type=int, default=1 << 20)
