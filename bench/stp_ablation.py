@@ -199,13 +199,13 @@ def write_report(res: Dict[str, object], stem: str) -> None:
         f"{cfg['note']}",
         "",
         "| run | held-out LM loss | Δ vs baseline | held-out STP dense (mean L20/25/29) | L20 | L25 | L29 | "
-        "train STP raw (last 5 steps) | median step s | vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "train STP raw (last 5 steps) | median step s | vs baseline | min step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if before:
         lines.append(
             f"| before (shared start) | {before['lm_loss']:.4f} | | {before['stp_dense_mean']:.4f} | "
-            + " | ".join(f"{before[f'stp_dense_L{i}']:.4f}" for i in METRIC_LAYERS) + " | | | |"
+            + " | ".join(f"{before[f'stp_dense_L{i}']:.4f}" for i in METRIC_LAYERS) + " | | | | |"
         )
     for name, r in runs.items():
         a = r["after"]
@@ -220,7 +220,7 @@ def write_report(res: Dict[str, object], stem: str) -> None:
         lines.append(
             f"| {name} | {a['lm_loss']:.4f} | {d} | {a['stp_dense_mean']:.4f} | "
             + " | ".join(f"{a[f'stp_dense_L{i}']:.4f}" for i in METRIC_LAYERS)
-            + f" | {term} | {med:.2f} | {rel} |"
+            + f" | {term} | {med:.2f} | {rel} | {min(r['step_times_s']):.2f} |"
         )
     if "paired" in res:
         p = res["paired"]
@@ -270,7 +270,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--only", action="append", default=[], help="run name prefix to run (repeatable; default all)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing json (no resume)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "stp-ablation-cpu"))
+    ap.add_argument("--report-only", action="store_true", help="re-render the md/png from the json, run nothing")
     args = ap.parse_args(argv)
+    if args.report_only:
+        with open(args.out + ".json") as f:
+            write_report(json.load(f), args.out)
+        print(open(args.out + ".md").read())
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()

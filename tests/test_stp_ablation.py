@@ -66,3 +66,4 @@ def test_report_renders(sa, tmp_path):
     sa.write_report(res, str(tmp_path / "r"))
     md = (tmp_path / "r.md").read_text()
     assert "NOTE" in md and "| n3 @20,25,29 | 2.0000 | +0.0000 | 1.3000 |" in md and "1.00 ms" in md
+    assert all(line.count("|") == 12 for line in md.splitlines() if line.startswith("|"))
