@@ -227,7 +227,7 @@ class STPTrainer(_Trainer):  # type: ignore[misc,valid-type]
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.stp_hooks.step = self.state.global_step
         lm, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.stp_hooks.last_term is None:  # eval / prediction step: the LM loss only
+        if self.stp_hooks.last_term is None or not model.training:  # eval / prediction step: the LM loss only
             return (lm, outputs) if return_outputs else lm
         term = self.stp_hooks.pop_term()
         scaled = getattr(self, "loss_is_scaled_for_ga", None)  # the same rule as Trainer.training_step
