@@ -164,6 +164,12 @@ class STPLoss(nn.Module):
                 ``config.num_hidden_layers + 1``: index 0 is the embeddings); when given, layer
                 indices out of range raise here instead of at the first call.
 
+        Which layers the indices name depends on who feeds the module: called on a
+        ``hidden_states`` sequence they index that sequence (with transformers' tuple, decoder
+        layer i is index i + 1); :class:`trajops.hf_stp.STPHooks` reads them as 0-based decoder
+        layers (``model.model.layers[i]``), the seed's meaning of ``"4,8,12"`` — there pass
+        ``num_hidden_states=config.num_hidden_layers`` to check the range.
+
         Example: ``STPLoss.from_config({"stp_enabled": True, "stp_layers": "4,8,12"})``.
         """
         cfg = parse_stp_config(mapping, num_hidden_states=num_hidden_states)
