@@ -7,9 +7,11 @@ The KV-cache pieces and their roles:
 * ``trajops.kv_cache`` (this module) -- the paged store: owns every tensor of the cache and its invariants
   (pages, live/pinned flags, timestamps, positions, per-row counters); integrations call its public methods
   and never write its tensors.
+* ``trajops.kv_forward`` -- the forward-level cache ``ForwardKVCache``: what one model forward sees (per layer,
+  the entries live before it in position order ++ its own tokens), trajectories, padding pins; framework-free.
 * ``trajops.nn.kv_cache`` -- the seed's drop-in class ``TrajectoryAwareKVCache`` (one global sequence).
-* ``trajops.hf`` -- the transformers ``Cache`` (``TrajectoryEvictionCache``): a thin adapter of the Cache API
-  onto the store.
+* ``trajops.hf`` -- the transformers cache ``TrajectoryEvictionCache``: a thin adapter of the Cache API onto
+  ``ForwardKVCache``.
 
 All state lives in preallocated tensors on one device; no method syncs with the host, except ``append``
 and ``select_rows`` on an overcommitted pool (fewer pages than max_batch full sequences need), which read
