@@ -118,9 +118,11 @@ class PagedTrajectoryKVCache:
         self.free_top = torch.tensor(P, dtype=torch.long, device=dev)
         self.evicted_total = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.now = torch.zeros((), dtype=torch.long, device=dev)
-        # positions: one spare element at the end takes the writes of tokens that got no slot (no host sync)
+        # positions: a spare element in front takes the writes of tokens that got no slot (written = -1 -> index 0),
+        # so recording them needs neither a mask nor a host sync
         self._pos_flat = torch.full((P * S + 1,), -1, dtype=torch.long, device=dev)
-        self.pos_pool = self._pos_flat[:-1].view(P, S)
+        self.pos_pool = self._pos_flat[1:].view(P, S)
+        self._aranges: Dict[int, Tensor] = {}  # reused arange(n) per n
         self.next_position = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._written: Optional[Tensor] = None  # physical slots of the current step's tokens
         self._full_lengths: Dict[Tuple[int, int], Tensor] = {}  # reused default `lengths` per (B, n)
@@ -219,9 +221,14 @@ class PagedTrajectoryKVCache:
             )
         self._written, self._evicted = written, evicted
         # record each written token's position (its index in the row's stream of valid tokens)
-        pos = self.next_position[:B, None] + torch.arange(n, device=self.device)
-        self._pos_flat[torch.where(written >= 0, written, self._pos_flat.shape[0] - 1)] = pos
-        self.next_position[:B] += torch.where(ok, lengths, 0)  # ok False: nothing was appended
+        ar = self._aranges.get(n)
+        if ar is None:
+            ar = self._aranges[n] = torch.arange(n, device=self.device)
+        rows = self.next_position[:B]
+        self._pos_flat.index_put_((written + 1,), torch.add(rows.unsqueeze(1), ar))
+        # ok False (nothing was appended) reaches here only on CUDA: on CPU the op raises on corrupt state and an
+        # exhausted pool raised above
+        rows.add_(lengths if self.device.type == "cpu" else lengths * ok)
         return evicted
 
     def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
@@ -380,14 +387,17 @@ class PagedTrajectoryKVCache:
             raise ValueError(f"PagedTrajectoryKVCache.read_slots: slots must be int64 (B, k) on {self.device}, got "
                              f"{getattr(slots, 'dtype', type(slots))} {list(getattr(slots, 'shape', []))}")
         n_phys = self.num_pages * self.page_size
-        if slots.device.type == "cpu" and bool(((slots < -1) | (slots >= n_phys)).any()):
-            raise ValueError(f"PagedTrajectoryKVCache.read_slots: slots must be -1 or in [0, {n_phys})")
         H, D = self.num_kv_heads, self.head_dim
+        k, v = self.k_pool[layer].view(-1, H, D), self.v_pool[layer].view(-1, H, D)
+        if slots.device.type == "cpu":  # values checked; masking only when a -1 is there (the decode path has none)
+            lo, hi = torch.aminmax(slots) if slots.numel() else (torch.tensor(0), torch.tensor(0))
+            if int(lo) < -1 or int(hi) >= n_phys:
+                raise ValueError(f"PagedTrajectoryKVCache.read_slots: slots must be -1 or in [0, {n_phys})")
+            if int(lo) >= 0:
+                return k[slots].transpose(1, 2), v[slots].transpose(1, 2)
         ok = ((slots >= 0) & (slots < n_phys))[..., None, None]
         idx = slots.clamp(0, n_phys - 1)
-        k = torch.where(ok, self.k_pool[layer].view(-1, H, D)[idx], 0).transpose(1, 2)
-        v = torch.where(ok, self.v_pool[layer].view(-1, H, D)[idx], 0).transpose(1, 2)
-        return k, v
+        return torch.where(ok, k[idx], 0).transpose(1, 2), torch.where(ok, v[idx], 0).transpose(1, 2)
 
     def live_slots(self) -> Tensor:
         """(max_batch, max_slots) bool: logical slots that hold a live entry."""
