@@ -21,8 +21,6 @@ from importlib import metadata as _metadata
 from typing import Optional, Tuple, Union
 
 import torch
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion, Version
 from torch import Tensor
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<5.24"  # keep equal to pyproject's `hf` extra (tests check it)
@@ -38,9 +36,11 @@ def _transformers_version() -> Optional[str]:
 def _check_transformers() -> None:
     """ImportError naming the supported range when transformers is absent or outside it (before importing it)."""
     found = _transformers_version()
-    try:
+    try:  # packaging comes with transformers; without it, transformers is not installed properly either
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
         ok = found is not None and SpecifierSet(SUPPORTED_TRANSFORMERS).contains(Version(found), prereleases=True)
-    except InvalidVersion:
+    except Exception:  # packaging missing (ImportError) or an unparsable version (InvalidVersion)
         ok = False
     if not ok:
         raise ImportError(f"trajops.hf needs transformers {SUPPORTED_TRANSFORMERS} (found: {found or 'none'}): "
