@@ -144,7 +144,8 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
             layer.is_initialized = True
 
     # ------------------------------------------------------------------ Cache API
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> Tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args,
+               **kwargs) -> Tuple[Tensor, Tensor]:
         """(entries live before this forward, in position order) ++ (this forward's), on dim -2; see ForwardKVCache."""
         return ForwardKVCache.update(self, key_states, value_states, layer_idx)
 
@@ -180,4 +181,5 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("TrajectoryEvictionCache.crop: an evicting cache cannot roll back (evicted entries "
-                                  "are gone); assisted / speculative decoding and other crop-based modes are not supported")
+                                  "are gone); assisted / speculative decoding and other crop-based modes are not "
+                                  "supported")

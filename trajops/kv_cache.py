@@ -373,7 +373,7 @@ class PagedTrajectoryKVCache:
         return torch.where(found, slots, -1), torch.where(found, pos, -1)
 
     def read_slots(self, layer: int, slots: Tensor) -> Tuple[Tensor, Tensor]:
-        """K and V (B, num_kv_heads, k, head_dim), pool dtype, stored at physical slots (B, k) of one layer; zeros for -1.
+        """K and V (B, num_kv_heads, k, head_dim) in the pool dtype at physical slots (B, k) of one layer; 0 for -1.
 
         Reads the pools as they are, live or not: within a step, the slots :meth:`live_entries` listed before
         ``append(0, ...)`` still hold layer l's old entries until ``append(l, ...)`` overwrites the evicted ones,

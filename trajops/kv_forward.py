@@ -171,10 +171,11 @@ class ForwardKVCache:
         key_states, value_states: (B, num_kv_heads, n, head_dim). Layers come in order 0, 1, ... in each forward.
         """
         if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise IndexError(f"{type(self).__name__}.update: layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
+            raise IndexError(f"{type(self).__name__}.update: layer_idx must be in [0, {self.num_layers}), got "
+                             f"{layer_idx}")
         if key_states.dim() != 4 or value_states.shape != key_states.shape:
-            raise ValueError(f"{type(self).__name__}.update: key_states and value_states must both be (B, num_kv_heads, "
-                             f"n, head_dim), got {list(key_states.shape)} and {list(value_states.shape)}")
+            raise ValueError(f"{type(self).__name__}.update: key_states and value_states must both be (B, "
+                             f"num_kv_heads, n, head_dim), got {list(key_states.shape)} and {list(value_states.shape)}")
         if layer_idx != self._next_layer:
             raise RuntimeError(f"{type(self).__name__}.update: expected layer {self._next_layer} next (layers are "
                                f"updated in order within a forward), got {layer_idx}")
@@ -299,7 +300,8 @@ class ForwardKVCache:
         empty = torch.zeros(0, dtype=torch.long)
         return {"seen": self._seen, "live": s["live"][: self._rows] if s else empty,
                 "evicted_total": s["evicted_total"][: self._rows] if s else empty,
-                "pages_in_use": s["pages_in_use"] if s else torch.zeros((), dtype=torch.long), "kv_bytes": self.kv_bytes()}
+                "pages_in_use": s["pages_in_use"] if s else torch.zeros((), dtype=torch.long),
+                "kv_bytes": self.kv_bytes()}
 
     def kv_bytes(self) -> int:
         """Bytes of the K and V page pools (0 before the first update); constant once allocated."""
