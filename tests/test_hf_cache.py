@@ -372,3 +372,52 @@ def test_import_trajops_does_not_import_transformers_and_hf_says_how_to_install(
             "else:\n    raise SystemExit('no ImportError')")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------------------------------------- supported versions
+def _fresh_import_hf(monkeypatch, version):
+    """Import trajops.hf anew with importlib.metadata reporting `version` for transformers (None: not installed)."""
+    import importlib
+    import importlib.metadata
+    import trajops
+    import trajops.hf
+
+    real = importlib.metadata.version
+
+    def fake(name):
+        if name != "transformers":
+            return real(name)
+        if version is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", fake)
+    monkeypatch.delitem(sys.modules, "trajops.hf")
+    monkeypatch.setattr(trajops, "hf", trajops.hf)  # restored afterwards, like sys.modules
+    return importlib.import_module("trajops.hf")
+
+
+@pytest.mark.parametrize("version", ["5.24.0", "6.0.0", "5.16.2", "4.57.1", "not-a-version", None])
+def test_import_outside_the_supported_range_names_it(monkeypatch, version):
+    from trajops.hf import SUPPORTED_TRANSFORMERS
+    with pytest.raises(ImportError) as err:
+        _fresh_import_hf(monkeypatch, version)
+    msg = str(err.value)
+    assert SUPPORTED_TRANSFORMERS in msg and "pip install trajops[hf]" in msg
+    assert f"found: {version or 'none'}" in msg
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.23.0", "5.23.9.dev0"])
+def test_import_inside_the_supported_range(monkeypatch, version):
+    assert hasattr(_fresh_import_hf(monkeypatch, version), "TrajectoryEvictionCache")
+
+
+def test_supported_range_equals_the_hf_extra():
+    import pathlib
+    import tomllib
+    from trajops.hf import SUPPORTED_TRANSFORMERS
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("no pyproject.toml next to the tests (installed package)")
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["hf"]
+    assert extra == [f"transformers{SUPPORTED_TRANSFORMERS}"]

@@ -1,9 +1,22 @@
-"""PagedTrajectoryKVCache: a paged, batched, device-resident KV cache with trajectory-guided eviction.
+"""The paged store: PagedTrajectoryKVCache, a paged, batched, device-resident KV cache with trajectory-guided eviction.
 
-Semantics: trajops/reference/kv_cache.py (relevance, ranking ties, slot assignment, page release).
-All state lives in preallocated tensors on one device; no method syncs with the host, except
-``append`` on an overcommitted pool (fewer pages than max_batch full sequences need), which reads
-one flag to raise cleanly when the pool runs out.
+The KV-cache pieces and their roles:
+
+* ``trajops.ops.kv_cache`` -- the op group (``trajops::kv_relevance``, ``kv_topk``, ``kv_evict_append_``,
+  ``kv_write_``): stateless kernels over the store's tensors; semantics in trajops/reference/kv_cache.py.
+* ``trajops.kv_cache`` (this module) -- the paged store: owns every tensor of the cache and its invariants
+  (pages, live/pinned flags, timestamps, positions, per-row counters); integrations call its public methods
+  and never write its tensors.
+* ``trajops.kv_forward`` -- the forward-level cache ``ForwardKVCache``: what one model forward sees (per layer,
+  the entries live before it in position order ++ its own tokens), trajectories, padding pins; framework-free.
+* ``trajops.nn.kv_cache`` -- the seed's drop-in class ``TrajectoryAwareKVCache`` (one global sequence).
+* ``trajops.hf`` -- the transformers cache ``TrajectoryEvictionCache``: a thin adapter of the Cache API onto
+  ``ForwardKVCache``.
+
+All state lives in preallocated tensors on one device; no method syncs with the host, except ``append``
+and ``select_rows`` on an overcommitted pool (fewer pages than max_batch full sequences need), which read
+one value to raise cleanly when the pool runs out, ``live_entries`` without ``count``, and the checks of
+index values given as CPU tensors.
 """
 from __future__ import annotations
 
@@ -17,6 +30,8 @@ from . import reference as _ref
 from .ops import kv_cache as _ops  # noqa: F401  (registers the trajops::kv_* ops)
 
 __all__ = ["PagedTrajectoryKVCache"]
+
+_NO_POSITION = torch.iinfo(torch.long).max  # sorts after every real position
 
 
 def _positive(name: str, value: int) -> int:
@@ -40,6 +55,12 @@ class PagedTrajectoryKVCache:
 
     Per step: ``append(0, ...)`` decides evictions and slots for the new tokens, ``append(l, ...)``
     for the other layers writes their K/V into the same slots, ``step()`` advances the clock.
+
+    Positions: every row counts the valid tokens appended to it (``next_position``, (max_batch,) int64);
+    a token is stored with its position in that stream (``pos_pool``, (num_pages, page_size) int64), so
+    :meth:`live_entries` lists a row's live entries in sequence order whatever slots they occupy.
+    Slots: a logical slot j of row b is offset j % page_size of page page_table[b, j // page_size];
+    a physical slot is page * page_size + offset, an index into ``k_pool[layer].view(-1, H, D)``.
     """
 
     def __init__(
@@ -97,6 +118,12 @@ class PagedTrajectoryKVCache:
         self.free_top = torch.tensor(P, dtype=torch.long, device=dev)
         self.evicted_total = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.now = torch.zeros((), dtype=torch.long, device=dev)
+        # positions: a spare element in front takes the writes of tokens that got no slot (written = -1 -> index 0),
+        # so recording them needs neither a mask nor a host sync
+        self._pos_flat = torch.full((P * S + 1,), -1, dtype=torch.long, device=dev)
+        self.pos_pool = self._pos_flat[1:].view(P, S)
+        self._aranges: Dict[int, Tensor] = {}  # reused arange(n) per n
+        self.next_position = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._written: Optional[Tensor] = None  # physical slots of the current step's tokens
         self._full_lengths: Dict[Tuple[int, int], Tensor] = {}  # reused default `lengths` per (B, n)
         self._next_layer = 0
@@ -193,6 +220,15 @@ class PagedTrajectoryKVCache:
                 f"{self.num_pages}); the cache was left unchanged"
             )
         self._written, self._evicted = written, evicted
+        # record each written token's position (its index in the row's stream of valid tokens)
+        ar = self._aranges.get(n)
+        if ar is None:
+            ar = self._aranges[n] = torch.arange(n, device=self.device)
+        rows = self.next_position[:B]
+        self._pos_flat.index_put_((written + 1,), torch.add(rows.unsqueeze(1), ar))
+        # ok False (nothing was appended) reaches here only on CUDA: on CPU the op raises on corrupt state and an
+        # exhausted pool raised above
+        rows.add_(lengths if self.device.type == "cpu" else lengths * ok)
         return evicted
 
     def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
@@ -202,6 +238,73 @@ class PagedTrajectoryKVCache:
     def step(self) -> None:
         """Advance the clock by one (timestamps of later appends are one larger)."""
         self.now += 1
+        self._next_layer = 0
+
+    def last_append_slots(self) -> Tensor:
+        """(B, n) int64 physical slots the tokens of the last ``append(0, ...)`` were written to; -1 for a token
+        that got no slot (beyond ``lengths``, beyond the capacity, or all slots pinned). The other layers of the
+        step write into the same slots. Cleared by :meth:`select_rows` (the slots move)."""
+        if self._written is None:
+            raise RuntimeError("PagedTrajectoryKVCache.last_append_slots: no append(0, ...) since the cache was "
+                               "created or its rows were selected")
+        return self._written
+
+    # ------------------------------------------------------------------ rows (beam search, batch surgery)
+    def select_rows(self, indices: Tensor) -> None:
+        """Rebuild the rows so that row b holds a copy of what row ``indices[b]`` held; rows >= len(indices) end empty.
+
+        indices: (B',) integer row ids in [0, max_batch), 1 <= B' <= max_batch; repeats and omissions are allowed,
+        so this is beam search's reorder (B' = B), a batch selection (a subset) and repeat_interleave alike.
+        Every per-slot tensor (K/V of all layers, trajectories, timestamps, live and pinned flags, positions) is
+        copied page by page into a compact layout (the selected rows' pages first, in row order) with one
+        indexed copy per tensor; per-row state (live_count, capacity, evicted_total, next_position) follows its
+        row; the clock does not move. Afterwards the cache behaves exactly as one that had been fed the selected
+        rows from the start (same logical slots, scores, positions and counters). Not allowed between layers of
+        one step. Index values are checked when ``indices`` is a CPU tensor (on CUDA that would sync; there
+        out-of-range ids are the caller's bug).
+        """
+        if 0 < self._next_layer < self.num_layers:
+            raise RuntimeError("PagedTrajectoryKVCache.select_rows: called in the middle of a step (after layer "
+                               f"{self._next_layer - 1} of {self.num_layers}); finish the step first")
+        if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point \
+                or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError("PagedTrajectoryKVCache.select_rows: indices must be a 1-D integer tensor, got "
+                             f"{getattr(indices, 'dtype', type(indices))} {list(getattr(indices, 'shape', []))}")
+        nb = indices.shape[0]
+        self._check_rows("indices", nb)
+        if indices.device.type == "cpu" and bool(((indices < 0) | (indices >= self.max_batch)).any()):
+            raise ValueError(f"PagedTrajectoryKVCache.select_rows: indices must be in [0, {self.max_batch}), got "
+                             f"{indices.tolist()}")
+        idx = indices.to(device=self.device, dtype=torch.long)
+        P, MP = self.num_pages, self.max_pages_per_seq
+        src_pt = self.page_table[idx]  # (nb, MP): the pages each new row copies
+        valid = (src_pt >= 0).reshape(-1)
+        dst = torch.cumsum(valid, 0) - 1  # compact numbering of the pages in use
+        used = valid.sum()
+        if self.overcommitted and int(used) > P:
+            raise RuntimeError(f"PagedTrajectoryKVCache.select_rows: the selected rows hold {int(used)} pages, more "
+                               f"than the pool's num_pages={P}; the cache was left unchanged")
+        src_page = torch.zeros(P + 1, dtype=torch.long, device=self.device)  # new page -> old page; [P]: spare
+        src_page[torch.where(valid, dst, P)] = src_pt.reshape(-1).clamp_min(0)
+        src_page = src_page[:P]
+        in_use = torch.arange(P, device=self.device) < used
+        for pool in (self.k_pool, self.v_pool):
+            pool.copy_(pool[:, src_page])
+        for pool in (self.traj_pool, self.ts_pool, self.pos_pool):
+            pool.copy_(pool[src_page])
+        for pool in (self.live_pool, self.pinned_pool):
+            pool.copy_(pool[src_page] & in_use[:, None])  # pages not in use hold no entry
+        self.page_table.fill_(-1)
+        self.page_table[:nb] = torch.where(valid, dst, -1).view(nb, MP)
+        # free stack: the pages not in use, the lowest on top (as the constructor stacks them)
+        self.free_pages.copy_(torch.arange(P - 1, -1, -1, dtype=torch.long, device=self.device))
+        self.free_top.copy_(P - used)
+        for row_state in (self.live_count, self.evicted_total, self.next_position):
+            fresh = torch.zeros_like(row_state)
+            fresh[:nb] = row_state[idx]
+            row_state.copy_(fresh)
+        self.capacity[:nb] = self.capacity[idx].clone()  # rows beyond B' keep theirs (they stay usable)
+        self._written = self._evicted = None
         self._next_layer = 0
 
     # ------------------------------------------------------------------ reading
@@ -243,6 +346,58 @@ class PagedTrajectoryKVCache:
         k = torch.where(keep, self.k_pool[layer].view(-1, H, D)[phys.clamp_min(0)], 0).transpose(1, 2)
         v = torch.where(keep, self.v_pool[layer].view(-1, H, D)[phys.clamp_min(0)], 0).transpose(1, 2)
         return k, v
+
+    def live_entries(self, rows: int, count: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """The live entries of rows 0..rows-1 in position order: (slots, positions), both (rows, count) int64.
+
+        slots are physical (see the class docstring; :meth:`read_slots` reads them), positions the tokens'
+        positions (see ``next_position``); both -1 past a row's live entries. count: entries per row to list;
+        default: the most live entries of any of the rows, read from the device (one host sync) -- pass it when
+        the caller knows it. Ties cannot occur (a row's positions are distinct).
+        """
+        if not isinstance(rows, int) or isinstance(rows, bool):
+            raise ValueError(f"PagedTrajectoryKVCache.live_entries: rows must be an int, got {rows!r}")
+        self._check_rows("rows", rows)
+        if count is None:
+            count = int(self.live_count[:rows].max())
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= self.max_slots:
+            raise ValueError(f"PagedTrajectoryKVCache.live_entries: count must be an int in [0, max_slots="
+                             f"{self.max_slots}], got {count!r}")
+        phys = _ref.kv_logical_to_physical(self.page_table[:rows], self.page_size)
+        idx = phys.clamp_min(0)
+        alive = (phys >= 0) & self.live_pool.view(-1)[idx]
+        pos = torch.where(alive, self.pos_pool.view(-1)[idx], _NO_POSITION)
+        pos, order = torch.sort(pos, dim=1, stable=True)
+        pos, slots = pos[:, :count], phys.gather(1, order[:, :count])
+        found = pos != _NO_POSITION
+        return torch.where(found, slots, -1), torch.where(found, pos, -1)
+
+    def read_slots(self, layer: int, slots: Tensor) -> Tuple[Tensor, Tensor]:
+        """K and V (B, num_kv_heads, k, head_dim) in the pool dtype at physical slots (B, k) of one layer; 0 for -1.
+
+        Reads the pools as they are, live or not: within a step, the slots :meth:`live_entries` listed before
+        ``append(0, ...)`` still hold layer l's old entries until ``append(l, ...)`` overwrites the evicted ones,
+        so an attention over "the entries live before this step" reads layer l before appending layer l.
+        Slot values are checked when ``slots`` is a CPU tensor; on other devices out-of-range slots read as 0.
+        """
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"PagedTrajectoryKVCache.read_slots: layer must be in [0, {self.num_layers}), got {layer}")
+        if not isinstance(slots, Tensor) or slots.dim() != 2 or slots.dtype != torch.long \
+                or slots.device != self.device:
+            raise ValueError(f"PagedTrajectoryKVCache.read_slots: slots must be int64 (B, k) on {self.device}, got "
+                             f"{getattr(slots, 'dtype', type(slots))} {list(getattr(slots, 'shape', []))}")
+        n_phys = self.num_pages * self.page_size
+        H, D = self.num_kv_heads, self.head_dim
+        k, v = self.k_pool[layer].view(-1, H, D), self.v_pool[layer].view(-1, H, D)
+        if slots.device.type == "cpu":  # values checked; masking only when a -1 is there (the decode path has none)
+            lo, hi = torch.aminmax(slots) if slots.numel() else (torch.tensor(0), torch.tensor(0))
+            if int(lo) < -1 or int(hi) >= n_phys:
+                raise ValueError(f"PagedTrajectoryKVCache.read_slots: slots must be -1 or in [0, {n_phys})")
+            if int(lo) >= 0:
+                return k[slots].transpose(1, 2), v[slots].transpose(1, 2)
+        ok = ((slots >= 0) & (slots < n_phys))[..., None, None]
+        idx = slots.clamp(0, n_phys - 1)
+        return torch.where(ok, k[idx], 0).transpose(1, 2), torch.where(ok, v[idx], 0).transpose(1, 2)
 
     def live_slots(self) -> Tensor:
         """(max_batch, max_slots) bool: logical slots that hold a live entry."""

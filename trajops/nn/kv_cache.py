@@ -1,4 +1,8 @@
-"""TrajectoryAwareKVCache: the seed's class (001, section 2) on top of PagedTrajectoryKVCache."""
+"""The seed's drop-in class: TrajectoryAwareKVCache (001, section 2) on top of the paged store PagedTrajectoryKVCache.
+
+Role: the seed's API (one global sequence, per-call trajectory); the roles of the other KV-cache modules are
+listed in trajops/kv_cache.py.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple

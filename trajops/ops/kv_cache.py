@@ -1,4 +1,7 @@
-"""trajops::kv_relevance, trajops::kv_topk and trajops::kv_evict_append_ — the paged KV cache's ops.
+"""The KV-cache op group: trajops::kv_relevance, kv_topk, kv_evict_append_ and kv_write_ — the paged store's ops.
+
+Role: stateless kernels over the tensors of the paged store (trajops.kv_cache.PagedTrajectoryKVCache, which owns
+them); the roles of the other KV-cache modules are listed in trajops/kv_cache.py.
 
 This module registers the ops' fake impls and kernels. Semantics: trajops/reference/kv_cache.py; the
 state they read and mutate is described in trajops/kv_cache.py (PagedTrajectoryKVCache).
