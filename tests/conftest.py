@@ -36,3 +36,14 @@ def pytest_sessionstart(session):
 
 def pytest_report_header(config):
     return f"trajops backends: {trajops.backends()} (extension loaded: {trajops.HAS_EXTENSION})"
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny tensors in Python loops (token-by-token decoding, small
+    training loops) gain nothing from a thread pool, and on a loaded machine its spinning made such
+    tests ~100x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

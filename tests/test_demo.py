@@ -14,14 +14,7 @@ from trajops.nn import STPLoss
 V, E, H, L = 23, 32, 4, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models decoded token by token: a thread pool only adds hand-offs, and on a loaded
-    # machine its spinning made these tests ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, **kw) -> TrajectoryCharLM:

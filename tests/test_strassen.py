@@ -14,13 +14,7 @@ from examples.strassen.verify import (active_products, apply_rule, discretize, m
                                       verify, zero_shot)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors in Python loops: a thread pool only adds hand-offs on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_strassen_products_by_hand():
