@@ -382,7 +382,7 @@ def plot(doc: Dict, path: str) -> None:
 
     s, rows = doc["setup"], doc["results"]
     full = next(r for r in rows if r["policy"] == "full")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for ax, key, title in zip(axes, ("ppl", "kl", "passkey_acc"),
                               ("perplexity (2nd half of text windows)", "KL(full || policy), nats/token",
                                f"passkey accuracy ({len(s['passkey'])} prompts)")):
@@ -397,10 +397,11 @@ def plot(doc: Dict, path: str) -> None:
         ax.set_title(title, fontsize=10)
         if key != "passkey_acc":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)  # outside the panels: the lines cross everywhere
     fig.suptitle("KV eviction on SmolLM2-135M-Instruct, CPU fp32, chunks of "
                  f"{s['chunk']} tokens ({doc['setup']['date']})", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
