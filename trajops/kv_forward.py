@@ -13,6 +13,12 @@ the next forward sees. Every row holds ``live = min(seen, capacity)`` entries (a
 evict only to stay at capacity), so a mask over ``live + n`` keys with the queries at offset ``live`` is exact;
 ``seen`` counts every token (positions keep counting past the capacity).
 
+The paged protocol (no gather): per layer, ``stage(k, v, layer)`` then ``attend(q, layer, scale, attn_mask)``,
+which attends over the same keys as :meth:`update` returns (old entries read from the page pools via
+``trajops::paged_temperature_attention``, the new tokens causally; trajops/kv_attention.py) and then writes the layer.
+Writing after attending keeps the entries evicted at layer 0 readable by the later layers of the same forward; the
+page table and live flags it reads are copied before layer 0's write. One forward uses one protocol for all layers.
+
 Left padding: a model masks keys 0..pad_b-1 of row b, right only while those are the padding tokens, so the padding
 must never be evicted: ``mark_padding(attention_mask)`` before the first forward pins it (it counts towards the
 capacity). Without it the batch is taken as unpadded: a padded row is exact until its first eviction; afterwards
