@@ -12,8 +12,8 @@ CUDA: hidden 1024, 8 layers, 16 heads / 4 KV heads, prompt 256 + 768 new (capaci
 Providers (roles in harness.py): eager = the default dense DynamicCache (past_key_values=None);
 target = the eviction cache with SDPA (its update gathers the kept entries for every layer);
 trajops_paged (other) = the same cache with attn_implementation="trajops_paged" (the attention reads the page
-pools, no gather; trajops/hf_attention.py), the same weights. Peak memory is the harness's: bytes above the level at the start of
-the call, so the caches' growth (dense) or pools (eviction) and activations, not the weights.
+pools, no gather; trajops/hf_attention.py), the same weights. Peak memory is the harness's: bytes above the level
+at the start of the call, so the caches' growth (dense) or pools (eviction) and activations, not the weights.
 tokens/s = B * new tokens / median time; the case label carries the token count.
 """
 from __future__ import annotations
