@@ -10,8 +10,10 @@ CUDA: hidden 1024, 8 layers, 16 heads / 4 KV heads, prompt 256 + 768 new (capaci
 (The padded prompt must fit the capacity: the cache pins the padding, see trajops.hf.)
 
 Providers (roles in harness.py): eager = the default dense DynamicCache (past_key_values=None);
-target = the eviction cache. Peak memory is the harness's: bytes above the level at the start of
-the call, so the caches' growth (dense) or pools (eviction) and activations, not the weights.
+target = the eviction cache with SDPA (its update gathers the kept entries for every layer);
+trajops_paged (other) = the same cache with attn_implementation="trajops_paged" (the attention reads the page
+pools, no gather; trajops/hf_attention.py), the same weights. Peak memory is the harness's: bytes above the level
+at the start of the call, so the caches' growth (dense) or pools (eviction) and activations, not the weights.
 tokens/s = B * new tokens / median time; the case label carries the token count.
 """
 from __future__ import annotations
@@ -23,11 +25,11 @@ from harness import Case, Context, Provider
 OP = "hf_generate"
 
 
-def _model(cfg_kw, dtype, device):
+def _model(cfg_kw, dtype, device, attn="sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**cfg_kw, attn_implementation="sdpa")
+    torch.manual_seed(0)  # the same weights for every attention implementation
+    cfg = LlamaConfig(**cfg_kw, attn_implementation=attn)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval(), cfg
 
 
@@ -51,6 +53,7 @@ def benchmarks(ctx: Context):
         prompt, new = 16, 48
     cfg_kw.update(pad_token_id=0, eos_token_id=None, bos_token_id=None)
     model, cfg = _model(cfg_kw, dtype, dev)
+    paged_model, paged_cfg = _model(cfg_kw, dtype, dev, attn="trajops_paged")  # registered by trajops.hf
     B = 2
     capacity = (prompt + new) // 4
     gen = torch.Generator().manual_seed(1)
@@ -71,6 +74,12 @@ def benchmarks(ctx: Context):
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
 
+    def paged(*_):
+        cache = TrajectoryEvictionCache(paged_cfg, capacity, max_batch_size=B, device=dev,
+                                        dtype=dtype).mark_padding(mask)
+        with torch.no_grad():
+            return paged_model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+
     toks = B * new
     case = Case(OP, f"LlamaForCausalLM {cfg.num_hidden_layers}L h={cfg.hidden_size} B={B} prompt={prompt} "
                     f"new={new} ({toks} tokens) capacity={capacity}", dtype, lambda: (), modes=("fwd",),
@@ -82,5 +91,8 @@ def benchmarks(ctx: Context):
         Provider("trajops", f"TrajectoryEvictionCache @ 25% (capacity {capacity})", evicting, role="target",
                  note="model.generate(..., past_key_values=TrajectoryEvictionCache(cfg, capacity).mark_padding(mask)); "
                       "the cache is built inside the timed call"),
+        Provider("trajops_paged", "TrajectoryEvictionCache @ 25% + attn 'trajops_paged'", paged,
+                 note="as trajops, on a model with attn_implementation='trajops_paged': the attention reads the "
+                      "page pools (paged_temperature_attention + causal new tokens, lse merge), no gather"),
     ]
     return [(case, provs)]

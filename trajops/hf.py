@@ -11,6 +11,9 @@ invariant). This module only maps the Cache API onto the engine: ``get_seq_lengt
 counting past the capacity), ``get_mask_sizes(q) = (live + q, 0)``, ``get_query_offset() = live``, beam search's
 ``reorder_cache`` / ``batch_select_indices`` / ``batch_repeat_interleave`` = row selection (copies the pools).
 
+Attention on the pages: with ``attn_implementation="trajops_paged"`` (registered here, see trajops/hf_attention.py)
+the attention reads the pools directly and ``update`` returns only the new tokens: no per-layer gather + cat.
+
 Limits: full-attention decoder models only (no sliding-window / hybrid layer types); no ``crop`` (assisted
 decoding, DoLa-style rollbacks); not ``torch.compile``-able (the per-forward bookkeeping is Python).
 Supported transformers: ``SUPPORTED_TRANSFORMERS``, checked at import (ImportError naming the range otherwise).
@@ -54,9 +57,12 @@ except ImportError as exc:
     raise ImportError(f"trajops.hf needs the `transformers` package ({SUPPORTED_TRANSFORMERS}): pip install trajops[hf]"
                       ) from exc
 
+from .hf_attention import PAGED_ATTENTION, register_paged_attention, tag_keys  # noqa: E402
 from .kv_forward import ForwardKVCache, TrajectoryFn  # noqa: E402
 
-__all__ = ["TrajectoryEvictionCache", "SUPPORTED_TRANSFORMERS"]
+register_paged_attention()  # attn_implementation="trajops_paged" works once trajops.hf is imported
+
+__all__ = ["TrajectoryEvictionCache", "SUPPORTED_TRANSFORMERS", "PAGED_ATTENTION", "register_paged_attention"]
 
 
 class _EvictionLayer(CacheLayerMixin):
@@ -106,6 +112,9 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
         capacity, max_batch_size, page_size, alpha, decay, device, dtype, trajectory_fn, sinks: as
             :class:`~trajops.kv_forward.ForwardKVCache` (max_batch_size: generate's batch * num_beams must fit).
         traj_dim: size of the trajectory (default: the head dim).
+        paged_attention: read the pools in the attention instead of returning the gathered old entries (see
+            trajops/hf_attention.py). None (default): when ``config._attn_implementation == "trajops_paged"``,
+            read at every forward (so ``model.set_attn_implementation`` is followed if ``config`` is the model's).
     """
 
     is_compileable = is_croppable = False
@@ -113,7 +122,10 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
     def __init__(self, config, capacity: int, *, max_batch_size: int = 8, page_size: int = 16, alpha: float = 0.7,
                  decay: float = 0.1, device: Optional[Union[str, torch.device]] = None,
                  dtype: Optional[torch.dtype] = None, trajectory_fn: Optional[TrajectoryFn] = None,
-                 traj_dim: Optional[int] = None, sinks: int = 0) -> None:
+                 traj_dim: Optional[int] = None, sinks: int = 0, paged_attention: Optional[bool] = None) -> None:
+        if paged_attention not in (None, True, False):
+            raise TypeError(f"TrajectoryEvictionCache: paged_attention must be None, True or False, got "
+                            f"{paged_attention!r}")
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -127,6 +139,7 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
             traj_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
             if traj_dim is None:
                 raise ValueError("TrajectoryEvictionCache: traj_dim is needed (the config has no head_dim)")
+        self._text_config, self._paged_attention = text, paged_attention
         Cache.__init__(self, layers=[_EvictionLayer(self, i) for i in range(num_layers)])
         ForwardKVCache.__init__(self, num_layers, capacity, traj_dim, max_batch_size=max_batch_size,
                                 page_size=page_size, alpha=alpha, decay=decay, device=device, dtype=dtype,
@@ -146,8 +159,22 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
     # ------------------------------------------------------------------ Cache API
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args,
                **kwargs) -> Tuple[Tensor, Tensor]:
-        """(entries live before this forward, in position order) ++ (this forward's), on dim -2; see ForwardKVCache."""
+        """(entries live before this forward, in position order) ++ (this forward's), on dim -2; see ForwardKVCache.
+
+        With paged attention (see the class args): stages the layer and returns only this forward's K/V, the keys
+        tagged for the "trajops_paged" attention, which attends over the pools and then writes the layer.
+        """
+        if self.uses_paged_attention:
+            self.stage(key_states, value_states, layer_idx)
+            return tag_keys(self, key_states), value_states
         return ForwardKVCache.update(self, key_states, value_states, layer_idx)
+
+    @property
+    def uses_paged_attention(self) -> bool:
+        """Whether forwards use the paged protocol (stage + attend in the attention) rather than the gather."""
+        if self._paged_attention is not None:
+            return self._paged_attention
+        return getattr(self._text_config, "_attn_implementation", None) == PAGED_ATTENTION
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Logical tokens seen per row (evicted ones included): generate derives positions from it."""

@@ -13,6 +13,12 @@ the next forward sees. Every row holds ``live = min(seen, capacity)`` entries (a
 evict only to stay at capacity), so a mask over ``live + n`` keys with the queries at offset ``live`` is exact;
 ``seen`` counts every token (positions keep counting past the capacity).
 
+The paged protocol (no gather): per layer, ``stage(k, v, layer)`` then ``attend(q, layer, scale, attn_mask)``,
+which attends over the same keys as :meth:`update` returns (old entries read from the page pools via
+``trajops::paged_temperature_attention``, the new tokens causally; trajops/kv_attention.py) and then writes the layer.
+Writing after attending keeps the entries evicted at layer 0 readable by the later layers of the same forward; the
+page table and live flags it reads are copied before layer 0's write. One forward uses one protocol for all layers.
+
 Left padding: a model masks keys 0..pad_b-1 of row b, right only while those are the padding tokens, so the padding
 must never be evicted: ``mark_padding(attention_mask)`` before the first forward pins it (it counts towards the
 capacity). Without it the batch is taken as unpadded: a padded row is exact until its first eviction; afterwards
@@ -111,6 +117,9 @@ class ForwardKVCache:
         self._old: Optional[Tensor] = None  # (B, live) physical slots of the entries live before this forward
         self._traj: Optional[Tensor] = None  # (B, n, traj_dim) trajectories of the forward in flight
         self._pin: Optional[Tensor] = None  # (B, n) bool pinned tokens of the prefill
+        self._paged = False  # this forward uses stage + attend
+        self._staged: Optional[Tuple[int, Tensor, Tensor]] = None  # (layer, keys, values) awaiting attend
+        self._paged_view: Optional[Tuple[Tensor, Tensor]] = None  # (page_table, live) before this forward
 
     def _lazy_init(self, key_states: Tensor) -> None:
         if self.store is not None:
@@ -170,21 +179,99 @@ class ForwardKVCache:
 
         key_states, value_states: (B, num_kv_heads, n, head_dim). Layers come in order 0, 1, ... in each forward.
         """
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise IndexError(f"{type(self).__name__}.update: layer_idx must be in [0, {self.num_layers}), got "
-                             f"{layer_idx}")
-        if key_states.dim() != 4 or value_states.shape != key_states.shape:
-            raise ValueError(f"{type(self).__name__}.update: key_states and value_states must both be (B, "
-                             f"num_kv_heads, n, head_dim), got {list(key_states.shape)} and {list(value_states.shape)}")
-        if layer_idx != self._next_layer:
-            raise RuntimeError(f"{type(self).__name__}.update: expected layer {self._next_layer} next (layers are "
-                               f"updated in order within a forward), got {layer_idx}")
-        if layer_idx == 0:
-            self._begin_forward(key_states, value_states)
-        elif tuple(key_states.shape[::2]) != (self._old.shape[0], self._n):
-            raise ValueError(f"{type(self).__name__}.update: layer {layer_idx} got (B, n) = "
-                             f"{tuple(key_states.shape[::2])}, layer 0 had {(self._old.shape[0], self._n)}")
+        self._begin_layer(key_states, value_states, layer_idx, paged=False)
         old_k, old_v = self.store.read_slots(layer_idx, self._old)  # before this layer's write reuses evicted slots
+        self._write_layer(layer_idx, key_states, value_states)
+        dt = key_states.dtype
+        return torch.cat([old_k.to(dt), key_states], dim=-2), torch.cat([old_v.to(dt), value_states], dim=-2)
+
+    # ------------------------------------------------------------------ paged protocol: stage, then attend
+    def stage(self, key_states: Tensor, value_states: Tensor, layer_idx: int) -> None:
+        """The paged alternative to :meth:`update`: hold this forward's K/V of one layer until :meth:`attend`.
+
+        key_states, value_states: (B, num_kv_heads, n, head_dim). Nothing is gathered; the layer is written to the
+        store by ``attend(query, layer_idx, ...)``, which must come before the next layer's ``stage``. One forward
+        uses either ``update`` or ``stage`` + ``attend`` for all its layers.
+        """
+        self._begin_layer(key_states, value_states, layer_idx, paged=True)
+        self._staged = (layer_idx, key_states, value_states)
+
+    def attend(self, query: Tensor, layer_idx: int, *, scale: Optional[float] = None,
+               attn_mask: Optional[Tensor] = None) -> Tensor:
+        """Attention (tau = 1) of the staged layer's queries over the entries live before this forward ++ the staged
+        tokens, read from the page pools; then writes the staged K/V. Equals attention over :meth:`update`'s output.
+
+        query: (B, Hq, n, head_dim), Hq a multiple of num_kv_heads. scale: default 1/sqrt(head_dim).
+        attn_mask: None (causal among the new tokens, every old entry visible) or bool (B, 1 or Hq, n, live + n),
+            True = attend, over the keys in :meth:`update`'s order (old in position order, then new). Old keys are
+            masked per key, as its last query row and head 0 say (a key-padding mask: left padding, whose entries
+            stay live when pinned by :meth:`mark_padding`); the new keys take the mask as given.
+        Returns (B, Hq, n, head_dim) in query's dtype. Inference only (the paged op has no backward).
+        """
+        from .kv_attention import attend_old_and_new  # the attention math lives next door
+
+        name = f"{type(self).__name__}.attend"
+        if self._staged is None or self._staged[0] != layer_idx:
+            raise RuntimeError(f"{name}: layer {layer_idx} was not staged (call stage(k, v, {layer_idx}) first)")
+        _, keys, values = self._staged
+        if query.dim() != 4 or query.shape[0] != keys.shape[0] or query.shape[2] != keys.shape[2] \
+                or query.shape[3] != keys.shape[3] or query.shape[1] % keys.shape[1]:
+            raise ValueError(f"{name}: query must be (B, Hq, n, head_dim) = ({keys.shape[0]}, a multiple of "
+                             f"{keys.shape[1]}, {keys.shape[2]}, {keys.shape[3]}), got {list(query.shape)}")
+        if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or tuple(
+                attn_mask.shape[::2]) != (keys.shape[0], keys.shape[2]) or attn_mask.shape[1] not in (1, query.shape[1])
+                or attn_mask.shape[3] != self._live + keys.shape[2]):
+            raise ValueError(f"{name}: attn_mask must be bool (B, 1 or Hq, n, live + n) = ({keys.shape[0]}, 1 or "
+                             f"{query.shape[1]}, {keys.shape[2]}, {self._live + keys.shape[2]}), got "
+                             f"{getattr(attn_mask, 'dtype', None)} {list(attn_mask.shape)}")
+        if layer_idx == 0:  # what every layer of this forward may read: the store before layer 0's write
+            self._paged_view = self._visible_before(attn_mask)
+        page_table, visible = self._paged_view
+        out = attend_old_and_new(query, self.store, layer_idx, page_table, visible, keys, values,
+                                 has_old=self._live > 0, scale=scale,
+                                 new_mask=None if attn_mask is None else attn_mask[..., self._live:])
+        self._staged = None
+        self._write_layer(layer_idx, keys, values)
+        return out
+
+    def _visible_before(self, attn_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(page_table (B, MP), live (P, S) bool): the pages and live entries before this forward, the old keys the
+        mask hides removed. Copies: layer 0's append may evict, free and reuse pages before the later layers read."""
+        store, B, live = self.store, self._rows, self._live
+        visible = store.live_pool.clone()
+        if attn_mask is not None and live:
+            old = store.live_entries(B, live)[0]  # (B, live) physical slots in the mask's key order
+            hidden = ~attn_mask[:, 0, -1, :live]
+            flat = torch.ones(visible.numel() + 1, dtype=torch.bool, device=store.device)  # [0]: spare, for no-ops
+            flat[torch.where(hidden & (old >= 0), old + 1, 0)] = False
+            visible &= flat[1:].view_as(visible)
+        return store.page_table[:B].clone(), visible
+
+    def _begin_layer(self, key_states: Tensor, value_states: Tensor, layer_idx: int, paged: bool) -> None:
+        name = f"{type(self).__name__}.{'stage' if paged else 'update'}"
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"{name}: layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
+        if key_states.dim() != 4 or value_states.shape != key_states.shape:
+            raise ValueError(f"{name}: key_states and value_states must both be (B, num_kv_heads, n, head_dim), got "
+                             f"{list(key_states.shape)} and {list(value_states.shape)}")
+        if paged and torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            raise RuntimeError(f"{name}: the paged path is inference only (no backward): run under torch.no_grad() "
+                               "(or use update() / another attention implementation to train)")
+        if self._staged is not None:
+            raise RuntimeError(f"{name}: layer {self._staged[0]} was staged but never attended: with stage(), the "
+                               "attention must call attend() (for transformers: attn_implementation='trajops_paged')")
+        if layer_idx != self._next_layer:
+            raise RuntimeError(f"{name}: expected layer {self._next_layer} next (layers are updated in order within a "
+                               f"forward), got {layer_idx}")
+        if layer_idx == 0:
+            self._begin_forward(key_states, value_states, paged)
+        elif paged != self._paged:
+            raise RuntimeError(f"{name}: one forward uses update() or stage() + attend() for all its layers")
+        elif tuple(key_states.shape[::2]) != (self._rows, self._n):
+            raise ValueError(f"{name}: layer {layer_idx} got (B, n) = {tuple(key_states.shape[::2])}, layer 0 had "
+                             f"{(self._rows, self._n)}")
+
+    def _write_layer(self, layer_idx: int, key_states: Tensor, value_states: Tensor) -> None:
         self.store.append(layer_idx, key_states, value_states, self._traj, pin=self._pin if layer_idx == 0 else None)
         self._next_layer = layer_idx + 1
         if self._next_layer == self.num_layers:
@@ -192,10 +279,9 @@ class ForwardKVCache:
             self._live = min(self._live + self._n, self.capacity)
             self.store.step()
             self._next_layer = 0
-        dt = key_states.dtype
-        return torch.cat([old_k.to(dt), key_states], dim=-2), torch.cat([old_v.to(dt), value_states], dim=-2)
+            self._paged_view = None
 
-    def _begin_forward(self, keys: Tensor, values: Tensor) -> None:
+    def _begin_forward(self, keys: Tensor, values: Tensor, paged: bool) -> None:
         self._lazy_init(keys)
         store, (B, H, n, D) = self.store, keys.shape
         if (H, D) != (store.num_kv_heads, store.head_dim):
@@ -224,8 +310,9 @@ class ForwardKVCache:
                                  f"(B, n, traj_dim) = ({B}, {n}, {self.traj_dim})")
             traj = given.to(device=store.device, dtype=torch.float32)
         self._pin = self._prefill_pin(B, n) if self._seen == 0 else None
-        self._old = store.live_entries(B, self._live)[0]  # every row has exactly `live` entries: no sync
-        self._traj, self._n, self._rows = traj, n, B
+        # every row has exactly `live` entries: no sync; the paged path reads the pools instead
+        self._old = None if paged else store.live_entries(B, self._live)[0]
+        self._traj, self._n, self._rows, self._paged = traj, n, B, paged
 
     def _prefill_pin(self, B: int, n: int) -> Optional[Tensor]:
         """(B, n) bool: the prefill's padding and its first ``sinks`` real tokens per row (None if nothing to pin)."""
@@ -252,7 +339,7 @@ class ForwardKVCache:
 
         indices: (B',) integer row ids, or a (B,) bool mask over the current rows.
         """
-        if self._next_layer:
+        if self._next_layer or self._staged is not None:
             raise RuntimeError(f"{type(self).__name__}: cannot select rows in the middle of a forward")
         indices = indices if isinstance(indices, Tensor) else torch.as_tensor(indices)
         if indices.dtype == torch.bool:
