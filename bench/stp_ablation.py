@@ -16,7 +16,7 @@ STP term during training, and the median step time (forward + backward + AdamW).
 the STP term itself (forward + backward on three layers of the step's shape).
 
 Writes bench/results/stp-ablation-cpu.{json,md,png}; re-running resumes from the json (same config only).
-Usage: python bench/stp_ablation.py [--steps 30] [--only baseline --only n3] [--fresh]
+Usage: python bench/stp_ablation.py [--steps 60] [--only baseline --only n3] [--fresh]
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def write_report(res: Dict[str, object], stem: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--pairs", type=int, default=6, help="interleaved with/without-STP timing pairs (0 = skip)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=48)
@@ -319,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("only", "fresh", "out", "pairs")}
     config["note"] = (
         f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32), CPU, torch threads {args.threads} on a 2-core machine "
-        f"shared with other jobs (timings are contended). Text: the Python stdlib sources ({args.text_bytes} bytes, "
+        f"(step times compare only on an otherwise idle machine). Text: the Python stdlib sources ({args.text_bytes} bytes, "
         f"SmolLM2 tokenizer), 90/10 split by offset (files in sorted order). {args.steps} AdamW steps (lr {args.lr}) "
         f"of {args.batch}x{args.seq} tokens, identical batches for every run; trained: decoder layers "
         f"{args.first_trained}..{args.n_layers - 1} + final norm (embeddings/LM head and lower layers frozen; their "
