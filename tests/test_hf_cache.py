@@ -11,6 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from conftest import left_padded_prompt  # noqa: E402
+
 from trajops.hf import TrajectoryEvictionCache  # noqa: E402
 
 PROMPT = [7, 4]  # real tokens per row; row 1 is left padded to 7
@@ -30,14 +32,7 @@ def tiny_model(attn: str):
 
 
 def padded_prompt():
-    g = torch.Generator().manual_seed(1)
-    T = max(PROMPT)
-    ids = torch.randint(1, 128, (len(PROMPT), T), generator=g)
-    mask = torch.ones(len(PROMPT), T, dtype=torch.long)
-    for b, n in enumerate(PROMPT):
-        mask[b, : T - n] = 0
-        ids[b, : T - n] = 0
-    return ids, mask
+    return left_padded_prompt(PROMPT)
 
 
 def greedy(model, ids, mask, new, **kw):

