@@ -9,6 +9,17 @@ import torch
 
 import trajops
 
+# Hypothesis: derandomized by default, so that a run (CI's above all) is reproducible and cannot go
+# red on a draw no earlier run made; TRAJOPS_HYPOTHESIS_PROFILE=explore draws fresh examples.
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    _hypothesis_settings = None
+if _hypothesis_settings is not None:
+    _hypothesis_settings.register_profile("reproducible", derandomize=True)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("TRAJOPS_HYPOTHESIS_PROFILE", "reproducible"))
+
 CPU_BACKEND = trajops.backends()["cpu"]  # "cpp", "reference" or "triton-interpreter"
 INTERPRETER = CPU_BACKEND == "triton-interpreter"
 
