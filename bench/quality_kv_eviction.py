@@ -411,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--context", type=int, default=512, help="tokens per sequence (C)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward; evictions happen between forwards")
     p.add_argument("--segments", type=int, default=3, help="held-out text windows")
-    p.add_argument("--trials", type=int, default=6, help="passkey prompts")
+    p.add_argument("--trials", type=int, default=12, help="passkey prompts")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--out", default=None, help="directory of the reports (default bench/results; --quick: none)")
