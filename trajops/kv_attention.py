@@ -24,12 +24,9 @@ from torch import Tensor
 
 from .ops import paged_temperature_attention as _paged  # noqa: F401  (registers trajops::paged_temperature_attention)
 from .ops.temperature_attention import temperature_attention
+from .reference._common import compute_dtype as _compute_dtype
 
 __all__ = ["attend_old_and_new", "merge_by_lse"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def merge_by_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:

@@ -6,8 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.stp_inject import stp_inject
-from .stp_loss import _check_weight
+from ..ops.stp_inject import nonnegative_number, stp_inject
 
 __all__ = ["STPInject"]
 
@@ -41,8 +40,8 @@ class STPInject(nn.Module):
             raise ValueError(f"STPInject: n_spans must be an int >= 1, got {n_spans!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"STPInject: start_step must be an int >= 0, got {start_step!r}")
-        self.weight = _check_weight("STPInject", weight)
-        self.scale = _check_weight("STPInject", scale, "scale")
+        self.weight = nonnegative_number("STPInject", "weight", weight)
+        self.scale = nonnegative_number("STPInject", "scale", scale)
         self.n_spans = n_spans
         self.start_step = start_step
         self.last_loss = None

@@ -1,13 +1,14 @@
 """STPLoss: the training policy around trajops.stp_loss (which layers, how strong, from when)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..ops.stp_inject import nonnegative_number
 from ..ops.stp_loss import stp_loss
+from ..reference._common import compute_dtype
 
 __all__ = ["STPLoss", "STP_CONFIG_DEFAULTS", "parse_stp_config"]
 
@@ -20,16 +21,6 @@ STP_CONFIG_DEFAULTS: Dict[str, Any] = {
     "stp_n_spans": 4,
     "stp_layers": "4,8,12",
 }
-
-
-def _check_weight(where: str, weight, name: str = "weight") -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(f"{where}: {name} must be a real number, got {type(weight).__name__}")
-    weight = float(weight)
-    if not math.isfinite(weight) or weight < 0:
-        # A negative weight would reward curvature; NaN/Inf would poison every gradient.
-        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {weight!r}")
-    return weight
 
 
 def _parse_int(where: str, key: str, value, low: int) -> int:
@@ -91,7 +82,7 @@ def parse_stp_config(mapping: Mapping[str, Any], *, num_hidden_states: Optional[
     if not isinstance(cfg["stp_enabled"], bool):
         # A string "false" is truthy: refuse it rather than turn STP on by accident.
         raise TypeError(f"{where}: stp_enabled must be a bool, got {cfg['stp_enabled']!r}")
-    weight = _check_weight(where, cfg["stp_weight"], "stp_weight")
+    weight = nonnegative_number(where, "stp_weight", cfg["stp_weight"])
     if num_hidden_states is not None:
         _parse_int(where, "num_hidden_states", num_hidden_states, 1)
     return {
@@ -135,7 +126,7 @@ class STPLoss(nn.Module):
         enabled: bool = True,
     ):
         super().__init__()
-        weight = _check_weight("STPLoss", weight)
+        weight = nonnegative_number("STPLoss", "weight", weight)
         if isinstance(n_spans, bool) or not isinstance(n_spans, int) or n_spans < 1:
             raise ValueError(f"STPLoss: n_spans must be an int >= 1, got {n_spans!r}")
         layers = tuple(layers)
@@ -200,7 +191,7 @@ class STPLoss(nn.Module):
         if step is None and self.training:
             self.step += 1
         if not self.enabled or current < self.start_step:
-            acc = torch.float64 if selected[0].dtype == torch.float64 else torch.float32
+            acc = compute_dtype(selected[0].dtype)
             # A sum over an empty slice: exactly 0 (even if h holds NaN) and still part of the graph.
             return sum(h.narrow(1, 0, 0).sum(dtype=acc) for h in selected) * self.weight
         return self.weight * stp_loss(selected, self.n_spans, triples=triples, lengths=lengths, generator=generator)

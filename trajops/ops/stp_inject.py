@@ -43,12 +43,14 @@ class _AttachLossGrad(torch.autograd.Function):
         return grad_out, torch.full((), ctx.coef, dtype=ctx.loss_dtype, device=grad_out.device), None
 
 
-def _check_number(name: str, value, *, allow_zero: bool = True) -> float:
+def nonnegative_number(where: str, name: str, value) -> float:
+    """``value`` as a float if it is a real number, finite and >= 0 (an STP weight or scale), else a named error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"stp_inject: {name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{where}: {name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"stp_inject: {name} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        # A negative weight would reward curvature; NaN/Inf would poison every gradient.
+        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
     return value
 
 
@@ -115,8 +117,8 @@ def stp_inject(
         raise TypeError(f"stp_inject: hidden must be a (B, T, D) tensor, got {type(hidden).__name__}")
     if hidden.dim() != 3:
         raise ValueError(f"stp_inject: hidden must have shape (B, T, D), got shape {list(hidden.shape)}")
-    weight = _check_number("weight", weight)
-    scale = _check_number("scale", scale)
+    weight = nonnegative_number("stp_inject", "weight", weight)
+    scale = nonnegative_number("stp_inject", "scale", scale)
     if isinstance(n_spans, bool) or not isinstance(n_spans, int) or n_spans < 1:
         raise ValueError(f"stp_inject: n_spans must be an int >= 1, got {n_spans!r}")
     coef = weight * scale
