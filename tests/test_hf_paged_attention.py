@@ -203,6 +203,23 @@ def test_attend_of_rows_without_any_key_is_zero_not_nan():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_attend_refuses_a_mask_that_differs_between_queries_over_old_entries():
+    """The paged op masks old entries per key: a per-query (or per-head) pattern there must not be read from one row."""
+    c = ForwardKVCache(1, 8, 4)
+    k, v, q = _kv(1, 1, 3, 4, 0, torch.float32)
+    c.stage(k, v, 0)
+    c.attend(q, 0)  # 3 old entries now
+    k, v, q = _kv(1, 1, 2, 4, 1, torch.float32)
+    mask = torch.ones(1, 1, 2, 5, dtype=torch.bool).tril(3)
+    mask[0, 0, 0, 1] = False  # only the first query hides old entry 1
+    c.stage(k, v, 0)
+    with pytest.raises(NotImplementedError, match="differs between queries or heads"):
+        c.attend(q, 0, attn_mask=mask)
+    mask[0, 0, 1, 1] = False  # the same key hidden for every query: a key-padding pattern, accepted
+    out = c.attend(q, 0, attn_mask=mask)
+    assert out.shape[2:] == (2, 4) and torch.isfinite(out).all()
+
+
 def test_protocol_errors():
     c = ForwardKVCache(2, 4, 4)
     k, v, q = _kv(1, 1, 2, 4, 0, torch.float32)

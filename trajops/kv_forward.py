@@ -204,8 +204,10 @@ class ForwardKVCache:
         query: (B, Hq, n, head_dim), Hq a multiple of num_kv_heads. scale: default 1/sqrt(head_dim).
         attn_mask: None (causal among the new tokens, every old entry visible) or bool (B, 1 or Hq, n, live + n),
             True = attend, over the keys in :meth:`update`'s order (old in position order, then new). Old keys are
-            masked per key, as its last query row and head 0 say (a key-padding mask: left padding, whose entries
-            stay live when pinned by :meth:`mark_padding`); the new keys take the mask as given.
+            masked per key (a key-padding mask: left padding, whose entries stay live when pinned by
+            :meth:`mark_padding`); the new keys take the mask as given. A mask whose old-entry part differs between
+            queries or heads raises NotImplementedError (checked at layer 0 when n > 1 or the mask has Hq heads:
+            one host read per prefill; a decode step's (B, 1, 1, live + 1) mask has nothing to compare).
         Returns (B, Hq, n, head_dim) in query's dtype. Inference only (the paged op has no backward).
         """
         from .kv_attention import attend_old_and_new  # the attention math lives next door
@@ -240,8 +242,15 @@ class ForwardKVCache:
         store, B, live = self.store, self._rows, self._live
         visible = store.live_pool.clone()
         if attn_mask is not None and live:
+            part = attn_mask[..., :live]
+            # the paged op masks per key: refuse a mask it would silently read from one query row only
+            if (part.shape[1] > 1 or part.shape[2] > 1) and not bool((part == part[:, :1, -1:]).all()):
+                raise NotImplementedError(
+                    f"{type(self).__name__}.attend: attn_mask differs between queries or heads over the old entries; "
+                    "the paged path masks old entries per key only (key padding). Use update() (the gather path) or "
+                    "another attention implementation for such masks")
             old = store.live_entries(B, live)[0]  # (B, live) physical slots in the mask's key order
-            hidden = ~attn_mask[:, 0, -1, :live]
+            hidden = ~part[:, 0, -1]
             flat = torch.ones(visible.numel() + 1, dtype=torch.bool, device=store.device)  # [0]: spare, for no-ops
             flat[torch.where(hidden & (old >= 0), old + 1, 0)] = False
             visible &= flat[1:].view_as(visible)
