@@ -21,7 +21,8 @@ live flags the forward reads are copies taken before layer 0's write.
 Masks: the name is registered in ``AttentionMaskInterface`` with transformers' ``sdpa_mask`` (a bool mask over
 [old in position order ++ new], the same as the gather path's, None when it is plain causal). The new tokens take
 it as given; the old entries per key (a key-padding mask: left padding, pinned by ``mark_padding``). A mask that
-differs between the queries of a row over the old entries (a custom 4-D mask) is not supported; float masks raise.
+differs between the queries of a row over the old entries (a custom 4-D mask) raises NotImplementedError;
+float masks raise TypeError.
 
 Fallback: when the key states are not tagged (``past_key_values`` is a ``DynamicCache``, None, or a
 ``TrajectoryEvictionCache`` built with ``paged_attention=False``), the call goes to transformers' SDPA attention
