@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import trajops
-from tests.conftest import INTERPRETER, assert_close
+from conftest import CPU_BACKEND, INTERPRETER, assert_close
 from trajops.varlen import cu_seqlens_from_lengths
 
 op = torch.ops.trajops.temperature_attention_varlen
@@ -123,6 +123,27 @@ def test_random_packings(seed):
 
 
 @needs_kernels
+def test_large_and_small_documents():
+    """The C++ kernel runs large documents (Lq * Lk * Hq >= 2**20) with every thread, one after the
+    other, and the small ones one per thread: both paths, forward and backward, in one call."""
+    big = 520 if CPU_BACKEND == "cpp" else 24  # the size only matters to the C++ kernel
+    lq, lk = [3, big, 0, 9, 1], [3, big, 2, 9, 4]
+    q, k, v, cu_q, cu_k = pack(lq, lk, 4, 2, D=8, Dv=8, seed=9)
+    tau = make_tau("qh", q.shape[0], 4)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, tau)]
+    out, lse = trajops.temperature_attention(*leaves, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                             return_lse=True)
+    oracle = [x.clone().requires_grad_() for x in (q, k, v, tau)]
+    want_out, want_lse = per_document(*oracle, cu_q, cu_k, True)
+    assert_close(out.detach(), want_out.detach())
+    assert_close(lse.detach(), want_lse.detach())
+    got = torch.autograd.grad(loss(out, lse), leaves)
+    want = torch.autograd.grad(loss(want_out, want_lse), oracle)
+    for a, e in zip(got, want):
+        assert_close(a, e)
+
+
+@needs_kernels
 def test_other_documents_never_matter():
     """NaN in one document's k/v/q rows: the other documents are exactly a clean run."""
     q, k, v, cu_q, cu_k = pack([2, 3], [4, 3], 2, 1)
@@ -148,6 +169,20 @@ def test_int64_offsets_and_noncontiguous():
     vn = torch.cat([v, v], -1)[..., ::2] * 0 + v
     got = trajops.temperature_attention(qn, k, vn, 0.8, cu_seqlens_q=cu_q.long(), cu_seqlens_k=cu_k.long())
     assert_close(got, want)
+
+
+def test_reference_document_mask_survives_corrupt_offsets():
+    """On CUDA the reference cannot read the offsets (no host sync): its document mask must index
+    nothing out of range whatever they hold (the outputs are then NaN by cu_seqlens_invalid)."""
+    from trajops.ops.temperature_attention_varlen import _allowed
+
+    want = torch.zeros(1, 1, 5, 7, dtype=torch.bool)
+    want[..., :2, :3] = torch.tensor([[True, True, False], [True, True, True]])  # causal, Lq=2, Lk=3
+    want[..., 2:, 3:] = torch.ones(3, 4, dtype=torch.bool).tril(1)
+    assert torch.equal(_allowed(torch.tensor([0, 2, 5]), torch.tensor([0, 3, 7]), 5, 7, True), want)
+    for cu_q, cu_k in [([0, 9, 2], [-4, 3, 7]), ([3, 1, 5], [0, 7, 70]), ([0, 5, 5], [0, 0, 0])]:
+        m = _allowed(torch.tensor(cu_q), torch.tensor(cu_k), 5, 7, True)
+        assert m.shape == (1, 1, 5, 7) and m.dtype == torch.bool
 
 
 # ---------------------------------------------------------------- autograd, opcheck, compile
