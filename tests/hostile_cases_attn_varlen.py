@@ -44,8 +44,8 @@ def _bad(name, expect, **over):
 
 
 I32 = torch.int32
-_bad("cu_q_decreasing", raises("cu_seqlens_q", also=("non-decreasing",)), cu_seqlens_q=torch.tensor([0, 4, 2, 5], dtype=I32),
-     cu_seqlens_k=torch.tensor([0, 3, 3, 7], dtype=I32))
+_bad("cu_q_decreasing", raises("cu_seqlens_q", also=("non-decreasing",)),
+     cu_seqlens_q=torch.tensor([0, 4, 2, 5], dtype=I32), cu_seqlens_k=torch.tensor([0, 3, 3, 7], dtype=I32))
 _bad("cu_q_negative_start", raises("cu_seqlens_q"), cu_seqlens_q=torch.tensor([-1, 2, 5], dtype=I32))
 _bad("cu_k_past_the_end", raises("cu_seqlens_k", also=("end at",)), cu_seqlens_k=torch.tensor([0, 3, 99], dtype=I32))
 _bad("cu_k_huge", raises("cu_seqlens_k"), cu_seqlens_k=torch.tensor([0, 2**40, 7], dtype=torch.int64))

@@ -21,7 +21,8 @@ from trajops.varlen import cu_seqlens_from_lengths
 op = torch.ops.trajops.temperature_attention_varlen
 op_backward = torch.ops.trajops.temperature_attention_varlen_backward
 
-_TRITON_MISSING = INTERPRETER and importlib.util.find_spec("trajops.triton_kernels.temperature_attention_varlen") is None
+_TRITON_MISSING = INTERPRETER and importlib.util.find_spec(
+    "trajops.triton_kernels.temperature_attention_varlen") is None
 needs_kernels = pytest.mark.skipif(_TRITON_MISSING, reason="Triton varlen attention lands with the vattnt branch")
 
 
@@ -277,7 +278,8 @@ def inputs(**over):
 
 I32 = torch.int32
 BAD = [
-    (lambda: dict(cu_seqlens_k=None), ValueError, "cu_seqlens_q and cu_seqlens_k must be given together.*only cu_seqlens_q"),
+    (lambda: dict(cu_seqlens_k=None), ValueError,
+     "cu_seqlens_q and cu_seqlens_k must be given together.*only cu_seqlens_q"),
     (lambda: dict(cu_seqlens_q=None), ValueError, "must be given together.*only cu_seqlens_k"),
     (lambda: dict(cu_seqlens_k=torch.tensor([0, 7], dtype=I32)), ValueError,
      "cu_seqlens_q and cu_seqlens_k must have one length N \\+ 1"),
@@ -286,16 +288,20 @@ BAD = [
     (lambda: dict(cu_seqlens_q=torch.tensor([1, 2, 5], dtype=I32)), ValueError, "cu_seqlens_q must start at 0"),
     (lambda: dict(cu_seqlens_k=torch.tensor([0, 3, 6], dtype=I32)), ValueError,
      "cu_seqlens_k must end at the number of packed tokens 7, got 6"),
-    (lambda: dict(cu_seqlens_q=torch.tensor([0.0, 2.0, 5.0])), TypeError, "cu_seqlens_q must be torch.int32 or torch.int64"),
-    (lambda: dict(cu_seqlens_k=torch.tensor([[0, 3, 7]], dtype=I32)), ValueError, r"cu_seqlens_k must have shape \(N \+ 1,\)"),
+    (lambda: dict(cu_seqlens_q=torch.tensor([0.0, 2.0, 5.0])), TypeError,
+     "cu_seqlens_q must be torch.int32 or torch.int64"),
+    (lambda: dict(cu_seqlens_k=torch.tensor([[0, 3, 7]], dtype=I32)), ValueError,
+     r"cu_seqlens_k must have shape \(N \+ 1,\)"),
     (lambda: dict(q=torch.randn(1, 2, 5, 4)), ValueError, r"q must have shape \(total, H, D\)"),
     (lambda: dict(k=torch.randn(7, 1, 5)), ValueError, "q and k must have one head size"),
     (lambda: dict(v=torch.randn(6, 1, 3)), ValueError, "k and v must have one number of packed tokens"),
-    (lambda: dict(q=torch.randn(5, 3, 4), k=torch.randn(7, 2, 4), v=torch.randn(7, 2, 3)), ValueError, "dividing q's Hq"),
+    (lambda: dict(q=torch.randn(5, 3, 4), k=torch.randn(7, 2, 4), v=torch.randn(7, 2, 3)), ValueError,
+     "dividing q's Hq"),
     (lambda: dict(q=torch.randn(5, 2, 4, dtype=torch.float64)), TypeError, "q, k and v must have one dtype"),
     (lambda: dict(tau=torch.ones(5, 3)), ValueError, r"tau must be broadcastable to \(total_q, Hq\) = \(5, 2\)"),
     (lambda: dict(tau=torch.ones(2, dtype=torch.int64)), TypeError, "tau must be a floating-point tensor"),
-    (lambda: dict(max_seqlen_q=2), ValueError, "max_seqlen_q must be at least the longest document's length 3, got 2"),
+    (lambda: dict(max_seqlen_q=2), ValueError,
+     "max_seqlen_q must be at least the longest document's length 3, got 2"),
     (lambda: dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be >= 0, got -1"),
     (lambda: dict(max_seqlen_q=2.5), TypeError, "max_seqlen_q must be an int or None"),
     (lambda: dict(scale=0.0), ValueError, "scale must be a finite number > 0"),

@@ -132,7 +132,9 @@ void for_each_document(const std::vector<int64_t>& offs_q, const std::vector<int
 }
 
 // Rows [start, start + len) of a packed (total, H, X) tensor as a (1, H, len, X) batch (a view).
-Tensor doc4(const Tensor& t, int64_t start, int64_t len) { return t.narrow(0, start, len).transpose(0, 1).unsqueeze(0); }
+Tensor doc4(const Tensor& t, int64_t start, int64_t len) {
+  return t.narrow(0, start, len).transpose(0, 1).unsqueeze(0);
+}
 
 // Rows [start, start + len) of a (total, H) tensor as (1, H, len) (a view).
 Tensor doc3(const Tensor& t, int64_t start, int64_t len) { return t.narrow(0, start, len).t().unsqueeze(0); }

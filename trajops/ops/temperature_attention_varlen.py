@@ -24,7 +24,7 @@ a causal row that sees none, gives out 0 and lse -inf.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
