@@ -17,6 +17,12 @@ Providers (roles in harness.py):
   target    trajops;
   roofline  a matmul with the FLOPs of an ideal flash kernel (these shapes are compute-bound);
             for decode, which is memory-bound, k.clone() (the bytes of reading k and v).
+
+Packed case (issue 17): N causal documents of random lengths, the same tokens packed
+(cu_seqlens, trajops' varlen path: the target) and padded to the longest document (trajops' dense op
+with a (B, Tk) key-padding mask, role eager, so that trajops/eager is packed / padded), plus SDPA
+run on each document alone (role other). Every provider returns the (total, H, D) rows of the real
+tokens (the padded one gathers them back: the unpadding a padded pipeline pays).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 
 import trajops
 from harness import Case, Context, Provider
+from trajops.varlen import cu_seqlens_from_lengths
 
 OP = "temperature_attention"
 
@@ -263,4 +270,72 @@ def benchmarks(ctx: Context):
         else:
             provs.append(_flop_roofline({m: flops[m] for m in ("fwd", "fwd+bwd")}, dtype, dev))
         items.append((case, provs))
+    items.append(packed_case(ctx))
     return items
+
+
+def packed_case(ctx: Context):
+    """(Case, [Provider]): packed documents vs the same tokens padded (see the module docstring)."""
+    dev = ctx.device
+    cuda = dev.type == "cuda"
+    H, D = (2, 16) if ctx.quick else (16, 128) if cuda else (8, 64)
+    n_docs, lo, hi = (3, 4, 32) if ctx.quick else (16, 128, 4096) if cuda else (8, 64, 1024)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator().manual_seed(17)
+    lengths = torch.randint(lo, hi + 1, (n_docs,), generator=gen)
+    lengths[0] = hi  # the longest document sets the padded length
+    total, T = int(lengths.sum()), hi
+    cu = cu_seqlens_from_lengths(lengths).to(dev)
+    # valid[b, t]: token t of padded row b is real; packed token i sits at (b, t) = rows[i], cols[i]
+    valid = (torch.arange(T)[None, :] < lengths[:, None]).to(dev)
+    scale = 1.0 / math.sqrt(D)
+
+    def make():
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(total, H, D, generator=g, device=dev).to(dtype) for _ in range(3))
+        tau = 0.5 + torch.rand(total, H, generator=g, device=dev)
+        return q, k, v, tau
+
+    def pad(x):  # (total, H, ...) -> (B, H, T, ...), zeros in the padding
+        out = x.new_zeros((n_docs, T) + tuple(x.shape[1:]))
+        out[valid] = x
+        return out.transpose(1, 2)
+
+    def packed(q, k, v, tau):
+        return trajops.temperature_attention(q, k, v, tau, causal=True, scale=scale, cu_seqlens_q=cu,
+                                             cu_seqlens_k=cu, max_seqlen_q=hi, max_seqlen_k=hi)
+
+    def padded(q, k, v, tau):
+        tau_p = pad(tau.unsqueeze(-1)).squeeze(-1) + (~valid)[:, None, :].to(tau.dtype)  # tau 1 on padding
+        out = trajops.temperature_attention(pad(q), pad(k), pad(v), tau_p, causal=True, attn_mask=valid,
+                                            scale=scale)
+        return out.transpose(1, 2)[valid]
+
+    bounds = cu.tolist()
+
+    def per_doc_sdpa(q, k, v, tau):
+        outs = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            qd = (q[s:e] / tau[s:e, :, None]).to(q.dtype).transpose(0, 1)
+            outs.append(F.scaled_dot_product_attention(qd, k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                                       is_causal=True, scale=scale).transpose(0, 1))
+        return torch.cat(outs)
+
+    pairs = sum(int(n) * (int(n) + 1) // 2 for n in lengths)
+    modes = ("fwd", "fwd+bwd")
+    case = Case(OP, f"packed N={n_docs} H={H} D={D} total={total} (padded T={T}) causal", dtype, make,
+                info={"N": n_docs, "H": H, "D": D, "lengths": lengths.tolist(), "total": total, "padded_T": T,
+                      "causal": True, "scale": scale, "tau_shape": [total, H],
+                      "flops": {"fwd": 4 * H * D * pairs, "fwd+bwd": 14 * H * D * pairs}},
+                modes=modes)
+    backend = trajops.backends()[dev.type]
+    provs = [
+        Provider("padded", "trajops padded + key-padding mask", padded, role="eager",
+                 note=f"the same tokens padded to (B={n_docs}, T={T}) (copies timed), dense trajops with a (B, Tk) "
+                      "key-padding mask and causal, real rows gathered back: trajops/eager is packed / padded"),
+        Provider("sdpa_docs", "SDPA per document", per_doc_sdpa, role="other",
+                 note="a Python loop of sdpa(q_j / tau_j, k_j, v_j, is_causal) over the documents, torch.cat"),
+        Provider("trajops", f"trajops packed ({backend})", packed, role="target",
+                 note="cu_seqlens_q = cu_seqlens_k, max_seqlen given (no sync), tau (total, H) fp32"),
+    ]
+    return case, provs

@@ -56,4 +56,11 @@ TORCH_LIBRARY(trajops, m) {
       "temperature_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor tau, Tensor? attn_mask, bool causal, float? scale, Tensor out, Tensor lse) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "temperature_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor tau, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float? scale) -> (Tensor, Tensor)");
+  m.def(
+      "temperature_attention_varlen_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor tau, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
+      "float? scale, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor)");
 }

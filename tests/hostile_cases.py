@@ -34,8 +34,8 @@ import torch
 ARG_ERRORS = ("ValueError", "TypeError", "IndexError")  # what a bad argument raises (torch._check_* too)
 ANY_ERROR = ARG_ERRORS + ("RuntimeError",)
 CASE_MODULES = ("hostile_cases_issue", "hostile_cases_kv", "hostile_cases_kv_evict", "hostile_cases_paged",
-                "hostile_cases_attn", "hostile_cases_flow", "hostile_cases_stp", "hostile_cases_ape",
-                "hostile_cases_stp_inject")
+                "hostile_cases_attn", "hostile_cases_attn_varlen", "hostile_cases_flow", "hostile_cases_stp",
+                "hostile_cases_ape", "hostile_cases_stp_inject")
 
 
 class WrongResult(Exception):

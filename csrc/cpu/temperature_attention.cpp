@@ -49,6 +49,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "temperature_attention.h"
 
 namespace trajops {
 namespace {
@@ -240,7 +241,10 @@ Tensor prescaled_q(const Plan& p) {
   return (p.q.to(p.c.scalar_type()) * p.c_kernel.unsqueeze(-1)).to(p.q.scalar_type());
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------- kernels
+// Not static: temperature_attention_varlen.cpp runs them on each document (declared in the header).
 std::tuple<Tensor, Tensor> temperature_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& tau, const OptTensor& attn_mask, bool causal,
                                                      c10::optional<double> scale) {
@@ -350,8 +354,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_backward_cpu(
   }
   return {dq.to(q.scalar_type()).contiguous(), dk, dv, dtau};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(trajops, CPU, m) {
   m.impl("temperature_attention", &temperature_attention_cpu);

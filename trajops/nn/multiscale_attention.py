@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.temperature_attention import temperature_attention
 from ..reference.temperature_attention import rows_with_keys
+from ..varlen import cu_seqlens_from_position_ids, positions_in_document
 
 __all__ = ["MultiScaleTrajectoryAttention"]
 
@@ -39,6 +40,12 @@ class MultiScaleTrajectoryAttention(nn.Module):
     does. embedding_dim must be a multiple of num_heads at construction (the seed fails at its first
     forward instead). A predicted scale that underflows to 0 gives NaN rows (the seed's division
     gives inf/NaN scores there too).
+
+    Packed documents (not in the seed): ``cu_seqlens`` (FlashAttention's offsets, see
+    :mod:`trajops.varlen`) or ``position_ids`` (transformers' ``DataCollatorWithFlattening``: ids
+    restarting at 0 per document; costs one host read of the ids) with inputs (1, total, E) that
+    concatenate self-attention documents (keys and values packed like the queries). Each document
+    is then computed alone: it attends only its own tokens and its query trajectory restarts at 0.
     """
 
     def __init__(self, embedding_dim: int, num_heads: int) -> None:
@@ -128,13 +135,20 @@ class MultiScaleTrajectoryAttention(nn.Module):
         attention_mask: Optional[Tensor] = None,
         *,
         causal: bool = False,
+        cu_seqlens: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
     ) -> Tensor:
         """queries (B, Tq, E), keys and values (B, Tk, E) -> (B, Tq, E).
 
         attention_mask: optional, rank <= 4, broadcastable to (B, H, Tq, Tk); 0 / False = masked.
-        causal: also mask keys j > i + (Tk - Tq).
+        causal: also mask keys j > i + (Tk - Tq) (per document when packed).
+        cu_seqlens: (N + 1,) int32/int64 document offsets of packed inputs (1, total, E), or
+        position_ids: (1, total) / (total,) ids restarting at 0 per document (transformers' packing);
+            at most one of the two, and no attention_mask with them.
         """
         self._check(queries, keys, values)
+        if cu_seqlens is not None or position_ids is not None:
+            return self._packed(queries, keys, values, attention_mask, bool(causal), cu_seqlens, position_ids)
         B, Tq, _ = queries.shape
         Tk = keys.shape[1]
         q = self._heads(self.q_proj(queries))
@@ -150,6 +164,37 @@ class MultiScaleTrajectoryAttention(nn.Module):
             out = torch.where(has_keys.unsqueeze(-1), out, v.mean(dim=-2, keepdim=True).to(out.dtype))
         out = out.transpose(1, 2).reshape(B, Tq, self.embedding_dim)
         return self.out_proj(out)
+
+    def _packed(self, queries: Tensor, keys: Tensor, values: Tensor, attention_mask: Optional[Tensor], causal: bool,
+                cu_seqlens: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
+        """Packed documents: (1, total, E) -> (1, total, E), each document computed alone."""
+        if cu_seqlens is not None and position_ids is not None:
+            raise ValueError("MultiScaleTrajectoryAttention: give cu_seqlens or position_ids, not both")
+        if attention_mask is not None:
+            raise ValueError(
+                "MultiScaleTrajectoryAttention: attention_mask must be None with cu_seqlens/position_ids "
+                "(the documents are the mask; use causal=True to mask inside each)"
+            )
+        if queries.shape[0] != 1 or keys.shape[1] != queries.shape[1]:
+            raise ValueError(
+                "MultiScaleTrajectoryAttention: packed documents (cu_seqlens/position_ids) need queries, keys and "
+                f"values of shape (1, total, E) with one total, got {list(queries.shape)} and {list(keys.shape)}"
+            )
+        if cu_seqlens is None:
+            cu_seqlens = cu_seqlens_from_position_ids(position_ids)  # reads the ids (one sync on CUDA)
+        total, H, hd = queries.shape[1], self.num_heads, self.head_dim
+        # token-major (total, H, hd) heads and (total, H) scales: the packed op's own layout
+        q = self.q_proj(queries[0]).view(total, H, hd)
+        k = self.k_proj(keys[0]).view(total, H, hd)
+        v = self.v_proj(values[0]).view(total, H, hd)
+        step = self.compute_query_trajectory(queries)[0]
+        if total > 0:  # the trajectory restarts at each document's first token (no step across documents)
+            first = positions_in_document(cu_seqlens, total) == 0
+            step = torch.where(first.unsqueeze(-1), torch.zeros_like(step), step)
+        tau = self.scale_predictor(step)
+        out = temperature_attention(q, k, v, tau, causal=causal, scale=1.0, cu_seqlens_q=cu_seqlens,
+                                    cu_seqlens_k=cu_seqlens)
+        return self.out_proj(out.reshape(1, total, self.embedding_dim))
 
     def extra_repr(self) -> str:
         return f"embedding_dim={self.embedding_dim}, num_heads={self.num_heads}"

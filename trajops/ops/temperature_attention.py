@@ -22,8 +22,10 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .. import varlen
 from .._library import register_kernels
 from ..reference._common import compute_dtype
+from . import temperature_attention_varlen as _varlen  # noqa: F401  (registers the packed op)
 
 __all__ = ["temperature_attention"]
 
@@ -264,6 +266,34 @@ def _canonical_mask(attn_mask: Optional[Tensor], q: Tensor, k: Tensor) -> Option
     return attn_mask
 
 
+def _max_seqlen(name: str, given, cu: Tensor, device: torch.device) -> int:
+    if given is None:
+        # shape, dtype and device (the op's own messages) before the values are read
+        varlen.check_cu_seqlens(_varlen._OP, cu, 0, device, name=name.replace("max_seqlen", "cu_seqlens"),
+                                values=False)
+        return varlen.max_seqlen(cu)  # reads the offsets: one device sync on CUDA
+    if isinstance(given, bool) or not isinstance(given, (int, torch.SymInt)):
+        raise TypeError(f"{_OP}: {name} must be an int or None, got {type(given).__name__}")
+    return given
+
+
+def _packed(q, k, v, tau, causal, attn_mask, scale, cu_q, cu_k, max_q, max_k) -> Tuple[Tensor, Tensor]:
+    """The packed (varlen) call: checks what only the public signature can get wrong, then the op."""
+    if cu_q is None or cu_k is None:
+        given = "cu_seqlens_q" if cu_k is None else "cu_seqlens_k"
+        raise ValueError(
+            f"{_OP}: cu_seqlens_q and cu_seqlens_k must be given together (packed sequences), got only {given}"
+        )
+    if attn_mask is not None:
+        raise ValueError(
+            f"{_OP}: attn_mask must be None with cu_seqlens_q/cu_seqlens_k (the documents are the mask; "
+            "causal=True masks inside each document)"
+        )
+    max_q = _max_seqlen("max_seqlen_q", max_q, cu_q, q.device)
+    max_k = _max_seqlen("max_seqlen_k", max_k, cu_k, q.device)
+    return torch.ops.trajops.temperature_attention_varlen(q, k, v, tau, cu_q, cu_k, max_q, max_k, bool(causal), scale)
+
+
 def temperature_attention(
     q: Tensor,
     k: Tensor,
@@ -274,44 +304,70 @@ def temperature_attention(
     attn_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention with a per-query temperature: ``softmax(scale * q k^T / tau) v``, fused (flash-style).
 
     Args:
         q: (B, Hq, Tq, D) queries; float32, float64, float16 or bfloat16; any strides.
+            Packed: (total_q, Hq, D) (see cu_seqlens_q).
         k: (B, Hkv, Tk, D) keys, Hq a multiple of Hkv (grouped-query / multi-query attention).
-        v: (B, Hkv, Tk, Dv) values.
+            Packed: (total_k, Hkv, D).
+        v: (B, Hkv, Tk, Dv) values. Packed: (total_k, Hkv, Dv).
         tau: the temperature, positive, broadcastable to (B, Hq, Tq): a float or 0-d tensor, (Hq, 1)
             (a per-head parameter), (1, Hq, 1), (B, 1, Tq), (B, Hq, Tq) (per-query scales)... Any
             float dtype (an fp32 parameter with bf16 activations is fine). Its gradient has tau's
-            own shape (summed over the broadcast dimensions, deterministically).
+            own shape (summed over the broadcast dimensions, deterministically). Packed: broadcastable
+            to (total_q, Hq), token-major like q: a float, (Hq,) per head, (total_q, Hq) per query.
         causal: query i attends keys j <= i + (Tk - Tq) (bottom-right aligned: the last query sees
-            every key, as in decoding with a cache). Tq = Tk is the usual lower triangle.
+            every key, as in decoding with a cache). Tq = Tk is the usual lower triangle. Packed: the
+            same inside each document (Tq, Tk its own lengths).
         attn_mask: bool, True = attend. Broadcastable to (B, Hq, Tq, Tk) by the usual rules, except
             that a 2-D mask is a (B, Tk) key-padding mask (pass a (Tq, Tk) mask as mask[None, None]).
-            Combined with ``causal`` by "and".
+            Combined with ``causal`` by "and". Must be None when packed.
         scale: multiplies the logits; default 1/sqrt(D). ``scale=1.0`` is the seed's
             ``MultiScaleTrajectoryAttention`` (logits q.k / tau).
         return_lse: also return the log-sum-exp of each row's logits (natural log), which is
             differentiable too (e.g. to merge attention over split key sets).
+        cu_seqlens_q, cu_seqlens_k: packed documents (FlashAttention's varlen convention, see
+            :mod:`trajops.varlen`): (N + 1,) int32/int64 offsets into q's and k's token axes, both
+            or neither, with one N. Document j attends only its own keys, exactly as
+            ``temperature_attention(q_j, k_j, v_j, tau_j)`` alone; a document with no query or no
+            key is allowed (out 0, lse -inf on its rows). They get no gradient.
+        max_seqlen_q, max_seqlen_k: ints, the longest document of q and of k (only the CUDA
+            kernels' grid uses them; on CPU a too-small value raises). None: computed from the
+            offsets, one device sync each on CUDA, and a graph break under torch.compile (pass them
+            for ``fullgraph=True``).
 
     Returns:
         out (B, Hq, Tq, Dv) in q's dtype; with return_lse, (out, lse) with lse (B, Hq, Tq) in fp32
-        (fp64 for fp64 inputs).
+        (fp64 for fp64 inputs). Packed: out (total_q, Hq, Dv) and lse (total_q, Hq) -- token-major
+        like q, where FlashAttention's varlen lse is (Hq, total_q).
 
     A query row with no key to attend (masked out, or causal with Tq > Tk) gives out = 0, lse = -inf
     and zero gradients, never NaN. NaN/Inf, the same on every backend (the full rule is in
-    trajops/reference/temperature_attention.py): keys a row may not attend never matter, whatever
-    their k and v hold; a row is all NaN (out and lse) when scale / tau is not finite (tau <= 0, NaN,
-    inf or subnormal), or when its q row or the k or v row of a key it may attend holds a NaN/Inf;
-    the NaN gradients of such a row (and of a row whose grad_out is not finite) stay in its dq, dtau
-    and the dk, dv rows of the keys it may attend. Every other value is exactly what the finite
-    inputs give. Detected without a host sync on CUDA. Differentiable in q, k, v and tau (and through
-    lse), not twice.
-    Same as ``torch.ops.trajops.temperature_attention`` after ``attn_mask`` is made 4-D.
+    trajops/reference/temperature_attention.py, and applies to each packed document alone): keys a
+    row may not attend never matter, whatever their k and v hold; a row is all NaN (out and lse) when
+    scale / tau is not finite (tau <= 0, NaN, inf or subnormal), or when its q row or the k or v row
+    of a key it may attend holds a NaN/Inf; the NaN gradients of such a row (and of a row whose
+    grad_out is not finite) stay in its dq, dtau and the dk, dv rows of the keys it may attend. Every
+    other value is exactly what the finite inputs give. Detected without a host sync on CUDA (where
+    invalid offsets make every output NaN instead of raising). Differentiable in q, k, v and tau (and
+    through lse), not twice.
+    Same as ``torch.ops.trajops.temperature_attention`` after ``attn_mask`` is made 4-D, or
+    ``torch.ops.trajops.temperature_attention_varlen`` when packed.
     """
     if not isinstance(tau, Tensor):
         tau = torch.tensor(float(tau), dtype=compute_dtype(q.dtype), device=q.device)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        out, lse = _packed(q, k, v, tau, causal, attn_mask, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k)
+        return (out, lse) if return_lse else out
+    if max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError(f"{_OP}: max_seqlen_q/max_seqlen_k are only used with cu_seqlens_q/cu_seqlens_k")
     out, lse = torch.ops.trajops.temperature_attention(
         q, k, v, tau, _canonical_mask(attn_mask, q, k), bool(causal), scale
     )
