@@ -109,16 +109,19 @@ def _check_grad(op: str, name: str, t: Tensor, shape: Tuple[int, ...], h0: Tenso
     torch._check(t.device == h0.device, lambda: f"{op}: {name} must be on the device of hidden ({h0.device})")
 
 
-def _check_sampled(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor], cu_seqlens=None) -> int:
-    _check_hidden("stp_loss", hidden)
-    rows = _check_packed("stp_loss", hidden[0], lengths, cu_seqlens)
-    _check_triples("stp_loss", triples, hidden[0], rows, cu_seqlens is not None)
-    _check_lengths("stp_loss", lengths, hidden[0])
+def _check_sampled(
+    hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor], cu_seqlens=None, op: str = "stp_loss"
+) -> int:
+    _check_hidden(op, hidden)
+    rows = _check_packed(op, hidden[0], lengths, cu_seqlens)
+    _check_triples(op, triples, hidden[0], rows, cu_seqlens is not None)
+    _check_lengths(op, lengths, hidden[0])
     return rows
 
 
 def _check_sampled_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens=None) -> None:
-    B = _check_sampled(hidden, triples, lengths, cu_seqlens)
+    # The backward op's own name leads its messages, as in csrc/cpu/stp_loss.cpp.
+    B = _check_sampled(hidden, triples, lengths, cu_seqlens, op="stp_loss_backward")
     L, S = len(hidden), triples.shape[0]
     _check_grad("stp_loss_backward", "grad_loss", grad_loss, (L, S, B), hidden[0])
     _check_grad("stp_loss_backward", "stats", stats, (L, S, B, 3), hidden[0])
@@ -130,14 +133,14 @@ def _dense_shapes(hidden: Sequence[Tensor]) -> Tuple[Tuple[int, ...], Tuple[int,
     return (L, B, max(T - 2, 0)), (L, B, max(T - 1, 0), 2)
 
 
-def _check_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor], cu_seqlens=None) -> None:
-    _check_hidden("stp_loss_dense", hidden)
-    _check_packed("stp_loss_dense", hidden[0], lengths, cu_seqlens)
-    _check_lengths("stp_loss_dense", lengths, hidden[0])
+def _check_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor], cu_seqlens=None, op="stp_loss_dense") -> None:
+    _check_hidden(op, hidden)
+    _check_packed(op, hidden[0], lengths, cu_seqlens)
+    _check_lengths(op, lengths, hidden[0])
 
 
 def _check_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens=None) -> None:
-    _check_dense(hidden, lengths, cu_seqlens)
+    _check_dense(hidden, lengths, cu_seqlens, op="stp_loss_dense_backward")
     loss_shape, stats_shape = _dense_shapes(hidden)
     _check_grad("stp_loss_dense_backward", "grad_loss", grad_loss, loss_shape, hidden[0])
     _check_grad("stp_loss_dense_backward", "stats", stats, stats_shape, hidden[0])

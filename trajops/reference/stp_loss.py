@@ -200,7 +200,7 @@ def _cos_grads(
 def _gather(h: Tensor, flat: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """Rows flat[..., k] of h viewed as (B*T, D) for k = 0, 1, 2, each (S, R, D) in the
     accumulation dtype."""
-    rows = h.reshape(-1, h.shape[-1])
+    rows = h.reshape(h.shape[0] * h.shape[1], h.shape[2])  # explicit: D may be 0
     return tuple(rows[flat[..., k]].to(acc) for k in range(3))
 
 
