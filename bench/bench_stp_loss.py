@@ -11,6 +11,11 @@ Providers (roles in harness.py):
   compiled  torch.compile of that eager function;
   target    trajops;
   roofline  one read of h plus one write of its gradient (h.clone() per layer).
+
+Packed vs padded (issue 17): the same documents (lengths drawn in [1, T]) as one packed row
+(1, total, D) with cu_seqlens, and as the padded batch (N, T, D) with lengths; the sampled and the
+dense loss, fwd+bwd, time and peak memory. Both tensors are inputs of the case; each provider uses
+one of them.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import trajops
+from trajops import varlen
 from harness import Case, Context, Provider
 
 OP = "stp_loss"
@@ -71,6 +77,56 @@ def _roofline(nbytes_note: str) -> Provider:
     return Provider("roofline", "roofline (clone)", lambda *hs: hs[0].clone(), role="roofline",
                     fwd_bwd=lambda inp, g: [h.clone() for h in inp],
                     note=f"h.clone() per layer: one read of h and one write of its gradient. {nbytes_note}")
+
+
+def _packed_inputs(doc_lengths, T, D, dtype, device):
+    """(packed (1, total, D), padded (N, T, D)) holding the same random-walk documents."""
+    gen = torch.Generator().manual_seed(2)
+    docs = [(torch.randn(n, D, generator=gen) / D**0.5).cumsum(0) for n in doc_lengths]
+    packed = torch.cat(docs).unsqueeze(0)
+    padded = torch.zeros(len(docs), T, D)
+    for j, d in enumerate(docs):
+        padded[j, : d.shape[0]] = d
+    return lambda: (packed.to(device=device, dtype=dtype), padded.to(device=device, dtype=dtype))
+
+
+def packed_benchmarks(ctx: Context):
+    """Packed (cu_seqlens) against padded (lengths) batches of the same documents."""
+    dev = ctx.device
+    if ctx.quick:
+        N, T, D = 4, 64, 32
+    elif dev.type == "cuda":
+        N, T, D = 16, 4096, 4096
+    else:
+        N, T, D = 16, 2048, 1024
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    esize = torch.finfo(dtype).bits // 8
+    backend = trajops.backends()[dev.type]
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, T + 1, (N,), generator=gen)
+    cu = varlen.cu_seqlens_from_lengths(lengths).to(dev)
+    total, S = int(lengths.sum()), 4
+    triples = trajops.sample_stp_triples(N, total, S, cu_seqlens=cu.cpu(), generator=gen).to(dev)
+    lens = lengths.to(dev)
+    info = {"N": N, "T": T, "D": D, "total": total, "fill": round(total / (N * T), 3)}
+    items = []
+    for dense in (False, True):
+        what = "dense" if dense else f"spans={S}"
+        case = Case(OP, f"packed vs padded {what} N={N} T={T} D={D} total={total}", dtype,
+                    _packed_inputs(lengths.tolist(), T, D, dtype, dev), info={**info, "dense": dense},
+                    modes=("fwd+bwd",), bytes={"fwd+bwd": 2 * total * D * esize})
+        if dense:
+            packed = lambda hp, hq: trajops.stp_loss_dense(hp, cu_seqlens=cu)
+            padded = lambda hp, hq: trajops.stp_loss_dense(hq, lengths=lens)
+        else:
+            packed = lambda hp, hq: trajops.stp_loss(hp, triples=triples, cu_seqlens=cu)
+            padded = lambda hp, hq: trajops.stp_loss(hq, triples=triples, lengths=lens)
+        note = f"{info['fill']:.0%} of the padded batch is tokens. " + (_MMAP_NOTE if dev.type == "cpu" else "")
+        items.append((case, [
+            Provider("padded", f"trajops ({backend}) padded + lengths", padded, role="other", note=note),
+            Provider("trajops", f"trajops ({backend}) packed + cu_seqlens", packed, role="target", note=note),
+        ]))
+    return items
 
 
 def benchmarks(ctx: Context):
@@ -129,4 +185,4 @@ def benchmarks(ctx: Context):
             _roofline("The fused pair reads h twice (forward, backward) and writes the gradient once."),
         ]
         items.append((case, provs))
-    return items
+    return items + packed_benchmarks(ctx)

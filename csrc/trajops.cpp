@@ -21,14 +21,16 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(trajops, m) {
   m.def("trajectory_flow(Tensor x, int window=8, float eps=1e-06) -> Tensor");
   m.def("trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps) -> Tensor");
-  m.def("stp_loss(Tensor[] hidden, Tensor triples, Tensor? lengths=None) -> (Tensor, Tensor)");
+  m.def(
+      "stp_loss(Tensor[] hidden, Tensor triples, Tensor? lengths=None, Tensor? cu_seqlens=None) -> "
+      "(Tensor, Tensor)");
   m.def(
       "stp_loss_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, Tensor triples, "
-      "Tensor? lengths) -> Tensor[]");
-  m.def("stp_loss_dense(Tensor[] hidden, Tensor? lengths=None) -> (Tensor, Tensor)");
+      "Tensor? lengths, Tensor? cu_seqlens=None) -> Tensor[]");
+  m.def("stp_loss_dense(Tensor[] hidden, Tensor? lengths=None, Tensor? cu_seqlens=None) -> (Tensor, Tensor)");
   m.def(
       "stp_loss_dense_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, "
-      "Tensor? lengths) -> Tensor[]");
+      "Tensor? lengths, Tensor? cu_seqlens=None) -> Tensor[]");
   m.def(
       "kv_relevance(Tensor traj_pool, Tensor ts_pool, Tensor live_pool, Tensor page_table, Tensor query, "
       "Tensor now, float alpha, float decay) -> Tensor");

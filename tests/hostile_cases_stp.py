@@ -289,3 +289,59 @@ register("nn.STPLoss.n_spans_zero", lambda: trajops.nn.STPLoss(n_spans=0), raise
 register("nn.STPLoss.nan_hidden", lambda: check_shape(trajops.nn.STPLoss()(torch.full((B, T, D), math.nan)), (),
                                                       "loss"), either(), STPL)
 register("nn.STPLoss.t0", lambda: check_shape(trajops.nn.STPLoss()(torch.randn(B, 0, D)), (), "loss"), RESULT, STPL)
+
+
+# ---------------------------------------------------------------- packed sequences (cu_seqlens)
+# hidden (1, TOT, D) holds two documents of 4 and 5 tokens (issue 17).
+TOT, CU = 9, (0, 4, 9)
+_CUN = ("cu_seqlens",)
+
+
+def _cu(*vals, dtype=torch.int32):
+    return torch.tensor(vals if vals else CU, dtype=dtype)
+
+
+def _packed(cu=None, tr=None, lengths=None, h=None):
+    tr = torch.tensor([[[0, 1, 2], [1, 2, 4]]]) if tr is None else tr
+    return torch.ops.trajops.stp_loss([torch.randn(1, TOT, D) if h is None else h], tr, lengths,
+                                      _cu() if cu is None else cu)
+
+
+def _packed_dense(cu=None, h=None):
+    return torch.ops.trajops.stp_loss_dense([torch.randn(1, TOT, D) if h is None else h], None,
+                                            _cu() if cu is None else cu)
+
+
+def _packed_vs_padded():
+    h = torch.randn(1, TOT, D)
+    pad = torch.zeros(2, 5, D)
+    pad[0, :4], pad[1, :5] = h[0, :4], h[0, 4:]
+    tr = torch.tensor([[[0, 1, 3], [0, 2, 4]]])
+    same(_packed(h=h, tr=tr)[0], torch.ops.trajops.stp_loss([pad], tr, torch.tensor([4, 5]))[0], "packed vs padded",
+         1e-6)
+    same(trajops.stp_loss_dense(h, cu_seqlens=_cu()), trajops.stp_loss_dense(pad, lengths=torch.tensor([4, 5])),
+         "packed dense vs padded", 1e-6)
+
+
+for _name, _cuv in [("cu_int64_max", _cu(0, 2**63 - 1, TOT, dtype=torch.int64)),
+                    ("cu_int32_min", _cu(0, -2**31, TOT)), ("cu_first_nonzero", _cu(1, 4, TOT)),
+                    ("cu_decreasing", _cu(0, 6, 4, TOT)), ("cu_last_short", _cu(0, 4, TOT - 1)),
+                    ("cu_last_long", _cu(0, 4, TOT + 1)), ("cu_float", _cu().float()), ("cu_2d", _cu().view(1, 3)),
+                    ("cu_empty", _cu()[:0])]:
+    _raw(_name, lambda c=_cuv: _packed(cu=c), raises(*_CUN))
+    _draw(_name, lambda c=_cuv: _packed_dense(cu=c), raises(*_CUN))
+_raw("cu_with_lengths", lambda: _packed(lengths=torch.tensor([TOT])), raises(*_CUN))
+_raw("cu_batch_two", lambda: _packed(h=torch.randn(2, TOT, D)), raises(*_CUN))
+_raw("cu_triples_rows_not_documents", lambda: _packed(tr=torch.tensor([[[0, 1, 2]]])), raises(*TR))
+_raw("cu_triple_past_document", lambda: _packed(tr=torch.tensor([[[0, 1, 4], [0, 1, 2]]])), raises(*TR))
+_raw("cu_bwd_decreasing", lambda: torch.ops.trajops.stp_loss_backward(
+    torch.zeros(1, 1, 2), torch.zeros(1, 1, 2, 3), [torch.randn(1, TOT, D)], torch.tensor([[[0, 1, 2], [0, 1, 2]]]),
+    None, _cu(0, 6, 4)), raises(*_CUN), targets=(BWD,))
+_draw("cu_bwd_last_short", lambda: torch.ops.trajops.stp_loss_dense_backward(
+    torch.zeros(1, 1, TOT - 2), torch.zeros(1, 1, TOT - 1, 2), [torch.randn(1, TOT, D)], None, _cu(0, 4, 5)),
+    raises(*_CUN), targets=(DBWD,))
+_raw("cu_packed_vs_padded", _packed_vs_padded, RESULT, targets=(OP, DOP, DPUB))
+_pub("cu_public_empty_documents", lambda: check_shape(
+    trajops.stp_loss(torch.randn(TOT, D), cu_seqlens=_cu(0, 0, 4, 4, TOT)), (), "loss"), RESULT)
+_pub("sample_cu_batch_mismatch", lambda: trajops.sample_stp_triples(3, TOT, 2, cu_seqlens=_cu()), raises("batch"),
+     SAMPLE)

@@ -228,3 +228,31 @@ def test_real_smollm2_layers_20_25_29():
     assert 0 < float(term.detach()) < 2
     term.backward()
     assert m.model.layers[20].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_position_ids_packing_gives_documents(model):
+    """position_ids that restart at 0 (DataCollatorWithFlattening) -> the packed STP loss on the documents."""
+    lengths = [5, 2, 7]
+    ids = _ids(B=1, T=sum(lengths))
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    stp = STPLoss(weight=1.0, n_spans=4, layers=(1,))
+    model.zero_grad()
+    with STPHooks(model, stp, generator=torch.Generator().manual_seed(7)) as hooks:
+        model(ids, position_ids=pos, labels=ids)
+        term = hooks.pop_term().detach()
+    cu = torch.tensor([0, 5, 7, 14])
+    with torch.no_grad():
+        h = model(ids, position_ids=pos, output_hidden_states=True).hidden_states[2]
+    ref = stp_loss(h, 4, cu_seqlens=cu, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(term, ref)
+    whole = stp_loss(h, 4, generator=torch.Generator().manual_seed(7))  # one 14-token row: other triples
+    assert not torch.allclose(term, whole)
+    # plain arange position ids: each row one document, the unpacked loss with lengths = T (same draws)
+    ids2 = _ids(B=2, T=8)
+    with STPHooks(model, stp, generator=torch.Generator().manual_seed(3)) as hooks:
+        model(ids2, position_ids=torch.arange(8).expand(2, 8), labels=ids2)
+        t2 = hooks.pop_term().detach()
+    with STPHooks(model, stp, generator=torch.Generator().manual_seed(3)) as hooks:
+        model(ids2, attention_mask=torch.ones_like(ids2), labels=ids2)
+        t3 = hooks.pop_term().detach()
+    torch.testing.assert_close(t2, t3)

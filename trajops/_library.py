@@ -22,12 +22,14 @@ __all__ = ["BACKEND", "HAS_EXTENSION", "HAS_TRITON", "SCHEMAS", "backends", "reg
 SCHEMAS: Dict[str, str] = {
     "trajectory_flow": "trajectory_flow(Tensor x, int window=8, float eps=1e-06) -> Tensor",
     "trajectory_flow_backward": "trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps) -> Tensor",
-    "stp_loss": "stp_loss(Tensor[] hidden, Tensor triples, Tensor? lengths=None) -> (Tensor, Tensor)",
+    "stp_loss": "stp_loss(Tensor[] hidden, Tensor triples, Tensor? lengths=None, Tensor? cu_seqlens=None) -> "
+    "(Tensor, Tensor)",
     "stp_loss_backward": "stp_loss_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, Tensor triples, "
-    "Tensor? lengths) -> Tensor[]",
-    "stp_loss_dense": "stp_loss_dense(Tensor[] hidden, Tensor? lengths=None) -> (Tensor, Tensor)",
+    "Tensor? lengths, Tensor? cu_seqlens=None) -> Tensor[]",
+    "stp_loss_dense": "stp_loss_dense(Tensor[] hidden, Tensor? lengths=None, Tensor? cu_seqlens=None) -> "
+    "(Tensor, Tensor)",
     "stp_loss_dense_backward": "stp_loss_dense_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, "
-    "Tensor? lengths) -> Tensor[]",
+    "Tensor? lengths, Tensor? cu_seqlens=None) -> Tensor[]",
     "kv_relevance": "kv_relevance(Tensor traj_pool, Tensor ts_pool, Tensor live_pool, Tensor page_table, "
     "Tensor query, Tensor now, float alpha, float decay) -> Tensor",
     "kv_topk": "kv_topk(Tensor traj_pool, Tensor ts_pool, Tensor live_pool, Tensor page_table, Tensor query, "

@@ -21,6 +21,12 @@ prefix of ones) becomes ``lengths = mask.sum(-1)``, so padding never enters a tr
 padding, holes) raises ValueError, since the STP kernels only know valid prefixes. No mask = every position valid.
 (Checking the mask reads it on the host: one small sync per forward on a GPU.)
 
+Packed batches: without an ``attention_mask``, a ``position_ids`` given to the model (transformers'
+``DataCollatorWithFlattening``: position ids restart at 0 at each document) defines the documents
+(:func:`trajops.varlen.cu_seqlens_from_position_ids`, one small sync), and the layer outputs, read as one packed
+row (1, B*T, D), get the packed STP loss (``cu_seqlens``): no triple crosses a document boundary. Plain
+``arange`` position ids give each row its own document: the unpacked loss with ``lengths = T``.
+
 Eval mode or ``torch.no_grad()``: nothing is computed (``last_term`` stays None) unless ``compute_in_eval=True``; the
 STP step counter only moves in training forwards. :class:`LayerCapture` alone collects chosen layers' outputs (e.g. to
 measure straightness with :func:`trajops.stp_loss_dense` on held-out data). :class:`STPTrainer` is a thin
@@ -36,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import varlen
 from .nn.stp_loss import STPLoss
 
 __all__ = ["LayerCapture", "STPHooks", "STPTrainer", "decoder_layers", "resolve_layers"]
@@ -107,6 +114,7 @@ class LayerCapture:
         self.layers = resolve_layers(layers, self.n_layers)
         self.outputs: Dict[int, Tensor] = {}
         self.lengths: Optional[Tensor] = None
+        self.cu_seqlens: Optional[Tensor] = None  # documents of a packed batch (position_ids, no mask)
         self._handles = [_base_model(model).register_forward_pre_hook(self._pre, with_kwargs=True)]
         self._handles += [mods[i].register_forward_hook(self._make_hook(i)) for i in self.layers]
 
@@ -115,6 +123,10 @@ class LayerCapture:
         # LlamaModel.forward(input_ids, attention_mask, ...): the mask is the 2nd positional or a keyword.
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self.lengths = lengths_from_mask(mask)
+        pos = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
+        self.cu_seqlens = None
+        if mask is None and isinstance(pos, Tensor):
+            self.cu_seqlens = varlen.cu_seqlens_from_position_ids(pos, torch.int64)
 
     def _make_hook(self, i: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -128,7 +140,7 @@ class LayerCapture:
         return [self.outputs.get(i) for i in range(self.n_layers)]
 
     def clear(self) -> None:
-        self.outputs, self.lengths = {}, None
+        self.outputs, self.lengths, self.cu_seqlens = {}, None, None
 
     def remove(self) -> None:
         for h in self._handles:
@@ -183,10 +195,12 @@ class STPHooks(LayerCapture):
         training = self.model.training and torch.is_grad_enabled()
         self.last_term = self.last_value = None
         if training or self.compute_in_eval:
-            states, lengths = self.states(), self.lengths
+            states, lengths, cu = self.states(), self.lengths, self.cu_seqlens
+            if cu is not None:  # packed documents: the (B, T, D) outputs read as one row
+                states = [None if h is None else h.reshape(1, -1, h.shape[-1]) for h in states]
             # Outside training the counter must not move: pass the current step explicitly.
             step = self.step if training or self.step is not None else self.stp.step
-            term = self.stp(states, step=step, lengths=lengths, generator=self.generator)
+            term = self.stp(states, step=step, lengths=lengths, generator=self.generator, cu_seqlens=cu)
             self.last_term, self.last_value = term, term.detach()
         self.clear()  # only the autograd graph keeps the layer outputs from here on
 

@@ -39,6 +39,16 @@ not ``0 <= s < r < t < lengths[b]`` and for every triple of a row with ``lengths
 kernel ever reads or writes out of bounds for such indices (their loads and stores are masked) and
 the backwards skip them (no gradient).
 
+Packed sequences
+----------------
+With ``cu_seqlens`` the op layer passes hidden (1, total, D) and, for the sampled kernels, per
+document j a row base ``row_base[j]`` (its first packed token) and its length as ``lengths[j]``
+(``T`` = total): "row" j addresses tokens ``row_base[j] + pos`` instead of ``j * T + pos``. The
+dense kernels keep the one packed row and get ``ends`` (total,): the end of each position's
+document; a step q exists iff ``q + 1 < ends[q]``, a triple iff ``q + 2 < ends[q]``. Both are
+built from offsets clamped into [0, total], so no address leaves a tensor whatever the values;
+invalid offsets are passed as lengths -1, which NaN the outputs (the rule above).
+
 Kernels (one launch each)
 -------------------------
 * ``_stp_fwd_kernel``: grid cdiv(L*S*B, BLOCK_N); a program takes BLOCK_N triples (flat (l, s, b)
@@ -100,6 +110,26 @@ def _row_length(len_ptr, b, T, HAS_LEN: tl.constexpr):
     else:
         ln = b.to(tl.int64) * 0 + T
     return ln
+
+
+@triton.jit
+def _row_start(base_ptr, b, T, HAS_BASE: tl.constexpr):
+    """First token (int64) of row b in the flat (B*T) token axis: row_base[b] or b * T."""
+    if HAS_BASE:
+        st = tl.load(base_ptr + b)
+    else:
+        st = b.to(tl.int64) * T
+    return st
+
+
+@triton.jit
+def _doc_end(end_ptr, q, T, HAS_END: tl.constexpr):
+    """End of the document of packed positions q (vector; T without ends), q clamped into [0, T)."""
+    if HAS_END:
+        e = tl.load(end_ptr + tl.minimum(tl.maximum(q, 0), T - 1))
+    else:
+        e = q.to(tl.int64) * 0 + T
+    return e
 
 
 @triton.jit
@@ -273,9 +303,9 @@ def _pair_cosine(h_ptr, base0, base1, base2, ok0, ok1, D, DENSE: tl.constexpr, I
 
 
 @triton.jit
-def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, loss_ptr, stats_ptr,
+def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, base_ptr, loss_ptr, stats_ptr,
                     N, SB, B, T, D,
-                    HAS_LEN: tl.constexpr, MULTI: tl.constexpr, OFF_ALIGNED: tl.constexpr,
+                    HAS_LEN: tl.constexpr, HAS_BASE: tl.constexpr, MULTI: tl.constexpr, OFF_ALIGNED: tl.constexpr,
                     IS_D1: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Loss and stats of BLOCK_N sampled triples, flat index n = (l * S + s) * B + b.
@@ -299,7 +329,7 @@ def _stp_fwd_kernel(h_ptr, off_ptr, tri_ptr, len_ptr, loss_ptr, stats_ptr,
     ok_tri = (s >= 0) & (s < r) & (r < t) & (t < ln)
     flag = n_ok & (bad_len | (active & (ok_tri == 0)))  # NaN outputs
     use = n_ok & active & (ok_tri & (bad_len == 0))
-    row0 = _layer_offset(off_ptr, layer, MULTI, OFF_ALIGNED) + b * T * D
+    row0 = _layer_offset(off_ptr, layer, MULTI, OFF_ALIGNED) + _row_start(base_ptr, b, T, HAS_BASE) * D
     base_s = row0 + tl.where(use, s, 0) * D
     base_r = row0 + tl.where(use, r, 0) * D
     base_t = row0 + tl.where(use, t, 0) * D
@@ -348,9 +378,9 @@ def _span_loads(h_ptr, h_row0, gl_ptr, stats_ptr, k, ok, s, r, t, cols, D):
 
 
 @triton.jit
-def _stp_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, tri_ptr, len_ptr, gl_ptr, stats_ptr,
+def _stp_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, tri_ptr, len_ptr, base_ptr, gl_ptr, stats_ptr,
                     S, B, T, D, n_d,
-                    HAS_LEN: tl.constexpr, MULTI: tl.constexpr, H_ALIGNED: tl.constexpr,
+                    HAS_LEN: tl.constexpr, HAS_BASE: tl.constexpr, MULTI: tl.constexpr, H_ALIGNED: tl.constexpr,
                     G_ALIGNED: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     """Gradient of the sampled loss for one (layer, row, D chunk), all spans in order.
@@ -372,8 +402,9 @@ def _stp_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, tri_ptr, len_ptr, gl_ptr, 
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ln = _row_length(len_ptr, b, T, HAS_LEN)
     row_ok = (ln >= 3) & (ln <= T)
-    h_row0 = _layer_offset(hoff_ptr, layer, MULTI, H_ALIGNED) + b.to(tl.int64) * T * D
-    g_row0 = _layer_offset(goff_ptr, layer, MULTI, G_ALIGNED) + b.to(tl.int64) * T * D
+    start = _row_start(base_ptr, b, T, HAS_BASE) * D
+    h_row0 = _layer_offset(hoff_ptr, layer, MULTI, H_ALIGNED) + start
+    g_row0 = _layer_offset(goff_ptr, layer, MULTI, G_ALIGNED) + start
     k_row = layer.to(tl.int64) * S * B + b  # (layer, span 0, b) in (L, S, B)
     # prologue: span 0 checked and loaded, span 1's raw indices
     s_, r_, t_ = _span_indices(tri_ptr, 0, S, B, b)
@@ -417,9 +448,9 @@ def _stp_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, tri_ptr, len_ptr, gl_ptr, 
 
 
 @triton.jit
-def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, loss_ptr, stats_ptr,
+def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, end_ptr, loss_ptr, stats_ptr,
                           B, T, D, n_q,
-                          HAS_LEN: tl.constexpr, MULTI: tl.constexpr, OFF_ALIGNED: tl.constexpr,
+                          HAS_LEN: tl.constexpr, HAS_END: tl.constexpr, MULTI: tl.constexpr, OFF_ALIGNED: tl.constexpr,
                           IS_D1: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Dense loss of the triples q and stats of the steps q = q0 .. q0 + BLOCK_P - 1 of one row.
@@ -436,8 +467,9 @@ def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, loss_ptr, stats_ptr,
     ln = _row_length(len_ptr, b, T, HAS_LEN)
     bad_len = (ln < 0) | (ln > T)
     lenc = tl.where(bad_len, 0, ln)
-    step_ok = q + 1 < lenc
-    tri_ok = q + 2 < lenc
+    q_end = _doc_end(end_ptr, q, T, HAS_END)
+    step_ok = (q + 1 < lenc) & (q + 1 < q_end)
+    tri_ok = (q + 2 < lenc) & (q + 2 < q_end)
     row0 = _layer_offset(off_ptr, layer, MULTI, OFF_ALIGNED) + b.to(tl.int64) * T * D
     rows = row0 + q.to(tl.int64) * D
     n0, n1, cos = _pair_cosine(h_ptr, rows, rows, rows, step_ok, tri_ok, D, True, IS_D1, EPS, CDT,
@@ -452,10 +484,12 @@ def _stp_dense_fwd_kernel(h_ptr, off_ptr, len_ptr, loss_ptr, stats_ptr,
 
 
 @triton.jit
-def _dense_triple(gl_ptr, stats_ptr, lb, T, p, lenc, EPS: tl.constexpr, CDT: tl.constexpr):
+def _dense_triple(gl_ptr, stats_ptr, end_ptr, lb, T, p, lenc, HAS_END: tl.constexpr, EPS: tl.constexpr,
+                  CDT: tl.constexpr):
     """(valid, wa, wb, Na, Nb, ca, cb) of the dense triples p (vector), p valid iff
-    0 <= p and p + 2 < lenc; invalid ones get harmless finite values."""
-    ok = (p >= 0) & (p + 2 < lenc)
+    0 <= p and p + 2 < lenc (and inside p's document when packed); invalid ones get harmless
+    finite values."""
+    ok = (p >= 0) & (p + 2 < lenc) & (p + 2 < _doc_end(end_ptr, p, T, HAS_END))
     pc = tl.where(ok, p, 0).to(tl.int64)
     w = -tl.load(gl_ptr + lb * (T - 2) + pc, mask=ok, other=0.0)
     st = stats_ptr + (lb * (T - 1) + pc) * 2
@@ -467,9 +501,9 @@ def _dense_triple(gl_ptr, stats_ptr, lb, T, p, lenc, EPS: tl.constexpr, CDT: tl.
 
 
 @triton.jit
-def _stp_dense_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, len_ptr, gl_ptr, stats_ptr,
+def _stp_dense_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, len_ptr, end_ptr, gl_ptr, stats_ptr,
                           B, T, D, n_t, n_d,
-                          HAS_LEN: tl.constexpr, MULTI: tl.constexpr, H_ALIGNED: tl.constexpr,
+                          HAS_LEN: tl.constexpr, HAS_END: tl.constexpr, MULTI: tl.constexpr, H_ALIGNED: tl.constexpr,
                           G_ALIGNED: tl.constexpr, EPS: tl.constexpr, CDT: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """dh[j, cols] = (ga_{j-1} + gb_{j-2}) - (ga_j + gb_{j-1}) for a (BLOCK_T, BLOCK_D) tile.
@@ -509,9 +543,9 @@ def _stp_dense_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, len_ptr, gl_ptr, sta
     d_p1 = x_p2 - x_p1
     # triple j-2 (a = d_m2, b = d_m1): gb; triple j-1 (a = d_m1, b = d_0): ga, gb;
     # triple j (a = d_0, b = d_p1): ga.
-    v2, wa2, wb2, Na2, Nb2, ca2, cb2 = _dense_triple(gl_ptr, stats_ptr, lb, T, j - 2, lenc, EPS, CDT)
-    v1, wa1, wb1, Na1, Nb1, ca1, cb1 = _dense_triple(gl_ptr, stats_ptr, lb, T, j - 1, lenc, EPS, CDT)
-    v0, wa0, wb0, Na0, Nb0, ca0, cb0 = _dense_triple(gl_ptr, stats_ptr, lb, T, j, lenc, EPS, CDT)
+    v2, wa2, wb2, Na2, Nb2, ca2, cb2 = _dense_triple(gl_ptr, stats_ptr, end_ptr, lb, T, j - 2, lenc, HAS_END, EPS, CDT)
+    v1, wa1, wb1, Na1, Nb1, ca1, cb1 = _dense_triple(gl_ptr, stats_ptr, end_ptr, lb, T, j - 1, lenc, HAS_END, EPS, CDT)
+    v0, wa0, wb0, Na0, Nb0, ca0, cb0 = _dense_triple(gl_ptr, stats_ptr, end_ptr, lb, T, j, lenc, HAS_END, EPS, CDT)
     gb_2 = wb2[:, None] * (d_m2 / Na2[:, None] - cb2[:, None] * d_m1)
     ga_1 = wa1[:, None] * (d_0 / Nb1[:, None] - ca1[:, None] * d_m1)
     gb_1 = wb1[:, None] * (d_m1 / Na1[:, None] - cb1[:, None] * d_0)
@@ -605,16 +639,26 @@ def _len_arg(lengths: Optional[torch.Tensor], dummy: torch.Tensor):
     return lengths, True
 
 
-def stp_fwd(hidden: List[torch.Tensor], triples: torch.Tensor,
-            lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _opt_arg(t: Optional[torch.Tensor], dummy: torch.Tensor):
+    if t is None:
+        return dummy, False
+    assert t.dtype == torch.int64 and t.is_contiguous()
+    return t, True
+
+
+def stp_fwd(hidden: List[torch.Tensor], triples: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+            row_base: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sampled STP loss: loss (L, S, B) and stats (L, S, B, 3) = (|a|, |b|, cos), compute dtype.
 
-    triples (S, B, 3) int64 contiguous. Invalid triples of active rows (and rows with lengths
+    triples (S, B, 3) int64 contiguous. Packed (hidden (1, total, D)): B = N documents,
+    ``row_base`` (N,) int64 their first tokens and ``lengths`` their lengths (required then). Invalid triples of active rows (and rows with lengths
     outside [0, T]) get NaN loss and stats; inactive rows get 0.
     """
     _check_layers(hidden)
     h0 = hidden[0]
-    B, T, D = h0.shape
+    _, T, D = h0.shape
+    B = h0.shape[0] if row_base is None else row_base.shape[0]
+    assert row_base is None or lengths is not None
     L, S = len(hidden), triples.shape[0]
     assert triples.shape == (S, B, 3) and triples.dtype == torch.int64 and triples.is_contiguous()
     cdt, tcdt = _compute_dtypes(h0.dtype)
@@ -633,25 +677,30 @@ def stp_fwd(hidden: List[torch.Tensor], triples: torch.Tensor,
     stats = torch.empty((L, S, B, 3), dtype=cdt, device=h0.device)
     offs, aligned = _offsets(hidden)
     len_t, has_len = _len_arg(lengths, triples)
+    base_t, has_base = _opt_arg(row_base, triples)
     es = h0.element_size()
     bn, bd = _rows_cols(N, 1, D, es)
     _stp_fwd_kernel[(triton.cdiv(N, bn),)](
-        h0, offs, triples, len_t, loss, stats, N, S * B, B, T, D,
-        HAS_LEN=has_len, MULTI=L > 1, OFF_ALIGNED=aligned, IS_D1=D == 1, EPS=STP_EPS, CDT=tcdt,
+        h0, offs, triples, len_t, base_t, loss, stats, N, S * B, B, T, D,
+        HAS_LEN=has_len, HAS_BASE=has_base, MULTI=L > 1, OFF_ALIGNED=aligned, IS_D1=D == 1, EPS=STP_EPS, CDT=tcdt,
         BLOCK_N=bn, BLOCK_D=bd, num_warps=_num_warps(bn * bd, D, es))
     return loss, stats
 
 
 def stp_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[torch.Tensor],
-            triples: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+            triples: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+            row_base: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """Gradient of sum(grad_loss * loss) w.r.t. each layer (L tensors of hidden's shape and dtype).
+    Packed: ``row_base`` and ``lengths`` as :func:`stp_fwd`.
 
     grad_loss (L, S, B) and stats (L, S, B, 3) contiguous in the compute dtype. Repeated positions
     accumulate in span order, deterministically. Invalid triples contribute nothing.
     """
     _check_layers(hidden)
     h0 = hidden[0]
-    B, T, D = h0.shape
+    _, T, D = h0.shape
+    B = h0.shape[0] if row_base is None else row_base.shape[0]
+    assert row_base is None or lengths is not None
     L, S = len(hidden), triples.shape[0]
     cdt, tcdt = _compute_dtypes(h0.dtype)
     assert triples.shape == (S, B, 3) and triples.dtype == torch.int64 and triples.is_contiguous()
@@ -663,6 +712,7 @@ def stp_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[torch.Ten
     hoffs, h_al = _offsets(hidden)
     goffs, g_al = _offsets(grads)
     len_t, has_len = _len_arg(lengths, triples)
+    base_t, has_base = _opt_arg(row_base, triples)
     es = h0.element_size()
     pt = _per_thread(D, es)
     if _INTERPRET:
@@ -674,16 +724,17 @@ def stp_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[torch.Ten
             bd //= 2
     nd = triton.cdiv(D, bd)
     _stp_bwd_kernel[(L * B * nd,)](
-        h0, grads[0], hoffs, goffs, triples, len_t, grad_loss, stats, S, B, T, D, nd,
-        HAS_LEN=has_len, MULTI=L > 1, H_ALIGNED=h_al, G_ALIGNED=g_al, EPS=STP_EPS, CDT=tcdt,
+        h0, grads[0], hoffs, goffs, triples, len_t, base_t, grad_loss, stats, S, B, T, D, nd,
+        HAS_LEN=has_len, HAS_BASE=has_base, MULTI=L > 1, H_ALIGNED=h_al, G_ALIGNED=g_al, EPS=STP_EPS, CDT=tcdt,
         BLOCK_D=bd, num_warps=max(1, min(8, bd // (32 * pt))), num_stages=1)
     return grads
 
 
-def stp_dense_fwd(hidden: List[torch.Tensor],
-                  lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def stp_dense_fwd(hidden: List[torch.Tensor], lengths: Optional[torch.Tensor] = None,
+                  ends: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense STP loss over every (p, p+1, p+2): loss (L, B, max(T-2, 0)) and stats
-    (L, B, max(T-1, 0), 2) = (|d_q|, cos_q), compute dtype (reference.stp_loss_dense)."""
+    (L, B, max(T-1, 0), 2) = (|d_q|, cos_q), compute dtype (reference.stp_loss_dense).
+    Packed (B = 1): ``ends`` (T,) int64, the end of each position's document."""
     _check_layers(hidden)
     h0 = hidden[0]
     B, T, D = h0.shape
@@ -696,25 +747,28 @@ def stp_dense_fwd(hidden: List[torch.Tensor],
         if B and T >= 3:
             p = torch.arange(T - 2, device=h0.device)
             valid = (p + 2 < T).expand(B, -1) if lengths is None else p[None, :] + 2 < lengths[:, None]
+            if ends is not None:
+                valid = valid & (p + 2 < ends[p])[None, :]
             loss[:] = valid.to(cdt)
         return loss, torch.zeros((L, B, max(T - 1, 0), 2), dtype=cdt, device=h0.device)
     loss = torch.empty((L, B, T - 2), dtype=cdt, device=h0.device)
     stats = torch.empty((L, B, T - 1, 2), dtype=cdt, device=h0.device)
     offs, aligned = _offsets(hidden)
     len_t, has_len = _len_arg(lengths, stats)
+    end_t, has_end = _opt_arg(ends, offs)
     loss_arg = loss if T > 2 else stats  # T == 2: nothing is stored into loss (empty)
     es = h0.element_size()
     bp, bd = _rows_cols(T - 1, L * B, D, es)
     nq = triton.cdiv(T - 1, bp)
     _stp_dense_fwd_kernel[(L * B * nq,)](
-        h0, offs, len_t, loss_arg, stats, B, T, D, nq,
-        HAS_LEN=has_len, MULTI=L > 1, OFF_ALIGNED=aligned, IS_D1=D == 1, EPS=STP_EPS, CDT=tcdt,
+        h0, offs, len_t, end_t, loss_arg, stats, B, T, D, nq,
+        HAS_LEN=has_len, HAS_END=has_end, MULTI=L > 1, OFF_ALIGNED=aligned, IS_D1=D == 1, EPS=STP_EPS, CDT=tcdt,
         BLOCK_P=bp, BLOCK_D=bd, num_warps=_num_warps(bp * bd, D, es))
     return loss, stats
 
 
 def stp_dense_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[torch.Tensor],
-                  lengths: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                  lengths: Optional[torch.Tensor] = None, ends: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """Gradient of sum(grad_loss * dense loss) w.r.t. each layer (reference.stp_loss_dense_backward).
 
     grad_loss (L, B, T-2), stats (L, B, T-1, 2), contiguous in the compute dtype.
@@ -732,6 +786,7 @@ def stp_dense_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[tor
     hoffs, h_al = _offsets(hidden)
     goffs, g_al = _offsets(grads)
     len_t, has_len = _len_arg(lengths, grad_loss)
+    end_t, has_end = _opt_arg(ends, hoffs)
     es = h0.element_size()
     tile = _tile_elems(D, es)
     if _INTERPRET:
@@ -743,7 +798,7 @@ def stp_dense_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[tor
         bd = min(triton.next_power_of_2(D), max(tile // bt, 16))
     nt, nd = triton.cdiv(T, bt), triton.cdiv(D, bd)
     _stp_dense_bwd_kernel[(L * B * nt * nd,)](
-        h0, grads[0], hoffs, goffs, len_t, grad_loss, stats, B, T, D, nt, nd,
-        HAS_LEN=has_len, MULTI=L > 1, H_ALIGNED=h_al, G_ALIGNED=g_al, EPS=STP_EPS, CDT=tcdt,
+        h0, grads[0], hoffs, goffs, len_t, end_t, grad_loss, stats, B, T, D, nt, nd,
+        HAS_LEN=has_len, HAS_END=has_end, MULTI=L > 1, H_ALIGNED=h_al, G_ALIGNED=g_al, EPS=STP_EPS, CDT=tcdt,
         BLOCK_T=bt, BLOCK_D=bd, num_warps=_num_warps(bt * bd, D, es))
     return grads

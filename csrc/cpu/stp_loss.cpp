@@ -9,6 +9,11 @@
 // sampled backward sorts each sequence's (position, span, role) entries, so repeated positions
 // are summed in a fixed order in a work row; rows no triple touches are zero-filled by the same
 // task. The dense backward computes dh[p] = gd[p-1] - gd[p] from a rolling window of steps.
+//
+// Packed sequences (cu_seqlens, hidden (1, total, D)): the sampled kernels run "row" j over
+// document j (base token cu[j], length and capacity cu[j+1] - cu[j]) instead of row b (base b*T,
+// capacity T); the dense kernels run the one packed row with each position's document end, a
+// triple (p, p+1, p+2) or a step (q, q+1) existing only inside one document.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +24,7 @@
 #include "common.h"
 #include "py_format.h"
 #include "stp_cosine.h"
+#include "varlen.h"
 
 #include <algorithm>
 #include <cmath>
@@ -91,28 +97,72 @@ void check_length_values(const char* op, const c10::optional<at::Tensor>& length
   }
 }
 
-void check_triples(const char* op, const at::Tensor& triples, const at::Tensor& h0) {
-  const int64_t B = h0.size(0);
-  TORCH_CHECK_VALUE(triples.dim() == 3 && triples.size(0) >= 1, op,
-                    ": triples must have shape (n_spans, B, 3) with n_spans >= 1, got shape ", triples.sizes());
-  check_index(op, "triples", triples, {triples.size(0), B, 3}, "(n_spans, B, 3)", h0);
+// The rows of a packed batch are its N documents: triples are (n_spans, N, 3).
+void check_triples(const char* op, const at::Tensor& triples, const at::Tensor& h0, int64_t n_rows, bool packed) {
+  const char* spec = packed ? "(n_spans, N, 3)" : "(n_spans, B, 3)";
+  TORCH_CHECK_VALUE(triples.dim() == 3 && triples.size(0) >= 1, op, ": triples must have shape ", spec,
+                    " with n_spans >= 1, got shape ", triples.sizes());
+  check_index(op, "triples", triples, {triples.size(0), n_rows, 3}, spec, h0);
+}
+
+// cu_seqlens: one packed row, no lengths, then checked_cu_seqlens (shape, dtype, device, values).
+// Returns the offsets (empty without cu_seqlens).
+std::vector<int64_t> check_packed(const char* op, const at::Tensor& h0, const c10::optional<at::Tensor>& lengths,
+                                  const c10::optional<at::Tensor>& cu_seqlens) {
+  if (!cu_seqlens.has_value()) return {};
+  TORCH_CHECK_VALUE(h0.size(0) == 1, op,
+                    ": with cu_seqlens, hidden must be one packed row (1, total, D), got batch size ", h0.size(0));
+  TORCH_CHECK_VALUE(!lengths.has_value(), op, ": pass either lengths or cu_seqlens, not both");
+  return checked_cu_seqlens(op, *cu_seqlens, h0.size(1), h0.device());
+}
+
+// Rows of the sampled loss: row b of a padded batch (tokens b*T .. b*T + T - 1, valid prefix
+// lengths[b]) or document j of a packed one (tokens cu[j] .. cu[j+1] - 1, all valid).
+struct Rows {
+  std::vector<int64_t> base, cap, len;  // first token, capacity, valid length
+  int64_t max_cap = 0;
+};
+
+Rows make_rows(const std::vector<int64_t>& cu, const c10::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
+  Rows r;
+  if (!cu.empty()) {
+    const int64_t N = static_cast<int64_t>(cu.size()) - 1;
+    for (int64_t j = 0; j < N; ++j) {
+      r.base.push_back(cu[j]);
+      r.cap.push_back(cu[j + 1] - cu[j]);
+      r.max_cap = std::max(r.max_cap, cu[j + 1] - cu[j]);
+    }
+    r.len = r.cap;
+    return r;
+  }
+  r.len.assign(B, T);
+  if (lengths.has_value()) {
+    const auto len = lengths->contiguous();
+    std::copy(len.data_ptr<int64_t>(), len.data_ptr<int64_t>() + B, r.len.begin());
+  }
+  for (int64_t b = 0; b < B; ++b) r.base.push_back(b * T);
+  r.cap.assign(B, T);
+  r.max_cap = T;
+  return r;
+}
+
+// Per packed position p: the end (exclusive) of its document; empty without cu_seqlens.
+std::vector<int64_t> document_ends(const std::vector<int64_t>& cu) {
+  std::vector<int64_t> ends;
+  if (cu.empty()) return ends;
+  ends.resize(cu.back());
+  for (size_t j = 0; j + 1 < cu.size(); ++j) std::fill(ends.begin() + cu[j], ends.begin() + cu[j + 1], cu[j + 1]);
+  return ends;
 }
 
 // Run after check_length_values: the lengths are then known to lie in [0, T].
-void check_triple_values(const char* op, const at::Tensor& triples, const c10::optional<at::Tensor>& lengths,
-                         const at::Tensor& h0) {
-  const int64_t B = h0.size(0), T = h0.size(1);
+void check_triple_values(const char* op, const at::Tensor& triples, const Rows& rows) {
+  const int64_t B = static_cast<int64_t>(rows.len.size());
   const auto tri = triples.contiguous();
   const int64_t* p = tri.data_ptr<int64_t>();
-  at::Tensor len;
-  const int64_t* l = nullptr;
-  if (lengths.has_value()) {
-    len = lengths->contiguous();
-    l = len.data_ptr<int64_t>();
-  }
   for (int64_t i = 0; i < triples.size(0); ++i) {
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t n = l ? l[b] : T;
+      const int64_t n = rows.len[b];
       if (n < 3) continue;
       const int64_t* q = p + (i * B + b) * 3;
       TORCH_CHECK_VALUE(0 <= q[0] && q[0] < q[1] && q[1] < q[2] && q[2] < n, op,
@@ -196,10 +246,11 @@ std::pair<at::Tensor, bool> grad_buffer(const at::Tensor& h, bool hugepages) {
 
 // ---------------------------------------------------------------- sampled triples
 template <typename scalar_t>
-void sampled_forward(const std::vector<at::Tensor>& hidden, const int64_t* tri, const std::vector<int64_t>& len,
-                     int64_t S, at::Tensor& loss, at::Tensor& stats) {
+void sampled_forward(const std::vector<at::Tensor>& hidden, const int64_t* tri, const Rows& rows, int64_t S,
+                     at::Tensor& loss, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
+  const int64_t L = hidden.size(), B = rows.len.size(), D = hidden[0].size(2);
+  const auto& len = rows.len;
   std::vector<const scalar_t*> base(L);
   for (int64_t l = 0; l < L; ++l) base[l] = hidden[l].data_ptr<scalar_t>();
   acc_t* lo = loss.data_ptr<acc_t>();
@@ -210,7 +261,7 @@ void sampled_forward(const std::vector<at::Tensor>& hidden, const int64_t* tri, 
       const int64_t l = i / (S * B), sb = i % (S * B), b = sb % B;
       if (len[b] < 3) continue;
       const int64_t* q = tri + sb * 3;
-      const scalar_t* row = base[l] + b * T * D;
+      const scalar_t* row = base[l] + rows.base[b] * D;
       const auto c = triple_cosine<acc_t>(row + q[0] * D, row + q[1] * D, row + q[2] * D, D);
       lo[i] = acc_t(1) - c.cos;
       st[3 * i] = c.na;
@@ -221,22 +272,26 @@ void sampled_forward(const std::vector<at::Tensor>& hidden, const int64_t* tri, 
 }
 
 std::tuple<at::Tensor, at::Tensor> stp_loss_cpu(at::TensorList hidden_in, const at::Tensor& triples_in,
-                                                const c10::optional<at::Tensor>& lengths) {
+                                                const c10::optional<at::Tensor>& lengths,
+                                                const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "stp_loss";
   check_hidden(op, hidden_in);
-  check_triples(op, triples_in, hidden_in[0]);
+  const auto cu = check_packed(op, hidden_in[0], lengths, cu_seqlens);
+  const bool packed = cu_seqlens.has_value();
+  const int64_t B = packed ? static_cast<int64_t>(cu.size()) - 1 : hidden_in[0].size(0);
+  check_triples(op, triples_in, hidden_in[0], B, packed);
   check_lengths(op, lengths, hidden_in[0]);
   check_length_values(op, lengths, hidden_in[0]);
-  check_triple_values(op, triples_in, lengths, hidden_in[0]);
+  const auto rows = make_rows(cu, lengths, hidden_in[0].size(0), hidden_in[0].size(1));
+  check_triple_values(op, triples_in, rows);
   const auto hidden = contiguous_all(hidden_in);
   const auto triples = triples_in.contiguous();
-  const int64_t L = hidden.size(), S = triples.size(0), B = hidden[0].size(0), T = hidden[0].size(1);
+  const int64_t L = hidden.size(), S = triples.size(0);
   const auto opts = hidden[0].options().dtype(acc_type(hidden[0]));
   auto loss = at::zeros({L, S, B}, opts);
   auto stats = at::zeros({L, S, B, 3}, opts);
-  const auto len = row_lengths(lengths, B, T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_cpu", [&] {
-    sampled_forward<scalar_t>(hidden, triples.data_ptr<int64_t>(), len, S, loss, stats);
+    sampled_forward<scalar_t>(hidden, triples.data_ptr<int64_t>(), rows, S, loss, stats);
   });
   return {loss, stats};
 }
@@ -256,11 +311,12 @@ inline void store_row(scalar_t* out, const acc_t* a, const acc_t* b, int64_t D) 
 }
 
 template <typename scalar_t>
-void sampled_backward(const std::vector<at::Tensor>& hidden, const int64_t* tri, const std::vector<int64_t>& len,
-                      int64_t S, const at::Tensor& grad_loss, const at::Tensor& stats,
-                      std::vector<at::Tensor>& grads, const std::vector<bool>& zeroed) {
+void sampled_backward(const std::vector<at::Tensor>& hidden, const int64_t* tri, const Rows& rows, int64_t S,
+                      const at::Tensor& grad_loss, const at::Tensor& stats, std::vector<at::Tensor>& grads,
+                      const std::vector<bool>& zeroed) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
+  const int64_t L = hidden.size(), B = rows.len.size(), D = hidden[0].size(2);
+  const auto& len = rows.len;
   // Per row b: its 3S entries sorted by position (shared by all layers); inactive rows get none.
   std::vector<std::vector<Entry>> entries(B);
   for (int64_t b = 0; b < B; ++b) {
@@ -279,15 +335,18 @@ void sampled_backward(const std::vector<at::Tensor>& hidden, const int64_t* tri,
     if (len[i % B] >= 3) coef[i] = CosGrad<acc_t>(st[3 * i], st[3 * i + 1], st[3 * i + 2], -gl[i]);
   }
   // Tasks: (layer, row, chunk of positions). Each writes its chunk of gradient rows exactly once.
+  // Every token belongs to exactly one row (padded: row b's T tokens; packed: one document), so
+  // the tasks together write the whole gradient. Chunks past a short document's end do nothing.
   const int64_t chunk = 64;
-  const int64_t per_seq = (T + chunk - 1) / chunk;
+  const int64_t per_seq = (rows.max_cap + chunk - 1) / chunk;
   at::parallel_for(0, L * B * per_seq, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> work(D), zeros(D, acc_t(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t l = task / (B * per_seq), b = (task / per_seq) % B, c = task % per_seq;
-      const int64_t p0 = c * chunk, p1 = std::min(T, p0 + chunk);
-      const scalar_t* hrow = hidden[l].data_ptr<scalar_t>() + b * T * D;
-      scalar_t* grow = grads[l].data_ptr<scalar_t>() + b * T * D;
+      const int64_t p0 = c * chunk, p1 = std::min(rows.cap[b], p0 + chunk);
+      if (p0 >= p1) continue;
+      const scalar_t* hrow = hidden[l].data_ptr<scalar_t>() + rows.base[b] * D;
+      scalar_t* grow = grads[l].data_ptr<scalar_t>() + rows.base[b] * D;
       const auto& e = entries[b];
       auto it = std::lower_bound(e.begin(), e.end(), Entry{p0, -1, -1});
       int64_t p = p0;  // first row of the chunk not yet written
@@ -318,20 +377,23 @@ void sampled_backward(const std::vector<at::Tensor>& hidden, const int64_t* tri,
 
 std::vector<at::Tensor> stp_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& stats_in,
                                               at::TensorList hidden_in, const at::Tensor& triples_in,
-                                              const c10::optional<at::Tensor>& lengths) {
+                                              const c10::optional<at::Tensor>& lengths,
+                                              const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "stp_loss_backward";
   check_hidden(op, hidden_in);
-  check_triples(op, triples_in, hidden_in[0]);
+  const auto cu = check_packed(op, hidden_in[0], lengths, cu_seqlens);
+  const bool packed = cu_seqlens.has_value();
+  const int64_t B = packed ? static_cast<int64_t>(cu.size()) - 1 : hidden_in[0].size(0);
+  check_triples(op, triples_in, hidden_in[0], B, packed);
   check_lengths(op, lengths, hidden_in[0]);
-  const int64_t L = hidden_in.size(), S = triples_in.size(0), B = hidden_in[0].size(0), T = hidden_in[0].size(1),
-                D = hidden_in[0].size(2);
+  const int64_t L = hidden_in.size(), S = triples_in.size(0), T = hidden_in[0].size(1), D = hidden_in[0].size(2);
   check_grad(op, "grad_loss", grad_loss_in, {L, S, B}, hidden_in[0]);
   check_grad(op, "stats", stats_in, {L, S, B, 3}, hidden_in[0]);
   check_length_values(op, lengths, hidden_in[0]);
-  check_triple_values(op, triples_in, lengths, hidden_in[0]);
+  const auto rows = make_rows(cu, lengths, hidden_in[0].size(0), T);
+  check_triple_values(op, triples_in, rows);
   const auto hidden = contiguous_all(hidden_in);
   const auto triples = triples_in.contiguous();
-  const auto len = row_lengths(lengths, B, T);
   std::vector<at::Tensor> grads;
   std::vector<bool> zeroed;
   for (const auto& h : hidden) {
@@ -339,9 +401,13 @@ std::vector<at::Tensor> stp_loss_backward_cpu(const at::Tensor& grad_loss_in, co
     grads.push_back(buf.first);
     zeroed.push_back(buf.second);
   }
-  if (B * T * D == 0) return grads;
+  if (hidden[0].numel() == 0 || B == 0) {
+    for (size_t l = 0; l < grads.size(); ++l)
+      if (!zeroed[l]) grads[l].zero_();  // packed with no document: nothing writes the buffer
+    return grads;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_backward_cpu", [&] {
-    sampled_backward<scalar_t>(hidden, triples.data_ptr<int64_t>(), len, S, grad_loss_in.contiguous(),
+    sampled_backward<scalar_t>(hidden, triples.data_ptr<int64_t>(), rows, S, grad_loss_in.contiguous(),
                                stats_in.contiguous(), grads, zeroed);
   });
   return grads;
@@ -349,8 +415,8 @@ std::vector<at::Tensor> stp_loss_backward_cpu(const at::Tensor& grad_loss_in, co
 
 // ---------------------------------------------------------------- dense (every consecutive triple)
 template <typename scalar_t>
-void dense_forward(const std::vector<at::Tensor>& hidden, const std::vector<int64_t>& len, at::Tensor& loss,
-                   at::Tensor& stats) {
+void dense_forward(const std::vector<at::Tensor>& hidden, const std::vector<int64_t>& len,
+                   const std::vector<int64_t>& ends, at::Tensor& loss, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
   const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
@@ -367,8 +433,10 @@ void dense_forward(const std::vector<at::Tensor>& hidden, const std::vector<int6
       acc_t* s = st + (l * B + b) * Q * 2;
       acc_t* lrow = lo + (l * B + b) * P;
       // Triple q supplies |d_q| and its cosine; the last valid step has no triple of its own.
+      // Packed: a triple or a step that leaves its document does not exist (stats stay 0).
       for (int64_t q = q0; q < q1; ++q) {
-        if (q + 1 < nq) {
+        if (!ends.empty() && q + 1 >= ends[q]) continue;
+        if (q + 1 < nq && (ends.empty() || q + 2 < ends[q])) {
           const auto cs = triple_cosine<acc_t>(x + q * D, x + (q + 1) * D, x + (q + 2) * D, D);
           s[2 * q] = cs.na;
           s[2 * q + 1] = cs.cos;
@@ -382,9 +450,11 @@ void dense_forward(const std::vector<at::Tensor>& hidden, const std::vector<int6
 }
 
 std::tuple<at::Tensor, at::Tensor> stp_loss_dense_cpu(at::TensorList hidden_in,
-                                                      const c10::optional<at::Tensor>& lengths) {
+                                                      const c10::optional<at::Tensor>& lengths,
+                                                      const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "stp_loss_dense";
   check_hidden(op, hidden_in);
+  const auto ends = document_ends(check_packed(op, hidden_in[0], lengths, cu_seqlens));
   check_lengths(op, lengths, hidden_in[0]);
   check_length_values(op, lengths, hidden_in[0]);
   const auto hidden = contiguous_all(hidden_in);
@@ -396,14 +466,15 @@ std::tuple<at::Tensor, at::Tensor> stp_loss_dense_cpu(at::TensorList hidden_in,
   const auto len = row_lengths(lengths, B, T);
   if (L * B * Q == 0) return {loss, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_dense_cpu", [&] {
-    dense_forward<scalar_t>(hidden, len, loss, stats);
+    dense_forward<scalar_t>(hidden, len, ends, loss, stats);
   });
   return {loss, stats};
 }
 
 template <typename scalar_t>
 void dense_backward(const std::vector<at::Tensor>& hidden, const std::vector<int64_t>& len,
-                    const at::Tensor& grad_loss, const at::Tensor& stats, std::vector<at::Tensor>& grads) {
+                    const std::vector<int64_t>& ends, const at::Tensor& grad_loss, const at::Tensor& stats,
+                    std::vector<at::Tensor>& grads) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = hidden.size(), B = hidden[0].size(0), T = hidden[0].size(1), D = hidden[0].size(2);
   const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
@@ -427,12 +498,14 @@ void dense_backward(const std::vector<at::Tensor>& hidden, const std::vector<int
       // gd[q] = d loss / d step q = ga of triple q (its a) + gb of triple q - 1 (its b), counting
       // only valid triples p < np; dh[p] = gd[p-1] - gd[p]. Invalid triples are skipped, so padding
       // past a row's length is never read (a NaN there cannot leak in as 0 * NaN).
+      // Packed: triple p exists only inside one document (p + 2 < its end).
+      auto valid = [&](int64_t p) { return p >= 0 && p < np && (ends.empty() || p + 2 < ends[p]); };
       auto step_grad = [&](int64_t q, acc_t* out) {
         std::fill(out, out + D, acc_t(0));
-        if (q >= 0 && q < np) {
+        if (valid(q)) {
           add_cos_grad<Term::kGa>(out, x + q * D, x + (q + 1) * D, x + (q + 2) * D, coef(q), D);
         }
-        if (q >= 1 && q - 1 < np) {
+        if (valid(q - 1)) {
           add_cos_grad<Term::kGb>(out, x + (q - 1) * D, x + q * D, x + (q + 1) * D, coef(q - 1), D);
         }
       };
@@ -457,9 +530,11 @@ void dense_backward(const std::vector<at::Tensor>& hidden, const std::vector<int
 
 std::vector<at::Tensor> stp_loss_dense_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& stats_in,
                                                     at::TensorList hidden_in,
-                                                    const c10::optional<at::Tensor>& lengths) {
+                                                    const c10::optional<at::Tensor>& lengths,
+                                                    const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "stp_loss_dense_backward";
   check_hidden(op, hidden_in);
+  const auto ends = document_ends(check_packed(op, hidden_in[0], lengths, cu_seqlens));
   check_lengths(op, lengths, hidden_in[0]);
   const int64_t L = hidden_in.size(), B = hidden_in[0].size(0), T = hidden_in[0].size(1), D = hidden_in[0].size(2);
   const int64_t P = std::max<int64_t>(T - 2, 0), Q = std::max<int64_t>(T - 1, 0);
@@ -472,7 +547,7 @@ std::vector<at::Tensor> stp_loss_dense_backward_cpu(const at::Tensor& grad_loss_
   for (const auto& h : hidden) grads.push_back(grad_buffer(h, /*hugepages=*/true).first);  // written in full
   if (B * T * D == 0) return grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden[0].scalar_type(), "stp_loss_dense_backward_cpu",
-                                  [&] { dense_backward<scalar_t>(hidden, len, grad_loss_in.contiguous(),
+                                  [&] { dense_backward<scalar_t>(hidden, len, ends, grad_loss_in.contiguous(),
                                                                  stats_in.contiguous(), grads); });
   return grads;
 }

@@ -41,9 +41,11 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 using FlowFn = Tensor(const Tensor&, int64_t, double);
 using FlowBackwardFn = Tensor(const Tensor&, const Tensor&, int64_t, double);
-using StpFn = std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&, const std::optional<Tensor>&);
+// The last optional is cu_seqlens (packed sequences); this example runs padded batches (nullopt).
+using StpFn = std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&, const std::optional<Tensor>&,
+                                         const std::optional<Tensor>&);
 using StpBackwardFn = std::vector<Tensor>(const Tensor&, const Tensor&, at::TensorList, const Tensor&,
-                                          const std::optional<Tensor>&);
+                                          const std::optional<Tensor>&, const std::optional<Tensor>&);
 using AttnFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                           const std::optional<Tensor>&, bool, std::optional<double>);
 using AttnBackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(
@@ -73,7 +75,7 @@ struct StpLoss : torch::autograd::Function<StpLoss> {
   // Returns {losses (L, S, B), stats (L, S, B, 3)}; stats (norms and cosines) feed the backward.
   static variable_list forward(AutogradContext* ctx, at::TensorList hidden, const Tensor& triples,
                                const std::optional<Tensor>& lengths) {
-    auto [losses, stats] = op<StpFn>("trajops::stp_loss").call(hidden, triples, lengths);
+    auto [losses, stats] = op<StpFn>("trajops::stp_loss").call(hidden, triples, lengths, std::nullopt);
     ctx->mark_non_differentiable({stats});
     variable_list saved{stats, triples, lengths.value_or(Tensor())};
     saved.insert(saved.end(), hidden.begin(), hidden.end());
@@ -86,7 +88,7 @@ struct StpLoss : torch::autograd::Function<StpLoss> {
     std::optional<Tensor> lengths;
     if (saved[2].defined()) lengths = saved[2];
     variable_list out = op<StpBackwardFn>("trajops::stp_loss_backward")
-                            .call(grads[0].contiguous(), saved[0], hidden, saved[1], lengths);
+                            .call(grads[0].contiguous(), saved[0], hidden, saved[1], lengths, std::nullopt);
     out.emplace_back();  // triples
     out.emplace_back();  // lengths
     return out;

@@ -25,8 +25,9 @@ class STPInject(nn.Module):
             default ``scale_grads=True``; 1/M for M summed microbatches).
         start_step: the seam is a plain identity (no loss computed) while ``step < start_step``.
 
-    Call: ``forward(hidden, *, step=None, triples=None, lengths=None, generator=None)`` with
-    ``hidden`` (B, T, D) -> the same tensor (a view). There is no call counter: a pipeline calls
+    Call: ``forward(hidden, *, step=None, triples=None, lengths=None, generator=None,
+    cu_seqlens=None)`` with ``hidden`` (B, T, D) -> the same tensor (a view); a packed batch
+    ((1, total, D) or (total, D) with ``cu_seqlens``) is passed through to :func:`trajops.stp_inject`. There is no call counter: a pipeline calls
     the stage once per microbatch, so the caller passes the optimizer ``step``; ``step=None`` means
     "on". ``last_loss`` holds the last unweighted STP loss value (a detached 0-d tensor, no host
     sync; None when the seam was off) for logging.
@@ -54,6 +55,7 @@ class STPInject(nn.Module):
         triples: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         if step is not None and step < self.start_step:
             self.last_loss = None
@@ -67,6 +69,7 @@ class STPInject(nn.Module):
             scale=self.scale,
             generator=generator,
             return_loss=True,
+            cu_seqlens=cu_seqlens,
         )
         self.last_loss = loss
         return out

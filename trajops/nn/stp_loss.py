@@ -110,8 +110,10 @@ class STPLoss(nn.Module):
         enabled: False makes the module return that connected zero at every step (a config's
             ``stp_enabled: false``; see :meth:`from_config`).
 
-    Call: ``forward(hidden_states, *, step=None, lengths=None, triples=None, generator=None)`` with
-    ``hidden_states`` a (B, T, D) tensor or a sequence of them (e.g. a transformers model's
+    Call: ``forward(hidden_states, *, step=None, lengths=None, triples=None, generator=None,
+    cu_seqlens=None)`` with ``hidden_states`` a (B, T, D) tensor or a sequence of them (packed
+    batches: (1, total, D) or (total, D) with ``cu_seqlens``, passed through to
+    :func:`trajops.stp_loss`) (e.g. a transformers model's
     ``output_hidden_states``). ``step`` defaults to the module's own counter, which counts the calls
     made in training mode (pass ``step`` explicitly when you accumulate gradients). The counter is
     saved in the ``state_dict``.
@@ -180,6 +182,7 @@ class STPLoss(nn.Module):
         lengths: Optional[Tensor] = None,
         triples: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
         states = [hidden_states] if isinstance(hidden_states, Tensor) else list(hidden_states)
         n = len(states)
@@ -193,8 +196,10 @@ class STPLoss(nn.Module):
         if not self.enabled or current < self.start_step:
             acc = compute_dtype(selected[0].dtype)
             # A sum over an empty slice: exactly 0 (even if h holds NaN) and still part of the graph.
-            return sum(h.narrow(1, 0, 0).sum(dtype=acc) for h in selected) * self.weight
-        return self.weight * stp_loss(selected, self.n_spans, triples=triples, lengths=lengths, generator=generator)
+            return sum(h.narrow(-2, 0, 0).sum(dtype=acc) for h in selected) * self.weight
+        return self.weight * stp_loss(
+            selected, self.n_spans, triples=triples, lengths=lengths, generator=generator, cu_seqlens=cu_seqlens
+        )
 
     def get_extra_state(self) -> Any:
         return {"step": self.step}

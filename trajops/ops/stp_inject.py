@@ -64,6 +64,7 @@ def stp_inject(
     scale: float = 1.0,
     generator: Optional[torch.Generator] = None,
     return_loss: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
     """Identity in the forward; adds the gradient of ``weight * scale * stp_loss(hidden)`` in the backward.
 
@@ -101,6 +102,9 @@ def stp_inject(
             default-generator path (its random stream differs from eager's) and explicit triples.
         return_loss: also return the (unweighted) STP loss value, detached, for logging (a 0-d
             float32 tensor, float64 for float64 input; no host sync).
+        cu_seqlens: optional (N + 1,) document offsets of a packed batch: hidden is then
+            (1, total, D) or (total, D) and the loss is :func:`trajops.stp_loss`'s packed one
+            (triples (n_spans, N, 3) inside documents). Not with ``lengths``.
 
     Returns:
         ``out`` (B, T, D), or ``(out, loss)`` with ``return_loss=True`` (``loss`` is None when
@@ -115,8 +119,10 @@ def stp_inject(
     """
     if not isinstance(hidden, Tensor):
         raise TypeError(f"stp_inject: hidden must be a (B, T, D) tensor, got {type(hidden).__name__}")
-    if hidden.dim() != 3:
+    if hidden.dim() != 3 and not (cu_seqlens is not None and hidden.dim() == 2):
         raise ValueError(f"stp_inject: hidden must have shape (B, T, D), got shape {list(hidden.shape)}")
+    if cu_seqlens is not None and lengths is not None:
+        raise ValueError("stp_inject: pass either lengths or cu_seqlens, not both")
     weight = nonnegative_number("stp_inject", "weight", weight)
     scale = nonnegative_number("stp_inject", "scale", scale)
     if isinstance(n_spans, bool) or not isinstance(n_spans, int) or n_spans < 1:
@@ -129,6 +135,11 @@ def stp_inject(
         # returned, not a view: there is no backward to attach.
         return (hidden, None) if return_loss else hidden
     lens = _as_lengths("stp_inject", lengths, hidden)
+    if cu_seqlens is not None:
+        # stp_loss samples per document (and checks the packed layout).
+        loss = stp_loss(hidden, n_spans, triples=triples, generator=generator, cu_seqlens=cu_seqlens)
+        out = _AttachLossGrad.apply(hidden, loss, coef)
+        return (out, loss.detach()) if return_loss else out
     if triples is None:
         B, T, _ = hidden.shape
         triples = sample_stp_triples(B, T, n_spans, lengths=lens, generator=generator, device=hidden.device)

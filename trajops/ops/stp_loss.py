@@ -8,6 +8,9 @@ triton_kernels/stp_loss.py, the semantics in trajops/reference/stp_loss.py.
 The ops return per-triple losses plus small ``stats`` (norms and cosines per triple) that the
 backward reuses, so that neither backward recomputes a reduction over D: the backward of the sampled
 loss is then one pass over the touched rows, the dense backward one pass over h.
+
+Packed sequences: every op takes ``cu_seqlens`` (N + 1,) with hidden (1, total, D), equivalent to
+the padded batch of the N documents (the rule: :mod:`trajops.reference.stp_loss`).
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import reference, varlen
 from .._library import register_kernels
 from ..reference._common import compute_dtype as _acc_dtype
+from ..reference.stp_loss import _sane_offsets
 
 __all__ = ["sample_stp_triples", "stp_loss", "stp_loss_dense"]
 
@@ -71,14 +75,29 @@ def _check_lengths(op: str, lengths: Optional[Tensor], h0: Tensor) -> None:
         _check_index(op, "lengths", lengths, (B,), f"(B,) = ({B},)", h0)
 
 
-def _check_triples(op: str, triples: Tensor, h0: Tensor) -> None:
-    B = h0.shape[0]
+def _check_triples(op: str, triples: Tensor, h0: Tensor, n_rows: int, packed: bool) -> None:
+    # The rows of a packed batch are its N documents.
+    spec = "(n_spans, N, 3)" if packed else "(n_spans, B, 3)"
     S = triples.shape[0] if triples.dim() == 3 else 0
     torch._check_value(
         triples.dim() == 3 and S >= 1,
-        lambda: f"{op}: triples must have shape (n_spans, B, 3) with n_spans >= 1, got shape {list(triples.shape)}",
+        lambda: f"{op}: triples must have shape {spec} with n_spans >= 1, got shape {list(triples.shape)}",
     )
-    _check_index(op, "triples", triples, (S, B, 3), f"(n_spans, B, 3) = ({S}, {B}, 3)", h0)
+    _check_index(op, "triples", triples, (S, n_rows, 3), f"{spec} = ({S}, {n_rows}, 3)", h0)
+
+
+def _check_packed(op: str, h0: Tensor, lengths: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> int:
+    """cu_seqlens: one packed row, no lengths, valid offsets (values on CPU). Returns the number of
+    rows of the loss (B, or N documents)."""
+    if cu_seqlens is None:
+        return h0.shape[0]
+    torch._check_value(
+        h0.shape[0] == 1,
+        lambda: f"{op}: with cu_seqlens, hidden must be one packed row (1, total, D), got batch size {h0.shape[0]}",
+    )
+    torch._check_value(lengths is None, lambda: f"{op}: pass either lengths or cu_seqlens, not both")
+    varlen.check_cu_seqlens(op, cu_seqlens, h0.shape[1], h0.device)
+    return cu_seqlens.shape[0] - 1
 
 
 def _check_grad(op: str, name: str, t: Tensor, shape: Tuple[int, ...], h0: Tensor) -> None:
@@ -90,15 +109,20 @@ def _check_grad(op: str, name: str, t: Tensor, shape: Tuple[int, ...], h0: Tenso
     torch._check(t.device == h0.device, lambda: f"{op}: {name} must be on the device of hidden ({h0.device})")
 
 
-def _check_sampled(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor]) -> None:
-    _check_hidden("stp_loss", hidden)
-    _check_triples("stp_loss", triples, hidden[0])
-    _check_lengths("stp_loss", lengths, hidden[0])
+def _check_sampled(
+    hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor], cu_seqlens=None, op: str = "stp_loss"
+) -> int:
+    _check_hidden(op, hidden)
+    rows = _check_packed(op, hidden[0], lengths, cu_seqlens)
+    _check_triples(op, triples, hidden[0], rows, cu_seqlens is not None)
+    _check_lengths(op, lengths, hidden[0])
+    return rows
 
 
-def _check_sampled_backward(grad_loss, stats, hidden, triples, lengths) -> None:
-    _check_sampled(hidden, triples, lengths)
-    L, S, B = len(hidden), triples.shape[0], hidden[0].shape[0]
+def _check_sampled_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens=None) -> None:
+    # The backward op's own name leads its messages, as in csrc/cpu/stp_loss.cpp.
+    B = _check_sampled(hidden, triples, lengths, cu_seqlens, op="stp_loss_backward")
+    L, S = len(hidden), triples.shape[0]
     _check_grad("stp_loss_backward", "grad_loss", grad_loss, (L, S, B), hidden[0])
     _check_grad("stp_loss_backward", "stats", stats, (L, S, B, 3), hidden[0])
 
@@ -109,21 +133,25 @@ def _dense_shapes(hidden: Sequence[Tensor]) -> Tuple[Tuple[int, ...], Tuple[int,
     return (L, B, max(T - 2, 0)), (L, B, max(T - 1, 0), 2)
 
 
-def _check_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor]) -> None:
-    _check_hidden("stp_loss_dense", hidden)
-    _check_lengths("stp_loss_dense", lengths, hidden[0])
+def _check_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor], cu_seqlens=None, op="stp_loss_dense") -> None:
+    _check_hidden(op, hidden)
+    _check_packed(op, hidden[0], lengths, cu_seqlens)
+    _check_lengths(op, lengths, hidden[0])
 
 
-def _check_dense_backward(grad_loss, stats, hidden, lengths) -> None:
-    _check_dense(hidden, lengths)
+def _check_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens=None) -> None:
+    _check_dense(hidden, lengths, cu_seqlens, op="stp_loss_dense_backward")
     loss_shape, stats_shape = _dense_shapes(hidden)
     _check_grad("stp_loss_dense_backward", "grad_loss", grad_loss, loss_shape, hidden[0])
     _check_grad("stp_loss_dense_backward", "stats", stats, stats_shape, hidden[0])
 
 
-def _check_values(op: str, T: int, triples: Optional[Tensor], lengths: Optional[Tensor]) -> None:
+def _check_values(
+    op: str, T: int, triples: Optional[Tensor], lengths: Optional[Tensor], cu_seqlens: Optional[Tensor] = None
+) -> None:
     """Range checks of index *values*. They read the tensors, so on CUDA they would cost a host sync:
-    the reference and the CPU kernels run them; the CUDA kernels write NaN losses instead."""
+    the reference and the CPU kernels run them; the CUDA kernels write NaN losses instead.
+    With cu_seqlens (already checked) the rows are the documents and their lengths the limits."""
     if lengths is not None:
         bad = (lengths < 0) | (lengths > T)
         if bool(bad.any()):
@@ -131,6 +159,9 @@ def _check_values(op: str, T: int, triples: Optional[Tensor], lengths: Optional[
             raise ValueError(f"{op}: lengths must be in [0, T] = [0, {T}], got {int(lengths[b])} for row {b}")
     if triples is None:
         return
+    if cu_seqlens is not None:
+        c = cu_seqlens.to(torch.int64)
+        lengths = c[1:] - c[:-1]
     active = triples.new_full((triples.shape[1],), T >= 3, dtype=torch.bool) if lengths is None else lengths >= 3
     limit = torch.full_like(triples[0, :, 0], T) if lengths is None else lengths
     s, r, t = triples.unbind(-1)
@@ -145,67 +176,78 @@ def _check_values(op: str, T: int, triples: Optional[Tensor], lengths: Optional[
 
 # ---------------------------------------------------------------- fake (meta) impls
 @torch.library.register_fake("trajops::stp_loss")
-def _stp_fake(hidden: List[Tensor], triples: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _check_sampled(hidden, triples, lengths)
-    L, S, B = len(hidden), triples.shape[0], hidden[0].shape[0]
+def _stp_fake(
+    hidden: List[Tensor], triples: Tensor, lengths: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    B = _check_sampled(hidden, triples, lengths, cu_seqlens)
+    L, S = len(hidden), triples.shape[0]
     acc = _acc_dtype(hidden[0].dtype)
     return hidden[0].new_empty((L, S, B), dtype=acc), hidden[0].new_empty((L, S, B, 3), dtype=acc)
 
 
 @torch.library.register_fake("trajops::stp_loss_backward")
-def _stp_backward_fake(grad_loss, stats, hidden, triples, lengths) -> List[Tensor]:
-    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths)
+def _stp_backward_fake(grad_loss, stats, hidden, triples, lengths, cu_seqlens=None) -> List[Tensor]:
+    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens)
     return [h.new_empty(h.shape) for h in hidden]
 
 
 @torch.library.register_fake("trajops::stp_loss_dense")
-def _dense_fake(hidden: List[Tensor], lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _check_dense(hidden, lengths)
+def _dense_fake(
+    hidden: List[Tensor], lengths: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    _check_dense(hidden, lengths, cu_seqlens)
     loss_shape, stats_shape = _dense_shapes(hidden)
     acc = _acc_dtype(hidden[0].dtype)
     return hidden[0].new_empty(loss_shape, dtype=acc), hidden[0].new_empty(stats_shape, dtype=acc)
 
 
 @torch.library.register_fake("trajops::stp_loss_dense_backward")
-def _dense_backward_fake(grad_loss, stats, hidden, lengths) -> List[Tensor]:
-    _check_dense_backward(grad_loss, stats, hidden, lengths)
+def _dense_backward_fake(grad_loss, stats, hidden, lengths, cu_seqlens=None) -> List[Tensor]:
+    _check_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens)
     return [h.new_empty(h.shape) for h in hidden]
 
 
 # ---------------------------------------------------------------- autograd
+def _optional_args(rest: Sequence, n: int) -> List[Optional[Tensor]]:
+    # The dispatcher drops trailing arguments equal to their schema default (None) before
+    # autograd sees them: pad them back.
+    return list(rest) + [None] * (n - len(rest))
+
+
 def _stp_setup(ctx, inputs, output) -> None:
-    hidden, triples, lengths = inputs
+    hidden, triples, *rest = inputs
+    lengths, cu_seqlens = _optional_args(rest, 2)
     _, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(stats, triples, lengths, *hidden)
+    ctx.save_for_backward(stats, triples, lengths, cu_seqlens, *hidden)
 
 
 def _grads(ctx, grads):
-    # The dispatcher drops trailing arguments equal to their schema default (lengths=None) before
-    # autograd sees them, and Tensor[] ops must return exactly one gradient per argument passed.
+    # Tensor[] ops must return exactly one gradient per argument passed.
     return (grads,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def _stp_backward(ctx, grad_loss: Tensor, _grad_stats):
-    stats, triples, lengths, *hidden = ctx.saved_tensors
+    stats, triples, lengths, cu_seqlens, *hidden = ctx.saved_tensors
     if grad_loss is None or not any(ctx.needs_input_grad[0]):
         return _grads(ctx, None)
-    grads = torch.ops.trajops.stp_loss_backward(grad_loss.contiguous(), stats, hidden, triples, lengths)
+    grads = torch.ops.trajops.stp_loss_backward(grad_loss.contiguous(), stats, hidden, triples, lengths, cu_seqlens)
     return _grads(ctx, list(grads))
 
 
 def _dense_setup(ctx, inputs, output) -> None:
-    hidden, lengths = inputs
+    hidden, *rest = inputs
+    lengths, cu_seqlens = _optional_args(rest, 2)
     _, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(stats, lengths, *hidden)
+    ctx.save_for_backward(stats, lengths, cu_seqlens, *hidden)
 
 
 def _dense_backward(ctx, grad_loss: Tensor, _grad_stats):
-    stats, lengths, *hidden = ctx.saved_tensors
+    stats, lengths, cu_seqlens, *hidden = ctx.saved_tensors
     if grad_loss is None or not any(ctx.needs_input_grad[0]):
         return _grads(ctx, None)
-    grads = torch.ops.trajops.stp_loss_dense_backward(grad_loss.contiguous(), stats, hidden, lengths)
+    grads = torch.ops.trajops.stp_loss_dense_backward(grad_loss.contiguous(), stats, hidden, lengths, cu_seqlens)
     return _grads(ctx, list(grads))
 
 
@@ -214,28 +256,28 @@ torch.library.register_autograd("trajops::stp_loss_dense", _dense_backward, setu
 
 
 # ---------------------------------------------------------------- kernels
-def _reference_stp(hidden, triples, lengths=None):
-    _check_sampled(hidden, triples, lengths)
-    _check_values("stp_loss", hidden[0].shape[1], triples, lengths)
-    return tuple(t.contiguous() for t in reference.stp_loss(hidden, triples, lengths))
+def _reference_stp(hidden, triples, lengths=None, cu_seqlens=None):
+    _check_sampled(hidden, triples, lengths, cu_seqlens)
+    _check_values("stp_loss", hidden[0].shape[1], triples, lengths, cu_seqlens)
+    return tuple(t.contiguous() for t in reference.stp_loss(hidden, triples, lengths, cu_seqlens))
 
 
-def _reference_stp_backward(grad_loss, stats, hidden, triples, lengths):
-    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths)
-    _check_values("stp_loss_backward", hidden[0].shape[1], triples, lengths)
-    return reference.stp_loss_backward(grad_loss, stats, hidden, triples, lengths)
+def _reference_stp_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens=None):
+    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens)
+    _check_values("stp_loss_backward", hidden[0].shape[1], triples, lengths, cu_seqlens)
+    return reference.stp_loss_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens)
 
 
-def _reference_dense(hidden, lengths=None):
-    _check_dense(hidden, lengths)
+def _reference_dense(hidden, lengths=None, cu_seqlens=None):
+    _check_dense(hidden, lengths, cu_seqlens)
     _check_values("stp_loss_dense", hidden[0].shape[1], None, lengths)
-    return tuple(t.contiguous() for t in reference.stp_loss_dense(hidden, lengths))
+    return tuple(t.contiguous() for t in reference.stp_loss_dense(hidden, lengths, cu_seqlens))
 
 
-def _reference_dense_backward(grad_loss, stats, hidden, lengths):
-    _check_dense_backward(grad_loss, stats, hidden, lengths)
+def _reference_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens=None):
+    _check_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens)
     _check_values("stp_loss_dense_backward", hidden[0].shape[1], None, lengths)
-    return reference.stp_loss_dense_backward(grad_loss, stats, hidden, lengths)
+    return reference.stp_loss_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens)
 
 
 def _contig(ts: Sequence[Tensor]) -> List[Tensor]:
@@ -246,45 +288,68 @@ def _opt_contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def _host_checks(op: str, hidden, triples, lengths) -> None:
+def _host_checks(op: str, hidden, triples, lengths, cu_seqlens=None) -> None:
     # Value checks are free on CPU tensors (the Triton interpreter); on CUDA the kernels flag bad
     # indices with NaN losses instead of paying a host sync.
     if hidden[0].device.type == "cpu":
-        _check_values(op, hidden[0].shape[1], triples, lengths)
+        _check_values(op, hidden[0].shape[1], triples, lengths, cu_seqlens)
 
 
-def _triton_stp(hidden, triples, lengths=None):
-    _check_sampled(hidden, triples, lengths)
-    _host_checks("stp_loss", hidden, triples, lengths)
+def _packed_rows(cu_seqlens: Optional[Tensor], total: int, lengths: Optional[Tensor]):
+    """(lengths, row_base) for the sampled Triton kernels: per document its length and first
+    token, from offsets clamped into [0, total]; all lengths -1 (NaN outputs) when the offsets are
+    invalid. Vectorized: no host sync on CUDA."""
+    if cu_seqlens is None:
+        return lengths, None
+    c, bad = _sane_offsets(cu_seqlens, total)
+    lens = torch.where(bad, torch.full_like(c[1:], -1), c[1:] - c[:-1])
+    return lens.contiguous(), c[:-1].contiguous()
+
+
+def _packed_ends(cu_seqlens: Optional[Tensor], total: int, lengths: Optional[Tensor]):
+    """(lengths, ends) for the dense Triton kernels: the one packed row's length (-1 when the
+    offsets are invalid) and each position's document end."""
+    if cu_seqlens is None:
+        return lengths, None
+    c, bad = _sane_offsets(cu_seqlens, total)
+    lens = torch.where(bad, -1, total).reshape(1).to(torch.int64)
+    return lens, c[1:][varlen.document_ids(c, total)].contiguous()
+
+
+def _triton_stp(hidden, triples, lengths=None, cu_seqlens=None):
+    _check_sampled(hidden, triples, lengths, cu_seqlens)
+    _host_checks("stp_loss", hidden, triples, lengths, cu_seqlens)
     from ..triton_kernels import stp_loss as kernels
 
-    return kernels.stp_fwd(_contig(hidden), triples.contiguous(), _opt_contig(lengths))
+    lens, base = _packed_rows(cu_seqlens, hidden[0].shape[1], _opt_contig(lengths))
+    return kernels.stp_fwd(_contig(hidden), triples.contiguous(), lens, base)
 
 
-def _triton_stp_backward(grad_loss, stats, hidden, triples, lengths):
-    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths)
-    _host_checks("stp_loss_backward", hidden, triples, lengths)
+def _triton_stp_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens=None):
+    _check_sampled_backward(grad_loss, stats, hidden, triples, lengths, cu_seqlens)
+    _host_checks("stp_loss_backward", hidden, triples, lengths, cu_seqlens)
     from ..triton_kernels import stp_loss as kernels
 
-    return kernels.stp_bwd(
-        grad_loss.contiguous(), stats.contiguous(), _contig(hidden), triples.contiguous(), _opt_contig(lengths)
-    )
+    lens, base = _packed_rows(cu_seqlens, hidden[0].shape[1], _opt_contig(lengths))
+    return kernels.stp_bwd(grad_loss.contiguous(), stats.contiguous(), _contig(hidden), triples.contiguous(), lens, base)
 
 
-def _triton_dense(hidden, lengths=None):
-    _check_dense(hidden, lengths)
+def _triton_dense(hidden, lengths=None, cu_seqlens=None):
+    _check_dense(hidden, lengths, cu_seqlens)
     _host_checks("stp_loss_dense", hidden, None, lengths)
     from ..triton_kernels import stp_loss as kernels
 
-    return kernels.stp_dense_fwd(_contig(hidden), _opt_contig(lengths))
+    lens, ends = _packed_ends(cu_seqlens, hidden[0].shape[1], _opt_contig(lengths))
+    return kernels.stp_dense_fwd(_contig(hidden), lens, ends)
 
 
-def _triton_dense_backward(grad_loss, stats, hidden, lengths):
-    _check_dense_backward(grad_loss, stats, hidden, lengths)
+def _triton_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens=None):
+    _check_dense_backward(grad_loss, stats, hidden, lengths, cu_seqlens)
     _host_checks("stp_loss_dense_backward", hidden, None, lengths)
     from ..triton_kernels import stp_loss as kernels
 
-    return kernels.stp_dense_bwd(grad_loss.contiguous(), stats.contiguous(), _contig(hidden), _opt_contig(lengths))
+    lens, ends = _packed_ends(cu_seqlens, hidden[0].shape[1], _opt_contig(lengths))
+    return kernels.stp_dense_bwd(grad_loss.contiguous(), stats.contiguous(), _contig(hidden), lens, ends)
 
 
 register_kernels("stp_loss", _reference_stp, _triton_stp)
@@ -302,6 +367,7 @@ def sample_stp_triples(
     lengths: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     device: Optional[Union[torch.device, str]] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """Samples ordered position triples s < r < t for the STP loss, vectorized, without a host sync.
 
@@ -314,13 +380,23 @@ def sample_stp_triples(
     Rows shorter than 3 tokens (all rows when seq_len < 3) get placeholder triples inside [0, T-1]
     that the losses ignore: such rows contribute nothing and are excluded from the mean.
 
+    Packed sequences: with ``cu_seqlens`` (N + 1,) (``batch`` = N documents, ``seq_len`` = total
+    packed tokens), document j is row j with length ``cu_seqlens[j+1] - cu_seqlens[j]``: the
+    triples (n_spans, N, 3) are document-local positions, and the same generator draws exactly what
+    ``sample_stp_triples(N, max_len, n_spans, lengths=document_lengths)`` draws for every document
+    of >= 3 tokens (the placeholders of shorter ones may differ: they are clamped to total - 1,
+    not max_len - 1, which would need a host sync).
+
     Args:
         batch: B >= 0.
         seq_len: T >= 0.
         n_spans: triples per row, >= 1.
         lengths: optional (B,) integer tensor (or list), values in [0, T].
         generator: optional torch.Generator on ``device`` (for reproducible draws).
-        device: where to sample; defaults to lengths' device, else the generator's, else CPU.
+        device: where to sample; defaults to lengths' (or cu_seqlens') device, else the
+            generator's, else CPU.
+        cu_seqlens: optional (N + 1,) int32/int64 document offsets of a packed batch (not with
+            ``lengths``); see :mod:`trajops.varlen`.
 
     Returns:
         int64 tensor (n_spans, batch, 3).
@@ -329,6 +405,8 @@ def sample_stp_triples(
         raise ValueError(f"sample_stp_triples: n_spans must be an int >= 1, got {n_spans!r}")
     if batch < 0 or seq_len < 0:
         raise ValueError(f"sample_stp_triples: batch and seq_len must be >= 0, got {batch} and {seq_len}")
+    if cu_seqlens is not None:
+        lengths = _packed_lengths("sample_stp_triples", cu_seqlens, batch, seq_len, lengths)
     if device is None:
         if isinstance(lengths, Tensor):
             device = lengths.device
@@ -357,13 +435,35 @@ def sample_stp_triples(
     return triples.clamp_(max=max(seq_len - 1, 0))
 
 
-def _as_layers(op: str, hidden: Hidden) -> List[Tensor]:
+def _packed_lengths(op: str, cu_seqlens, batch: int, total: int, lengths) -> Tensor:
+    """(N,) int64 document lengths of cu_seqlens for the sampler (no host sync; the offsets'
+    values are checked here only on CPU outside compiled code, and by the ops)."""
+    if lengths is not None:
+        raise ValueError(f"{op}: pass either lengths or cu_seqlens, not both")
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{op}: cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    if not torch.compiler.is_compiling():
+        varlen.check_cu_seqlens(op, cu_seqlens, total, cu_seqlens.device)
+    elif cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{op}: cu_seqlens must be a (N + 1,) int32 or int64 tensor")
+    if cu_seqlens.shape[0] - 1 != batch:
+        raise ValueError(
+            f"{op}: batch must be the number of packed documents len(cu_seqlens) - 1 = "
+            f"{cu_seqlens.shape[0] - 1}, got {batch}"
+        )
+    c, _ = _sane_offsets(cu_seqlens, total)
+    return c[1:] - c[:-1]
+
+
+def _as_layers(op: str, hidden: Hidden, packed: bool = False) -> List[Tensor]:
     if isinstance(hidden, Tensor):
         hidden = [hidden]
     if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, Tensor) for h in hidden):
         raise TypeError(f"{op}: hidden must be a (B, T, D) tensor or a list of them, got {type(hidden).__name__}")
     if len(hidden) == 0:
         raise ValueError(f"{op}: hidden must hold at least one (B, T, D) tensor, got none")
+    if packed and hidden[0].dim() == 2:  # (total, D): the one packed row
+        hidden = [h.unsqueeze(0) if h.dim() == 2 else h for h in hidden]
     # Plain raises (not torch._check): this runs under dynamo; the ops check everything else.
     if hidden[0].dim() != 3:
         raise ValueError(f"{op}: hidden[0] must have shape (B, T, D), got shape {list(hidden[0].shape)}")
@@ -389,11 +489,15 @@ def _reduce(losses: Tensor, count: Tensor, n_layers: int, reduction: str) -> Ten
     return total / (count.clamp_min(1) * n_layers).to(total.dtype)
 
 
-def _prepare(op: str, hidden: Hidden, lengths, reduction: str) -> Tuple[List[Tensor], Optional[Tensor]]:
+def _prepare(
+    op: str, hidden: Hidden, lengths, reduction: str, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[List[Tensor], Optional[Tensor]]:
     """The public functions' argument handling: (layers, int64 lengths or None)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    layers = _as_layers(op, hidden)
+    if cu_seqlens is not None and lengths is not None:
+        raise ValueError(f"{op}: pass either lengths or cu_seqlens, not both")
+    layers = _as_layers(op, hidden, packed=cu_seqlens is not None)
     return layers, _as_lengths(op, lengths, layers[0])
 
 
@@ -405,6 +509,7 @@ def stp_loss(
     lengths: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     reduction: str = "mean",
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """STP trajectory-straightness loss on sampled triples: mean of 1 - cos(h[t] - h[r], h[r] - h[s]).
 
@@ -429,6 +534,13 @@ def stp_loss(
         reduction: "mean" (mean over layers of the mean over spans and active rows; 0 when no row
             is active), "sum", or "none" -> (L, n_spans, B) with zeros for inactive rows (L = 1
             for a single tensor).
+        cu_seqlens: optional (N + 1,) int32/int64 offsets of a packed batch (FlashAttention's
+            varlen convention, :mod:`trajops.varlen`); hidden is then (1, total, D) or
+            (total, D). Equivalent to the padded batch (N, max_len, D) of the documents with
+            ``lengths`` = their lengths: triples (n_spans, N, 3) are document-local, documents
+            shorter than 3 tokens are inactive, every reduction (and "none": (L, n_spans, N))
+            equals the padded call's, and the gradient is the padded one on the packed rows.
+            Not with ``lengths``; hidden with B > 1 raises ValueError.
 
     Returns:
         The loss, float32 (float64 for float64 inputs), in [0, 2] up to rounding (a straight line
@@ -442,17 +554,31 @@ def stp_loss(
     (padding and inactive rows never do); a triple that reads a NaN or Inf has a NaN loss and NaN
     gradient rows, on every backend (full rule: :mod:`trajops.reference.stp_loss`).
     """
-    layers, lens = _prepare("stp_loss", hidden, lengths, reduction)
+    layers, lens = _prepare("stp_loss", hidden, lengths, reduction, cu_seqlens)
     h0 = layers[0]
     B, T, _ = h0.shape
+    if cu_seqlens is not None:
+        if h0.shape[0] != 1:
+            raise ValueError(
+                f"stp_loss: with cu_seqlens, hidden must be one packed row (1, total, D), got batch size {B}"
+            )
+        B = cu_seqlens.shape[0] - 1  # the rows are the documents
     if triples is None:
-        triples = sample_stp_triples(B, T, n_spans, lengths=lens, generator=generator, device=h0.device)
-    losses, _ = torch.ops.trajops.stp_loss(layers, triples, lens)
-    count = reference.stp_active_rows(B, T, lens, h0.device).sum() * triples.shape[0]
+        triples = sample_stp_triples(
+            B, T, n_spans, lengths=lens, generator=generator, device=h0.device, cu_seqlens=cu_seqlens
+        )
+    losses, _ = torch.ops.trajops.stp_loss(layers, triples, lens, cu_seqlens)
+    count = reference.stp_active_rows(B, T, lens, h0.device, cu_seqlens).sum() * triples.shape[0]
     return _reduce(losses, count, len(layers), reduction)
 
 
-def stp_loss_dense(hidden: Hidden, *, lengths: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+def stp_loss_dense(
+    hidden: Hidden,
+    *,
+    lengths: Optional[Tensor] = None,
+    reduction: str = "mean",
+    cu_seqlens: Optional[Tensor] = None,
+) -> Tensor:
     """Dense local-curvature STP loss: every consecutive triple (p, p+1, p+2) of every row.
 
     loss[l, b, p] = 1 - cosine_similarity(d[p+1], d[p], eps=1e-8) with steps d[q] = h_l[b, q+1] - h_l[b, q],
@@ -463,6 +589,10 @@ def stp_loss_dense(hidden: Hidden, *, lengths: Optional[Tensor] = None, reductio
         lengths: optional (B,) integer valid lengths; triples reaching past them are excluded.
         reduction: "mean" (mean over layers of the mean over valid triples; 0 if there are none),
             "sum", or "none" -> (L, B, max(T-2, 0)) with zeros for excluded triples.
+        cu_seqlens: optional (N + 1,) offsets of a packed batch, hidden (1, total, D) or
+            (total, D) (see :func:`stp_loss`): triple (p, p+1, p+2) of packed positions counts iff
+            all three lie in one document. "mean" and "sum" equal the padded batch's; "none" keeps
+            the packed layout (L, 1, max(total-2, 0)), entry p the triple starting at packed p.
 
     Returns:
         The loss, float32 (float64 for float64 inputs).
@@ -470,9 +600,9 @@ def stp_loss_dense(hidden: Hidden, *, lengths: Optional[Tensor] = None, reductio
     NaN / Inf and overflow as :func:`stp_loss`: positions past ``lengths`` are never read; a triple
     whose steps hold a NaN or Inf has a NaN loss and NaN gradient rows.
     """
-    layers, lens = _prepare("stp_loss_dense", hidden, lengths, reduction)
+    layers, lens = _prepare("stp_loss_dense", hidden, lengths, reduction, cu_seqlens)
     h0 = layers[0]
     B, T, _ = h0.shape
-    losses, _ = torch.ops.trajops.stp_loss_dense(layers, lens)
-    count = reference.stp_dense_valid(B, T, lens, h0.device).sum()
+    losses, _ = torch.ops.trajops.stp_loss_dense(layers, lens, cu_seqlens)
+    count = reference.stp_dense_valid(B, T, lens, h0.device, cu_seqlens).sum()
     return _reduce(losses, count, len(layers), reduction)

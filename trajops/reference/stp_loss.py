@@ -16,6 +16,16 @@ Row validity: with lengths (B,) (default: all T), row b is *active* iff lengths[
 inactive rows are ignored: their loss, stats and gradient are 0. A dense triple (p, p+1, p+2) is
 valid iff p + 2 < lengths[b].
 
+Packed sequences (cu_seqlens (N + 1,), hidden (1, total, D); see :mod:`trajops.varlen`): the packed
+batch is the padded batch (N, max_len, D) whose row j is document j with lengths = the document
+lengths. The sampled loss takes triples (S, N, 3) of document-local positions (s < r < t <
+len_j; documents shorter than 3 are inactive) and returns loss (L, S, N) and stats (L, S, N, 3),
+exactly the padded batch's; its gradient is the padded one scattered back to the packed rows.
+The dense loss keeps the packed layout: loss (L, 1, total - 2) and stats (L, 1, total - 1, 2),
+triple (p, p+1, p+2) valid iff all three lie in one document, a step (q, q+1) kept (its norm in
+the stats) iff both lie in one document; the valid entries are the padded batch's, moved. On a
+device where the offsets are not checked (CUDA), invalid offsets make every loss and stat NaN.
+
 NaN/Inf rule (every backend, forward and backward, the same NaN positions): only what a valid
 triple reads matters. Rows of inactive sequences, positions at or past a row's length and, for the
 sampled loss, positions no triple names are never read: NaN/Inf there changes nothing. A valid
@@ -42,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import varlen
 from ._common import compute_dtype
 
 __all__ = [
@@ -57,19 +68,76 @@ __all__ = [
 STP_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 
 
-def stp_active_rows(B: int, T: int, lengths: Optional[Tensor], device: torch.device) -> Tensor:
-    """(B,) bool: rows with at least 3 valid tokens."""
+def _sane_offsets(cu_seqlens: Tensor, total: int) -> Tuple[Tensor, Tensor]:
+    """(int64 offsets made valid for ``total``, 0-d bool: the given ones were invalid).
+
+    The identity on valid offsets; otherwise clamped into [0, total], made non-decreasing and
+    closed at total, so that no index leaves the tensor (the flag then NaNs the outputs). No sync.
+    """
+    bad = varlen.cu_seqlens_invalid(cu_seqlens, total)
+    c = torch.cummax(cu_seqlens.to(torch.int64).clamp(0, total), 0).values
+    c = torch.cat([c[:1] * 0, c[1:-1], c.new_full((1,), total)]) if c.shape[0] > 1 else c * 0
+    return c, bad
+
+
+def _packed_lengths(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(N,) int64 document lengths of valid-made offsets (see :func:`_sane_offsets`)."""
+    c, _ = _sane_offsets(cu_seqlens, total)
+    return c[1:] - c[:-1]
+
+
+def _document_ends(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(total,) int64: the end (exclusive) of each packed position's document."""
+    c, _ = _sane_offsets(cu_seqlens, total)
+    return c[1:][varlen.document_ids(c, total)]
+
+
+def stp_active_rows(
+    B: int, T: int, lengths: Optional[Tensor], device: torch.device, cu_seqlens: Optional[Tensor] = None
+) -> Tensor:
+    """(B,) bool: rows with at least 3 valid tokens ((N,): documents of >= 3 tokens when packed)."""
+    if cu_seqlens is not None:
+        return _packed_lengths(cu_seqlens, T) >= 3
     if lengths is None:
         return torch.full((B,), T >= 3, dtype=torch.bool, device=device)
     return lengths >= 3
 
 
-def stp_dense_valid(B: int, T: int, lengths: Optional[Tensor], device: torch.device) -> Tensor:
-    """(B, max(T-2, 0)) bool: dense triples (p, p+1, p+2) inside their row's length."""
+def stp_dense_valid(
+    B: int, T: int, lengths: Optional[Tensor], device: torch.device, cu_seqlens: Optional[Tensor] = None
+) -> Tensor:
+    """(B, max(T-2, 0)) bool: dense triples (p, p+1, p+2) inside their row's length (packed, B = 1:
+    inside one document)."""
+    return _dense_masks(B, T, lengths, device, cu_seqlens)[0]
+
+
+def _dense_masks(
+    B: int, T: int, lengths: Optional[Tensor], device: torch.device, cu_seqlens: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """(valid triples (B, max(T-2, 0)), kept steps (B, max(T-1, 0))) bool."""
     p = torch.arange(max(T - 2, 0), device=device)
+    q = torch.arange(max(T - 1, 0), device=device)
+    if cu_seqlens is not None:
+        ends = _document_ends(cu_seqlens, T)
+        return (p + 2 < ends[p]).expand(B, -1), (q + 1 < ends[q]).expand(B, -1)
     if lengths is None:
-        return (p + 2 < T).expand(B, -1)
-    return p.unsqueeze(0) + 2 < lengths.unsqueeze(1)
+        return (p + 2 < T).expand(B, -1), (q + 1 < T).expand(B, -1)
+    return p.unsqueeze(0) + 2 < lengths.unsqueeze(1), q.unsqueeze(0) + 1 < lengths.unsqueeze(1)
+
+
+def _flag_nan(t: Tensor, bad: Optional[Tensor]) -> Tensor:
+    return t if bad is None else torch.where(bad, torch.full_like(t, float("nan")), t)
+
+
+def _sampled_rows(
+    B: int, T: int, lengths: Optional[Tensor], cu_seqlens: Optional[Tensor], device: torch.device
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(first flat token of each row (R,), active rows (R,), invalid-offsets flag or None): R = B
+    rows of T tokens, or the N packed documents."""
+    if cu_seqlens is None:
+        return torch.arange(B, device=device) * T, stp_active_rows(B, T, lengths, device), None
+    c, bad = _sane_offsets(cu_seqlens, T)
+    return c[:-1], (c[1:] - c[:-1]) >= 3, bad
 
 
 class _ClampEps(torch.autograd.Function):
@@ -129,48 +197,61 @@ def _cos_grads(
     return torch.where(m, ga, torch.zeros_like(ga)), torch.where(m, gb, torch.zeros_like(gb))
 
 
-def _gather(h: Tensor, triples: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """h[b, triples[s, b, k]] for k = 0, 1, 2, each (S, B, D) in the accumulation dtype."""
-    B = h.shape[0]
-    rows = torch.arange(B, device=h.device).unsqueeze(0)
-    return tuple(h[rows, triples[..., k]].to(acc) for k in range(3))
+def _gather(h: Tensor, flat: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rows flat[..., k] of h viewed as (B*T, D) for k = 0, 1, 2, each (S, R, D) in the
+    accumulation dtype."""
+    rows = h.reshape(h.shape[0] * h.shape[1], h.shape[2])  # explicit: D may be 0
+    return tuple(rows[flat[..., k]].to(acc) for k in range(3))
 
 
-def stp_loss(hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def stp_loss(
+    hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Per-triple STP loss of sampled triples.
 
     Args:
-        hidden: L tensors (B, T, D).
-        triples: (S, B, 3) int64 positions s < r < t < lengths[b] (for active rows).
+        hidden: L tensors (B, T, D) ((1, total, D) with cu_seqlens).
+        triples: (S, B, 3) int64 positions s < r < t < lengths[b] (for active rows); (S, N, 3)
+            document-local positions with cu_seqlens.
         lengths: optional (B,) int64 valid prefix lengths.
+        cu_seqlens: optional (N + 1,) document offsets of a packed batch (not with lengths).
 
     Returns:
-        loss (L, S, B) and stats (L, S, B, 3) = (|a|, |b|, cos), 0 for inactive rows.
+        loss (L, S, R) and stats (L, S, R, 3) = (|a|, |b|, cos), 0 for inactive rows; R = B rows
+        or N documents.
     """
     B, T, _ = hidden[0].shape
     acc = compute_dtype(hidden[0].dtype)
+    S, R = triples.shape[0], triples.shape[1]
+    base, act, bad = _sampled_rows(B, T, lengths, cu_seqlens, hidden[0].device)
     if T < 3:  # no row can be active (and with T = 0 there is no row to gather)
-        S = triples.shape[0]
-        z = hidden[0].new_zeros((len(hidden), S, B), dtype=acc)
-        return z, hidden[0].new_zeros((len(hidden), S, B, 3), dtype=acc)
-    active = stp_active_rows(B, T, lengths, hidden[0].device).unsqueeze(0)  # (1, B)
-    idx = torch.where(active.unsqueeze(-1), triples, torch.zeros_like(triples))  # inactive rows: any index
+        z = hidden[0].new_zeros((len(hidden), S, R), dtype=acc)
+        return _flag_nan(z, bad), _flag_nan(hidden[0].new_zeros((len(hidden), S, R, 3), dtype=acc), bad)
+    active = act.unsqueeze(0)  # (1, R)
+    # inactive rows read row 0 (an empty document's base may be total)
+    flat = torch.where(active.unsqueeze(-1), base.view(1, -1, 1) + triples, torch.zeros_like(triples))
     losses, stats = [], []
     for h in hidden:
-        hs, hr, ht = _gather(h, idx, acc)
+        hs, hr, ht = _gather(h, flat, acc)
         a, b = hr - hs, ht - hr
         na, nb, cos = _cosine(a, b)
         loss = 1.0 - cos
         st = torch.stack([na, nb, cos], -1)
         losses.append(torch.where(active, loss, torch.zeros_like(loss)))
         stats.append(torch.where(active.unsqueeze(-1), st, torch.zeros_like(st)))
-    return torch.stack(losses), torch.stack(stats)
+    return _flag_nan(torch.stack(losses), bad), _flag_nan(torch.stack(stats), bad)
 
 
 def stp_loss_backward(
-    grad_loss: Tensor, stats: Tensor, hidden: Sequence[Tensor], triples: Tensor, lengths: Optional[Tensor] = None
+    grad_loss: Tensor,
+    stats: Tensor,
+    hidden: Sequence[Tensor],
+    triples: Tensor,
+    lengths: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> List[Tensor]:
-    """Gradient of ``sum(grad_loss * stp_loss(hidden, triples, lengths)[0])`` w.r.t. each layer.
+    """Gradient of ``sum(grad_loss * stp_loss(hidden, triples, lengths, cu_seqlens)[0])`` w.r.t.
+    each layer.
 
     Repeated positions accumulate (index_add_). Returns L tensors of the layers' shape and dtype.
     """
@@ -178,12 +259,13 @@ def stp_loss_backward(
     acc = compute_dtype(hidden[0].dtype)
     if T < 3:
         return [torch.zeros_like(h) for h in hidden]
-    active = stp_active_rows(B, T, lengths, hidden[0].device).unsqueeze(0)
-    idx = torch.where(active.unsqueeze(-1), triples, torch.zeros_like(triples))
-    flat = (torch.arange(B, device=idx.device).unsqueeze(0) * T).unsqueeze(-1) + idx  # (S, B, 3) rows of (B*T, D)
+    base, act, _ = _sampled_rows(B, T, lengths, cu_seqlens, hidden[0].device)
+    active = act.unsqueeze(0)
+    # (S, R, 3) rows of (B*T, D); inactive rows add 0 * row 0 (masked in _cos_grads)
+    flat = torch.where(active.unsqueeze(-1), base.view(1, -1, 1) + triples, torch.zeros_like(triples))
     grads = []
     for layer, h in enumerate(hidden):
-        hs, hr, ht = _gather(h, idx, acc)
+        hs, hr, ht = _gather(h, flat, acc)
         a, b = hr - hs, ht - hr
         st = stats[layer].to(acc)
         w = torch.where(active, -grad_loss[layer].to(acc), torch.zeros((), dtype=acc, device=h.device))
@@ -195,17 +277,19 @@ def stp_loss_backward(
     return grads
 
 
-def stp_loss_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def stp_loss_dense(
+    hidden: Sequence[Tensor], lengths: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Per-triple STP loss of every consecutive triple (p, p+1, p+2).
 
-    Returns loss (L, B, max(T-2, 0)) (0 where p + 2 >= lengths[b]) and stats (L, B, max(T-1, 0), 2).
+    Returns loss (L, B, max(T-2, 0)) (0 where p + 2 >= lengths[b], or, packed, where the triple
+    leaves its document) and stats (L, B, max(T-1, 0), 2).
     """
     B, T, _ = hidden[0].shape
     acc = compute_dtype(hidden[0].dtype)
     dev = hidden[0].device
-    valid = stp_dense_valid(B, T, lengths, dev)  # (B, T-2)
-    q = torch.arange(max(T - 1, 0), device=dev)
-    step_ok = (q + 1 < T).expand(B, -1) if lengths is None else q.unsqueeze(0) + 1 < lengths.unsqueeze(1)
+    valid, step_ok = _dense_masks(B, T, lengths, dev, cu_seqlens)  # (B, T-2), (B, T-1)
+    bad = None if cu_seqlens is None else varlen.cu_seqlens_invalid(cu_seqlens, T)
     losses, stats = [], []
     for h in hidden:
         hc = h.to(acc)
@@ -218,19 +302,23 @@ def stp_loss_dense(hidden: Sequence[Tensor], lengths: Optional[Tensor] = None) -
         n = torch.where(step_ok, n, zero)
         cos = F.pad(torch.where(valid, cos, zero), (0, 1))
         stats.append(torch.stack([n, cos[:, : n.shape[1]]], -1))
-    return torch.stack(losses), torch.stack(stats)
+    return _flag_nan(torch.stack(losses), bad), _flag_nan(torch.stack(stats), bad)
 
 
 def stp_loss_dense_backward(
-    grad_loss: Tensor, stats: Tensor, hidden: Sequence[Tensor], lengths: Optional[Tensor] = None
+    grad_loss: Tensor,
+    stats: Tensor,
+    hidden: Sequence[Tensor],
+    lengths: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> List[Tensor]:
-    """Gradient of ``sum(grad_loss * stp_loss_dense(hidden, lengths)[0])`` w.r.t. each layer."""
+    """Gradient of ``sum(grad_loss * stp_loss_dense(hidden, lengths, cu_seqlens)[0])`` w.r.t. each layer."""
     B, T, D = hidden[0].shape
     acc = compute_dtype(hidden[0].dtype)
     dev = hidden[0].device
     if T < 3:
         return [torch.zeros_like(h) for h in hidden]
-    valid = stp_dense_valid(B, T, lengths, dev)
+    valid = stp_dense_valid(B, T, lengths, dev, cu_seqlens)
     grads = []
     for layer, h in enumerate(hidden):
         hc = h.to(acc)
