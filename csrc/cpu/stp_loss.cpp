@@ -386,7 +386,7 @@ std::vector<at::Tensor> stp_loss_backward_cpu(const at::Tensor& grad_loss_in, co
   const int64_t B = packed ? static_cast<int64_t>(cu.size()) - 1 : hidden_in[0].size(0);
   check_triples(op, triples_in, hidden_in[0], B, packed);
   check_lengths(op, lengths, hidden_in[0]);
-  const int64_t L = hidden_in.size(), S = triples_in.size(0), T = hidden_in[0].size(1), D = hidden_in[0].size(2);
+  const int64_t L = hidden_in.size(), S = triples_in.size(0), T = hidden_in[0].size(1);
   check_grad(op, "grad_loss", grad_loss_in, {L, S, B}, hidden_in[0]);
   check_grad(op, "stats", stats_in, {L, S, B, 3}, hidden_in[0]);
   check_length_values(op, lengths, hidden_in[0]);
