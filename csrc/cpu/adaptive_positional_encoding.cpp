@@ -125,14 +125,22 @@ inline void lerp_row(const scalar_t* lo, const scalar_t* up, acc_t a, scalar_t* 
   }
 }
 
-// g . (up - lo)
+// g . (up - lo), in kLanes independent partial sums added in a fixed order: a single running sum
+// compiled to a scalar add chain (latency-bound, 3.5 ms for 16K rows of 256 on one core), and
+// `omp simd reduction` was not vectorized here; independent lanes are, without reassociation.
 template <typename scalar_t, typename acc_t>
 inline acc_t slope_dot(const scalar_t* g, const scalar_t* lo, const scalar_t* up, int64_t E) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t e = 0; e < E; ++e) {
-    s += static_cast<acc_t>(g[e]) * (static_cast<acc_t>(up[e]) - static_cast<acc_t>(lo[e]));
+  constexpr int64_t kLanes = 16;
+  acc_t part[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= E; e += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      part[j] += static_cast<acc_t>(g[e + j]) * (static_cast<acc_t>(up[e + j]) - static_cast<acc_t>(lo[e + j]));
+    }
   }
+  acc_t s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += part[j];
+  for (; e < E; ++e) s += static_cast<acc_t>(g[e]) * (static_cast<acc_t>(up[e]) - static_cast<acc_t>(lo[e]));
   return s;
 }
 
