@@ -295,8 +295,11 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(xb.grad, xa.grad)
 
 
-def test_deterministic_and_thread_count_independent():
-    B, T, E = (2, 40, 33) if INTERPRETER else (4, 700, 65)
+@pytest.mark.parametrize("B,T", [(4, 700), (1, 3001)])  # (1, 3001): the C++ tasks split a sequence
+def test_deterministic_and_thread_count_independent(B, T):
+    E = 65
+    if INTERPRETER:
+        B, T, E = min(B, 2), 40, 33
     d, table = make(B, T, 300, E, torch.float32, seed=8)
     g = torch.randn(B, T, E)
     threads = torch.get_num_threads()
@@ -310,6 +313,32 @@ def test_deterministic_and_thread_count_independent():
     for a, b in zip(one, many):
         assert torch.equal(a, b)
     assert torch.equal(op_backward(g, d, table, None, True)[2], many[3])
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="drives the Triton launchers' tiling (TRITON_INTERPRET=1 pass)")
+@pytest.mark.parametrize("pos_kind", ["none", "shared_int", "batched"])
+def test_triton_several_programs_per_sequence(pos_kind):
+    # The interpreter's own plan gives one program per sequence; force row tiles (each program
+    # re-sums the displacements before its rows, the last one of a sequence runs the reverse scan)
+    # and E splits, with a NaN displacement whose NaN must cross program boundaries.
+    from trajops.triton_kernels import adaptive_positional_encoding as kernels
+
+    B, T, L, E = 3, 13, 9, 10
+    d, table = make(B, T, L, E, torch.float64, seed=5)
+    d[1, 6] = math.nan
+    positions = _positions(pos_kind, B, T, torch.Generator().manual_seed(1))
+    g = torch.randn(B, T, E, dtype=torch.float64)
+    prev = kernels.PLAN_OVERRIDE
+    kernels.PLAN_OVERRIDE = {"block_t": 4, "block_e": 4, "tiles": 3, "splits": 2}
+    try:
+        assert kernels._plan(B, T, E, 8, True)["tiles"] == 2 and kernels._plan(B, T, E, 8, True)["splits"] == 2
+        out = kernels.adaptive_positional_encoding_fwd(d, table, positions)
+        got = kernels.adaptive_positional_encoding_bwd(g, d, table, positions, True)
+    finally:
+        kernels.PLAN_OVERRIDE = prev
+    assert_close(out, reference.adaptive_positional_encoding(d, table, positions))
+    for a, b in zip(got, reference.adaptive_positional_encoding_backward(g, d, table, positions, True)):
+        assert_close(a, b)
 
 
 # ---------------------------------------------------------------- fuzz

@@ -96,3 +96,17 @@ def test_lowest_supported_triton_sm90():
                 ["--cc", "90", "--jobs", _jobs(), "--filter", "bf16 D=128|bf16 D=256|fp64"])
     assert rows[0]["triton"].startswith("3.6"), rows[0]
     _check(rows)
+
+
+def test_adaptive_positional_encoding_sm80_and_lowest_triton():
+    # The APE launchers' variants (tests/triton_resources.py ape_variants; sm_90 with the installed
+    # Triton is in the core run above): sm_80 with the installed Triton, sm_90 + sm_80 with the lowest.
+    rows = _run({}, ["--cc", "80", "--jobs", _jobs(), "--filter", "ape "])
+    side = os.environ.get("TRAJOPS_TRITON_LOWEST", "")
+    if side and os.path.isdir(os.path.join(side, "triton")):
+        low = _run({"PYTHONPATH": side + os.pathsep + os.environ.get("PYTHONPATH", "")},
+                   ["--cc", "90", "80", "--jobs", _jobs(), "--filter", "ape "])
+        assert low[0]["triton"].startswith("3.6"), low[0]
+        rows += low[1:]
+    assert any("_bwd_kernel" in r.get("label", "") for r in rows[1:]), "no APE launch was recorded"
+    _check(rows)

@@ -73,6 +73,29 @@ def _paged(dtype, D, G, n=1):
     return run
 
 
+def _ape(dtype, B=8, T=4096, E=1024, L=8192, positions=False, need_table=False):
+    """adaptive_positional_encoding forward + backward (+ table gradient), the GPU bench's shape."""
+    def run():
+        from trajops.triton_kernels import adaptive_positional_encoding as ape
+
+        dt = DTYPES[dtype]
+        d = torch.empty(B, T, dtype=dt)
+        table = torch.empty(L, E, dtype=dt)
+        pos = torch.empty(B, T, dtype=torch.int64) if positions else None
+        ape.adaptive_positional_encoding_fwd(d, table, pos)
+        ape.adaptive_positional_encoding_bwd(torch.empty(B, T, E, dtype=dt), d, table, pos, need_table)
+    return run
+
+
+def ape_variants():
+    """The APE launchers' classes: the tile depends on the element size (fp64: half the tile),
+    the position mode is a constexpr, a small E gives a narrow tile; the table gradient kernel."""
+    out = [(f"ape {dt} E=1024", _ape(dt)) for dt in ("fp32", "bf16", "fp64")]
+    out.append(("ape fp32 E=64 positions table-grad", _ape("fp32", E=64, positions=True, need_table=True)))
+    out.append(("ape bf16 B=1 T=100 E=3", _ape("bf16", B=1, T=100, E=3, L=50)))
+    return out
+
+
 def variants(full: bool = False):
     """(label, thunk) per configuration class the launchers distinguish. Tiles depend on the element
     size, the padded head sizes, the mask kind and decode vs prefill; registers also on causal.
@@ -106,6 +129,7 @@ def variants(full: bool = False):
                                     _attention(dtype, D, D, mk, causal, tma=True)))
                 out.append((f"attn {dtype} D={D} decode (full)", _attention(dtype, D, D, 2, False, Tq=1,
                                                                             backward=False, tma=True)))
+    out += ape_variants()
     return out
 
 

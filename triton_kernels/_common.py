@@ -31,10 +31,21 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import triton
 
-__all__ = ["INTERPRET", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
+__all__ = ["INTERPRET", "compute_dtypes", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
            "resource_usage", "device_spec", "plan", "Captured"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compute_dtypes(dtype) -> tuple:
+    """(torch dtype, Triton dtype) a kernel accumulates in for inputs of torch ``dtype``: fp64 for fp64
+    (gradcheck needs it), fp32 for everything else."""
+    import torch
+    import triton.language as tl
+
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
 
 # Opt-in shared memory per block (bytes), by compute capability major: what Triton checks against.
 SMEM_LIMITS = {9: 232448, 8: 166912, 7: 101376}

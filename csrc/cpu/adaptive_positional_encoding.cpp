@@ -1,10 +1,11 @@
 // CPU kernels of trajops::adaptive_positional_encoding and its backward.
 //
 // Semantics: trajops/reference/adaptive_positional_encoding.py. The semantic positions are a
-// sequential fp64 scan along T (parallel over B); the lookup and the reductions over E run per
-// output row in fp32 (fp64 for fp64 inputs), parallel over the B*T rows. The table gradient is a
-// scatter: it runs parallel over column blocks of E, each walking every row in order, so the sums
-// are deterministic and independent of the thread count.
+// sequential fp64 scan along T, computed inside the one parallel region over the B*T rows that
+// also does the lookup (forward) or the reduction over E (backward), in fp32 (fp64 for fp64
+// inputs); the backward's reverse scan then runs on the calling thread (O(B T)). The table
+// gradient is a scatter: it runs parallel over column blocks of E, each walking every row in
+// order, so the sums are deterministic and independent of the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -60,51 +62,56 @@ void check_args(const at::Tensor& d, const at::Tensor& pe, const std::optional<a
               " and ", p.device());
 }
 
-// Where row (b, t) reads the table: rows f and c with weight a on c, and whether the unclamped
-// position lies in [0, L-1] (clamp's gradient mask). Filled by one fp64 scan per sequence.
-struct Lookup {
-  std::vector<int64_t> f, c;
-  std::vector<double> a;
-  std::vector<uint8_t> inside;
+// Where one row reads the table: rows f and c with weight a on c, and whether the unclamped
+// position lies in [0, L-1] (clamp's gradient mask).
+struct RowLookup {
+  int64_t f, c;
+  double a;
+  bool inside;
 };
 
-Lookup scan_positions(const at::Tensor& d2, const std::optional<at::Tensor>& positions, int64_t L) {
-  const int64_t B = d2.size(0), T = d2.size(1);
-  Lookup lk;
-  lk.f.resize(B * T);
-  lk.c.resize(B * T);
-  lk.a.resize(B * T);
-  lk.inside.resize(B * T);
-  const at::Tensor dd = d2.to(at::kDouble).contiguous();
-  at::Tensor pos;
-  int64_t pos_stride_b = 0;  // 0: one (T,) row shared by the batch
-  if (positions.has_value()) {
-    pos = positions->to(at::kDouble).contiguous();
-    if (pos.dim() == 2) pos_stride_b = T;
-  }
-  const double* dp = dd.const_data_ptr<double>();
-  const double* pp = pos.defined() ? pos.const_data_ptr<double>() : nullptr;
+inline RowLookup lookup(double x, int64_t L) {
   const double hi = static_cast<double>(L - 1);
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(T, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double s = 0;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t r = b * T + t;
-        s += dp[r];
-        const double x = s + (pp ? pp[b * pos_stride_b + t] : static_cast<double>(t));
-        // clamp like torch.clamp: NaN stays NaN (std::min/max would drop it)
-        const double p = std::isnan(x) ? x : std::min(std::max(x, 0.0), hi);
-        const double fl = std::floor(p);
-        const int64_t fi = std::isnan(fl) ? 0 : static_cast<int64_t>(fl);
-        lk.f[r] = fi;
-        lk.c[r] = std::min<int64_t>(fi + 1, L - 1);
-        lk.a[r] = p - fl;
-        lk.inside[r] = (x >= 0.0 && x <= hi) ? 1 : 0;
-      }
-    }
-  });
-  return lk;
+  // clamp like torch.clamp: NaN stays NaN (std::min/max would drop it)
+  const double p = std::isnan(x) ? x : std::min(std::max(x, 0.0), hi);
+  const double fl = std::floor(p);
+  const int64_t fi = std::isnan(fl) ? 0 : static_cast<int64_t>(fl);
+  return {fi, std::min<int64_t>(fi + 1, L - 1), p - fl, x >= 0.0 && x <= hi};
 }
+
+// The semantic positions of the flattened rows [r0, r1) of d (B, T), in order: fn(r, lookup).
+// A range that starts inside a sequence first re-sums that sequence's earlier displacements in the
+// same order as a full scan, so every split gives the sequential fp64 scan bit for bit; the re-sum
+// is O(T) per task next to the task's O(rows * E) lookups. This keeps each op at one parallel
+// region: every region is a barrier that waits for the slowest thread, and on a machine whose other
+// core is busy each extra one costs a scheduler time slice (DESIGN.md "Benchmarks").
+template <typename scalar_t, typename F>
+inline void for_each_row(const scalar_t* dp, const double* pp, int64_t pos_stride_b, int64_t T, int64_t L,
+                         int64_t r0, int64_t r1, F&& fn) {
+  int64_t r = r0;
+  while (r < r1) {
+    const int64_t b = r / T, t0 = r % T, end = std::min(r1, (b + 1) * T);
+    const scalar_t* drow = dp + b * T;
+    const double* prow = pp ? pp + b * pos_stride_b : nullptr;
+    double s = 0;
+    for (int64_t t = 0; t < t0; ++t) s += static_cast<double>(drow[t]);
+    for (int64_t t = t0; r < end; ++t, ++r) {
+      s += static_cast<double>(drow[t]);
+      fn(r, lookup(s + (prow ? prow[t] : static_cast<double>(t)), L));
+    }
+  }
+}
+
+// positions as a contiguous fp64 tensor (undefined when absent) and its batch stride (0: one (T,)
+// row shared by the batch).
+std::pair<at::Tensor, int64_t> positions_f64(const std::optional<at::Tensor>& positions, int64_t T) {
+  if (!positions.has_value()) return {at::Tensor(), 0};
+  at::Tensor pos = positions->to(at::kDouble).contiguous();
+  return {pos, pos.dim() == 2 ? T : 0};
+}
+
+// Rows per task: at least ~64K elements of work, so that small calls run serially (no barrier).
+int64_t row_grain(int64_t E) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(E, 1)); }
 
 at::Tensor as_2d(const at::Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t; }
 
@@ -118,14 +125,22 @@ inline void lerp_row(const scalar_t* lo, const scalar_t* up, acc_t a, scalar_t* 
   }
 }
 
-// g . (up - lo)
+// g . (up - lo), in kLanes independent partial sums added in a fixed order: a single running sum
+// compiled to a scalar add chain (latency-bound, 3.5 ms for 16K rows of 256 on one core), and
+// `omp simd reduction` was not vectorized here; independent lanes are, without reassociation.
 template <typename scalar_t, typename acc_t>
 inline acc_t slope_dot(const scalar_t* g, const scalar_t* lo, const scalar_t* up, int64_t E) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t e = 0; e < E; ++e) {
-    s += static_cast<acc_t>(g[e]) * (static_cast<acc_t>(up[e]) - static_cast<acc_t>(lo[e]));
+  constexpr int64_t kLanes = 16;
+  acc_t part[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= E; e += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      part[j] += static_cast<acc_t>(g[e + j]) * (static_cast<acc_t>(up[e + j]) - static_cast<acc_t>(lo[e + j]));
+    }
   }
+  acc_t s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += part[j];
+  for (; e < E; ++e) s += static_cast<acc_t>(g[e]) * (static_cast<acc_t>(up[e]) - static_cast<acc_t>(lo[e]));
   return s;
 }
 
@@ -139,19 +154,22 @@ at::Tensor apenc_cpu(const at::Tensor& d_in, const at::Tensor& pe_in, const std:
   check_args(d_in, pe_in, positions);
   const at::Tensor pe = pe_in.contiguous();
   at::Tensor out = at::empty(out_shape(d_in, pe_in), pe.options());
-  const int64_t L = pe.size(0), E = pe.size(1);
-  const at::Tensor d2 = as_2d(d_in);
-  const int64_t rows = d2.size(0) * d2.size(1);
   if (out.numel() == 0) return out;
-  const Lookup lk = scan_positions(d2, positions, L);
+  const int64_t L = pe.size(0), E = pe.size(1);
+  const at::Tensor d2 = as_2d(d_in).contiguous();
+  const int64_t T = d2.size(1), rows = d2.size(0) * T;
+  const auto pos = positions_f64(positions, T);  // (a lambda cannot capture a structured binding in C++17)
+  const int64_t pos_stride_b = pos.second;
+  const double* pp = pos.first.defined() ? pos.first.const_data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pe.scalar_type(), "adaptive_positional_encoding_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dp = d2.const_data_ptr<scalar_t>();
     const scalar_t* tp = pe.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        lerp_row<scalar_t, acc_t>(tp + lk.f[r] * E, tp + lk.c[r] * E, static_cast<acc_t>(lk.a[r]), op + r * E, E);
-      }
+    at::parallel_for(0, rows, row_grain(E), [&](int64_t r0, int64_t r1) {
+      for_each_row(dp, pp, pos_stride_b, T, L, r0, r1, [&](int64_t r, const RowLookup& lk) {
+        lerp_row<scalar_t, acc_t>(tp + lk.f * E, tp + lk.c * E, static_cast<acc_t>(lk.a), op + r * E, E);
+      });
     });
   });
   return out;
@@ -173,67 +191,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apenc_backward_cpu(const at::Tens
   const at::Tensor pe = pe_in.contiguous();
   const at::Tensor g = g_in.contiguous();
   const int64_t L = pe.size(0), E = pe.size(1);
-  const at::Tensor d2 = as_2d(d_in);
+  const at::Tensor d2 = as_2d(d_in).contiguous();
   const int64_t B = d2.size(0), T = d2.size(1), rows = B * T;
+  const auto pos = positions_f64(positions, T);  // (a lambda cannot capture a structured binding in C++17)
+  const int64_t pos_stride_b = pos.second;
+  const double* pp = pos.first.defined() ? pos.first.const_data_ptr<double>() : nullptr;
   at::Tensor gt_acc;
   if (need_table) gt_acc = at::zeros({L, E}, pe.options().dtype(at::toOpMathType(pe.scalar_type())));
-  // dL/ds per row in fp64: the reverse scan over it must not lose the small terms of a long sum.
-  std::vector<double> gs(rows, 0.0);
-  if (rows > 0) {
-    const Lookup lk = scan_positions(d2, positions, L);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pe.scalar_type(), "adaptive_positional_encoding_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* tp = pe.const_data_ptr<scalar_t>();
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1)), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          if (!lk.inside[r]) continue;
-          gs[r] = static_cast<double>(slope_dot<scalar_t, acc_t>(gp + r * E, tp + lk.f[r] * E, tp + lk.c[r] * E, E));
-        }
+  at::Tensor gd = at::empty({B, T}, d2.options());
+  at::Tensor gso = at::empty({B, T}, d2.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pe.scalar_type(), "adaptive_positional_encoding_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dp = d2.const_data_ptr<scalar_t>();
+    const scalar_t* tp = pe.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    // dL/ds per row in fp64: the reverse scan over it must not lose the small terms of a long sum.
+    std::vector<double> gs(rows);
+    // Only the table gradient needs the lookups again (a second pass, in row order).
+    std::vector<RowLookup> lks(need_table ? rows : 0);
+    at::parallel_for(0, rows, row_grain(E), [&](int64_t r0, int64_t r1) {
+      for_each_row(dp, pp, pos_stride_b, T, L, r0, r1, [&](int64_t r, const RowLookup& lk) {
+        gs[r] = lk.inside ? static_cast<double>(slope_dot<scalar_t, acc_t>(gp + r * E, tp + lk.f * E,
+                                                                            tp + lk.c * E, E))
+                          : 0.0;
+        if (need_table) lks[r] = lk;
       });
-      if (need_table && E > 0) {
-        acc_t* gtp = gt_acc.mutable_data_ptr<acc_t>();
-        constexpr int64_t kCols = 64;
-        const int64_t blocks = (E + kCols - 1) / kCols;
-        at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-          for (int64_t k = k0; k < k1; ++k) {
-            const int64_t e0 = k * kCols, e1 = std::min(E, e0 + kCols);
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t a = static_cast<acc_t>(lk.a[r]);
-              const acc_t wa = acc_t(1) - a;
-              const scalar_t* gr = gp + r * E;
-              acc_t* lo = gtp + lk.f[r] * E;
-              acc_t* up = gtp + lk.c[r] * E;
-              // Two passes, not one: f and c may be the same row (at L-1).
-              for (int64_t e = e0; e < e1; ++e) lo[e] += wa * static_cast<acc_t>(gr[e]);
-              for (int64_t e = e0; e < e1; ++e) up[e] += a * static_cast<acc_t>(gr[e]);
-            }
-          }
-        });
-      }
     });
-  }
-  at::Tensor gs_t = at::empty({B, T}, d2.options().dtype(at::kDouble));
-  at::Tensor gd_t = at::empty({B, T}, d2.options().dtype(at::kDouble));
-  {
-    double* sp = gs_t.mutable_data_ptr<double>();
-    double* dp = gd_t.mutable_data_ptr<double>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(T, 1)), [&](int64_t b0, int64_t b1) {
+    // Reverse cumsum per sequence, written in the output dtype: O(B T), serial unless B T is large.
+    scalar_t* gdp = gd.mutable_data_ptr<scalar_t>();
+    scalar_t* gsp = gso.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 262144 / std::max<int64_t>(T, 1)), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         double acc = 0;
         for (int64_t t = T - 1; t >= 0; --t) {
-          acc += gs[b * T + t];
-          dp[b * T + t] = acc;
-          sp[b * T + t] = gs[b * T + t];
+          const double x = gs[b * T + t];
+          acc += x;
+          gdp[b * T + t] = static_cast<scalar_t>(acc);
+          gsp[b * T + t] = static_cast<scalar_t>(x);
         }
       }
     });
-  }
-  const auto dst = d_in.scalar_type();
-  at::Tensor gd = gd_t.to(dst).view(d_in.sizes());
-  at::Tensor gsv = gs_t.to(dst).view(d_in.sizes());
+    if (need_table && E > 0) {
+      // Parallel over column blocks of E, each walking every row in order: deterministic sums,
+      // independent of the thread count.
+      acc_t* gtp = gt_acc.mutable_data_ptr<acc_t>();
+      constexpr int64_t kCols = 64;
+      const int64_t blocks = (E + kCols - 1) / kCols;
+      at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t e0 = k * kCols, e1 = std::min(E, e0 + kCols);
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t a = static_cast<acc_t>(lks[r].a);
+            const acc_t wa = acc_t(1) - a;
+            const scalar_t* gr = gp + r * E;
+            acc_t* lo = gtp + lks[r].f * E;
+            acc_t* up = gtp + lks[r].c * E;
+            // Two passes, not one: f and c may be the same row (at L-1).
+            for (int64_t e = e0; e < e1; ++e) lo[e] += wa * static_cast<acc_t>(gr[e]);
+            for (int64_t e = e0; e < e1; ++e) up[e] += a * static_cast<acc_t>(gr[e]);
+          }
+        }
+      });
+    }
+  });
   at::Tensor gt = need_table ? gt_acc.to(pe.scalar_type()) : at::empty({0}, pe.options());
-  return {gd, gsv, gt};
+  return {gd.view(d_in.sizes()), gso.view(d_in.sizes()), gt};
 }
 
 }  // namespace
