@@ -23,8 +23,8 @@ field: 2^32 - 1 - j (lower is larger; L < 2^31). Keys are distinct within a row,
 selection of the K largest reproduces the reference exactly, ties included; the whole int64 range
 of timestamps is covered (a 64-bit key could not hold score, ts and slot together).
 
-Selection: bitonic networks on the (hi, lo) pair (compare-exchange at distance 2^j through a
-(A, 2, 2^j) reshape; the partner is read by an xor-reduction over the middle axis). Each block of
+Selection: bitonic networks on the (hi, lo) pair (compare-exchange at distance 2^j through an
+(A, 2, 2^j) reshape; the partner is read by a sum over the middle axis). Each block of
 BLOCK keys is cut to its top K (sorted runs of K, then pairwise maxima of opposite-order runs, which
 halves the candidates and leaves bitonic runs) and merged into a running top K held in registers
 (elementwise max of the running list, descending, and the block's, ascending, then one bitonic merge).
@@ -64,45 +64,34 @@ __all__ = ["K_MAX", "kv_relevance", "kv_topk"]
 K_MAX = 128  # largest k served by the fused kernel (K = next power of two >= k, held in registers)
 BLOCK = 256  # slots per fold (at least K); tests lower it to reach the multi-chunk merge on tiny rows
 PROGRAMS_PER_SM = 4
+SPLIT_ROWS_IN_INTERPRETER = False  # the interpreter runs one program per row unless a test asks for chunks
 _EPS_BITS = struct.unpack("<q", struct.pack("<d", 1e-8))[0]  # reference.KV_EPS as exact fp64 bits
 
 
 @triton.jit
-def _xor(a, b):
-    return a ^ b
-
-
-@triton.jit
-def _lexmax(ah, al, bh, bl):
-    gt = (ah > bh) | ((ah == bh) & (al > bl))
-    return tl.where(gt, ah, bh), tl.where(gt, al, bl)
-
-
-@triton.jit
-def _exchange(h, l, N: tl.constexpr, j: tl.constexpr, s: tl.constexpr, DIR: tl.constexpr):
-    """Compare-exchange at distance 2^j of (h, l) [N] while sorting runs of 2^s.
-    DIR 0: ascending, 1: descending, 2: run r ascending if r is even, descending if odd."""
-    C: tl.constexpr = 1 << j
-    A: tl.constexpr = N // (2 * C)
-    h3 = tl.reshape(h, [A, 2, C])
-    l3 = tl.reshape(l, [A, 2, C])
-    ph = h3 ^ tl.reduce(h3, 1, _xor, keep_dims=True)  # the partner's words: x ^ (x ^ partner)
-    pl = l3 ^ tl.reduce(l3, 1, _xor, keep_dims=True)
-    right = (tl.arange(0, 2) == 1)[None, :, None]
-    if DIR == 2:
-        desc = ((tl.arange(0, A)[:, None, None] >> (s - j - 1)) & 1) == 1
-    else:
-        desc = tl.full([A, 1, 1], DIR, tl.int32) == 1
-    gt = (h3 > ph) | ((h3 == ph) & (l3 > pl))
-    keep = gt == (right != desc)  # ascending: the right element keeps the larger key
-    return tl.reshape(tl.where(keep, h3, ph), [N]), tl.reshape(tl.where(keep, l3, pl), [N])
-
-
-@triton.jit
 def _merge(h, l, N: tl.constexpr, s: tl.constexpr, DIR: tl.constexpr):
-    """Bitonic merge stage s: runs of 2^(s-1) (pairwise bitonic) -> sorted runs of 2^s."""
+    """Bitonic merge stage s of (h, l) [N]: runs of 2^(s-1) (pairwise bitonic) -> sorted runs of 2^s.
+    DIR 0: ascending, 1: descending, 2: run r ascending if r is even, descending if odd.
+
+    Each step compare-exchanges at distance 2^j through an (A, 2, 2^j) view; the partner's words are
+    the pair's sum minus one's own (wrapping uint64 arithmetic: exact). One function, no helper calls:
+    the interpreter pays ~1 ms per device-function call."""
     for i in tl.static_range(s):
-        h, l = _exchange(h, l, N, s - 1 - i, s, DIR)
+        C: tl.constexpr = 1 << (s - 1 - i)
+        A: tl.constexpr = N // (2 * C)
+        h3 = tl.reshape(h, [A, 2, C])
+        l3 = tl.reshape(l, [A, 2, C])
+        ph = tl.sum(h3, 1, keep_dims=True) - h3
+        pl = tl.sum(l3, 1, keep_dims=True) - l3
+        right = (tl.arange(0, 2) == 1)[None, :, None]
+        if DIR == 2:
+            desc = ((tl.arange(0, A)[:, None, None] >> i) & 1) == 1  # (global index >> s) & 1
+        else:
+            desc = tl.full([A, 1, 1], DIR, tl.int32) == 1
+        gt = (h3 > ph) | ((h3 == ph) & (l3 > pl))
+        keep = gt == (right != desc)  # ascending: the right element keeps the larger key
+        h = tl.reshape(tl.where(keep, h3, ph), [N])
+        l = tl.reshape(tl.where(keep, l3, pl), [N])
     return h, l
 
 
@@ -118,14 +107,18 @@ def _top_sorted(h, l, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr,
     for r in tl.static_range(LOG_N - LOG_K):
         # runs 2i (ascending) and 2i+1 (descending): their elementwise maxima are the top K of
         # the pair, as a bitonic run
-        n: tl.constexpr = N >> r
-        h, l = tl.reduce((tl.reshape(h, [n // (2 * K), 2, K]), tl.reshape(l, [n // (2 * K), 2, K])), 1, _lexmax)
-        h = tl.reshape(h, [n // 2])
-        l = tl.reshape(l, [n // 2])
+        h3 = tl.reshape(h, [(N >> r) // (2 * K), 2, K])
+        l3 = tl.reshape(l, [(N >> r) // (2 * K), 2, K])
+        ph = tl.sum(h3, 1, keep_dims=True) - h3
+        pl = tl.sum(l3, 1, keep_dims=True) - l3
+        left = (tl.arange(0, 2) == 0)[None, :, None]
+        gt = (h3 > ph) | ((h3 == ph) & (l3 > pl))
+        h = tl.reshape(tl.sum(tl.where(left, tl.where(gt, h3, ph), 0), 1), [N >> (r + 1)])
+        l = tl.reshape(tl.sum(tl.where(left, tl.where(gt, l3, pl), 0), 1), [N >> (r + 1)])
         if r == LOG_N - LOG_K - 1:
-            h, l = _merge(h, l, n // 2, LOG_K, DIR)
+            h, l = _merge(h, l, N >> (r + 1), LOG_K, DIR)
         else:
-            h, l = _merge(h, l, n // 2, LOG_K, 2)
+            h, l = _merge(h, l, N >> (r + 1), LOG_K, 2)
     return h, l
 
 
@@ -133,13 +126,8 @@ def _top_sorted(h, l, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr,
 def _fold(rh, rl, bh, bl, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr):
     """Running top K (rh, rl) [K], descending, merged with the keys (bh, bl) [N]: the new running top K."""
     th, tl_ = _top_sorted(bh, bl, N, LOG_N, LOG_K, 0)
-    mh, ml = _lexmax(rh, rl, th, tl_)
-    return _merge(mh, ml, 1 << LOG_K, LOG_K, 1)
-
-
-@triton.jit
-def _f64(bits):
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+    gt = (rh > th) | ((rh == th) & (rl > tl_))
+    return _merge(tl.where(gt, rh, th), tl.where(gt, rl, tl_), 1 << LOG_K, LOG_K, 1)
 
 
 @triton.jit
@@ -150,7 +138,7 @@ def _query_norm(q_ptr, Dt, eps_bits, BLOCK_D: tl.constexpr):
         cols = d0 + tl.arange(0, BLOCK_D)
         q = tl.load(q_ptr + cols, mask=cols < Dt, other=0.0).to(tl.float64)
         acc += q * q
-    return tl.maximum(tl.sqrt(tl.sum(acc, 0)), _f64(eps_bits))
+    return tl.maximum(tl.sqrt(tl.sum(acc, 0)), eps_bits.to(tl.int64).to(tl.float64, bitcast=True))
 
 
 @triton.jit
@@ -227,7 +215,9 @@ def _topk_kernel(traj_ptr, ts_ptr, live_ptr, pt_ptr, q_ptr, now_ptr, cand_ptr, s
     c = tl.program_id(1)
     K: tl.constexpr = 1 << LOG_K
     BLOCK_: tl.constexpr = 1 << LOG_BLOCK
-    alpha, rest, neg_decay = _f64(alpha_bits), _f64(rest_bits), _f64(neg_decay_bits)
+    alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)  # exact fp64 weights (module docstring)
+    rest = rest_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    neg_decay = neg_decay_bits.to(tl.int64).to(tl.float64, bitcast=True)
     nrm = _query_norm(q_ptr + b * Dt, Dt, eps_bits, BLOCK_D)
     now = tl.load(now_ptr)
     rh = tl.zeros([K], tl.uint64)
@@ -271,7 +261,9 @@ def _relevance_kernel(traj_ptr, ts_ptr, live_ptr, pt_ptr, q_ptr, now_ptr, out_pt
                       alpha_bits, rest_bits, neg_decay_bits, eps_bits, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    alpha, rest, neg_decay = _f64(alpha_bits), _f64(rest_bits), _f64(neg_decay_bits)
+    alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)  # exact fp64 weights (module docstring)
+    rest = rest_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    neg_decay = neg_decay_bits.to(tl.int64).to(tl.float64, bitcast=True)
     nrm = _query_norm(q_ptr + b * Dt, Dt, eps_bits, BLOCK_D)
     ok = _row_ok(pt_ptr + b * MP, MP, P, BLOCK)
     now = tl.load(now_ptr)
@@ -300,6 +292,8 @@ def _prepare(traj_pool, ts_pool, live_pool, page_table, query):
 
 def _chunks(B: int, n_blocks: int, device) -> Tuple[int, int]:
     """(chunks per row, blocks per chunk): about PROGRAMS_PER_SM programs per SM over the B rows."""
+    if _common.INTERPRET and not SPLIT_ROWS_IN_INTERPRETER:
+        return 1, n_blocks  # the interpreter pays per program and per device-function call, not per slot
     want = max(1, -(-PROGRAMS_PER_SM * _common.device_spec(device).sm_count // max(B, 1)))
     per = -(-n_blocks // min(n_blocks, want))
     return -(-n_blocks // per), per
@@ -309,8 +303,12 @@ def _weights(alpha: float, decay: float) -> tuple:
     return _bits(alpha), _bits(1.0 - alpha), _bits(-decay), _EPS_BITS
 
 
+# No fma contraction on a GPU: the reference rounds each fp64 product and sum (the interpreter never fuses)
+_FLAGS = {} if _common.INTERPRET else {"enable_fp_fusion": False}
+
+
 def _block_d(Dt: int) -> int:
-    return min(32, triton.next_power_of_2(max(Dt, 1)))
+    return min(16, triton.next_power_of_2(max(Dt, 1)))
 
 
 def kv_relevance(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Tensor, page_table: torch.Tensor,
@@ -323,11 +321,12 @@ def kv_relevance(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torc
     if B * L == 0:
         return out
     traj, ts, live, pt, q = _prepare(traj_pool, ts_pool, live_pool, page_table, query)
-    n_chunks, per = _chunks(B, triton.cdiv(L, BLOCK), query.device)
-    cfg = _common.Config.make(num_warps=8, BLOCK=BLOCK, BLOCK_D=_block_d(Dt))
+    block = min(BLOCK, triton.next_power_of_2(L))
+    n_chunks, per = _chunks(B, triton.cdiv(L, block), query.device)
+    cfg = _common.Config.make(num_warps=8 if block >= 256 else 4, BLOCK=block, BLOCK_D=_block_d(Dt))
     _common.launch(_relevance_kernel, lambda c: (B, n_chunks),
                    (traj, ts, live, pt, q, now.reshape(1), out, P, S, MP, L, Dt, per, *_weights(alpha, decay)),
-                   [cfg], ("kv_relevance",), query.device, "kv_relevance")
+                   [cfg], ("kv_relevance",), query.device, "kv_relevance", **_FLAGS)
     return out
 
 
@@ -348,7 +347,7 @@ def kv_topk(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Ten
     if B * k == 0:
         return slots, scores
     log_k = max(k - 1, 0).bit_length()  # K = 2^log_k >= k
-    block = max(BLOCK, 1 << log_k)
+    block = max(min(BLOCK, triton.next_power_of_2(max(L, 1))), 1 << log_k)
     log_block = block.bit_length() - 1
     traj, ts, live, pt, q = _prepare(traj_pool, ts_pool, live_pool, page_table, query)
     n_chunks, per = _chunks(B, max(triton.cdiv(L, block), 1), dev)
@@ -359,7 +358,7 @@ def kv_topk(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Ten
     _common.launch(_topk_kernel, lambda c: (B, n_chunks),
                    (traj, ts, live, pt, q, now.reshape(1), cand, slots, scores, P, S, MP, L, Dt, k, n_chunks, per,
                     *_weights(alpha, decay)),
-                   [cfg], ("kv_topk", log_k, log_block, final), dev, "kv_topk")
+                   [cfg], ("kv_topk", log_k, log_block, final), dev, "kv_topk", **_FLAGS)
     if not final:
         cfg = _common.Config.make(num_warps=warps, LOG_K=log_k, LOG_BLOCK=log_block)
         _common.launch(_topk_merge_kernel, lambda c: (B,), (cand, pt, slots, scores, P, MP, n_chunks, k),
