@@ -63,6 +63,7 @@ __all__ = ["K_MAX", "kv_relevance", "kv_topk"]
 
 K_MAX = 128  # largest k served by the fused kernel (K = next power of two >= k, held in registers)
 BLOCK = 256  # slots per fold (at least K); tests lower it to reach the multi-chunk merge on tiny rows
+SMALL = 32  # rows of at most this many slots: one block, selected by counting instead of a bitonic network
 PROGRAMS_PER_SM = 4
 SPLIT_ROWS_IN_INTERPRETER = False  # the interpreter runs one program per row unless a test asks for chunks
 _EPS_BITS = struct.unpack("<q", struct.pack("<d", 1e-8))[0]  # reference.KV_EPS as exact fp64 bits
@@ -120,6 +121,18 @@ def _top_sorted(h, l, N: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr,
         else:
             h, l = _merge(h, l, N >> (r + 1), LOG_K, 2)
     return h, l
+
+
+@triton.jit
+def _top_small(h, l, N: tl.constexpr, K: tl.constexpr):
+    """The K <= N largest keys of (h, l) [N], descending, by counting (rank = number of larger keys):
+    a handful of ops on (N, N) and (N, K) tiles, used for rows of at most SMALL slots. Keys are
+    distinct but for the (0, 0) padding, which is the minimum: tied ranks there leave zeros, i.e.
+    padding again."""
+    larger = (h[None, :] > h[:, None]) | ((h[None, :] == h[:, None]) & (l[None, :] > l[:, None]))
+    rank = tl.sum(larger.to(tl.int32), 1)
+    sel = rank[:, None] == tl.arange(0, K)[None, :]
+    return tl.sum(tl.where(sel, h[:, None], 0), 0), tl.sum(tl.where(sel, l[:, None], 0), 0)
 
 
 @triton.jit
@@ -194,7 +207,8 @@ def _keys(score, live, ts, j, L):
 
 @triton.jit
 def _write_top(rh, rl, ok, slots_ptr, scores_ptr, k, K: tl.constexpr):
-    """Decode the running top K (descending) into the row's k outputs."""
+    """Decode the running top K (descending) into the row's k outputs; positions K..k-1 (k > K only when
+    the row has fewer than k slots) are dead: -1, -inf (NaN scores on a flagged row)."""
     sf = rh >> 32
     live = sf != 0
     bits = tl.where(sf >= 0x80000000, sf ^ 0x80000000, sf ^ 0xFFFFFFFF).to(tl.uint32)
@@ -205,12 +219,17 @@ def _write_top(rh, rl, ok, slots_ptr, scores_ptr, k, K: tl.constexpr):
     offs = tl.arange(0, K)
     tl.store(slots_ptr + offs, tl.where(ok, slot, -1), mask=offs < k)
     tl.store(scores_ptr + offs, tl.where(ok, score, float("nan")), mask=offs < k)
+    pad = tl.where(ok, float("-inf"), float("nan"))
+    for o in range(K, k, K):
+        tl.store(slots_ptr + o + offs, tl.full([K], -1, tl.int64), mask=o + offs < k)
+        tl.store(scores_ptr + o + offs, tl.full([K], 0.0, tl.float32) + pad, mask=o + offs < k)
 
 
 @triton.jit(do_not_specialize=["alpha_bits", "rest_bits", "neg_decay_bits", "eps_bits"])
 def _topk_kernel(traj_ptr, ts_ptr, live_ptr, pt_ptr, q_ptr, now_ptr, cand_ptr, slots_ptr, scores_ptr,
                  P, S, MP, L, Dt, k, n_chunks, blocks_per_prog, alpha_bits, rest_bits, neg_decay_bits, eps_bits,
-                 LOG_K: tl.constexpr, LOG_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, FINAL: tl.constexpr):
+                 LOG_K: tl.constexpr, LOG_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, FINAL: tl.constexpr,
+                 ONE_SMALL_BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     K: tl.constexpr = 1 << LOG_K
@@ -228,7 +247,10 @@ def _topk_kernel(traj_ptr, ts_ptr, live_ptr, pt_ptr, q_ptr, now_ptr, cand_ptr, s
         score, live, ts = _scores(traj_ptr, ts_ptr, live_ptr, pt_ptr + b * MP, q_ptr + b * Dt, j, L, P, S, Dt,
                                   nrm, now, alpha, rest, neg_decay, BLOCK_D)
         bh, bl = _keys(score, live, ts, j, L)
-        rh, rl = _fold(rh, rl, bh, bl, BLOCK_, LOG_BLOCK, LOG_K)
+        if ONE_SMALL_BLOCK:
+            rh, rl = _top_small(bh, bl, BLOCK_, K)
+        else:
+            rh, rl = _fold(rh, rl, bh, bl, BLOCK_, LOG_BLOCK, LOG_K)
     if FINAL:
         _write_top(rh, rl, _row_ok(pt_ptr + b * MP, MP, P, BLOCK_), slots_ptr + b * k, scores_ptr + b * k, k, K)
     else:
@@ -346,19 +368,22 @@ def kv_topk(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Ten
     scores = torch.empty((B, k), dtype=torch.float32, device=dev)
     if B * k == 0:
         return slots, scores
-    log_k = max(k - 1, 0).bit_length()  # K = 2^log_k >= k
+    # K = 2^log_k >= min(k, L) candidates are kept (a row has no more than L; the rest is padding)
+    log_k = max(min(k, L) - 1, 0).bit_length()
     block = max(min(BLOCK, triton.next_power_of_2(max(L, 1))), 1 << log_k)
     log_block = block.bit_length() - 1
     traj, ts, live, pt, q = _prepare(traj_pool, ts_pool, live_pool, page_table, query)
     n_chunks, per = _chunks(B, max(triton.cdiv(L, block), 1), dev)
     final = n_chunks == 1
+    small = final and per == 1 and block <= SMALL
     cand = torch.empty((B, n_chunks, 2, 1 << log_k) if not final else (1,), dtype=torch.long, device=dev)
     warps = 8 if block >= 256 else 4
-    cfg = _common.Config.make(num_warps=warps, LOG_K=log_k, LOG_BLOCK=log_block, BLOCK_D=_block_d(Dt), FINAL=final)
+    cfg = _common.Config.make(num_warps=warps, LOG_K=log_k, LOG_BLOCK=log_block, BLOCK_D=_block_d(Dt), FINAL=final,
+                              ONE_SMALL_BLOCK=small)
     _common.launch(_topk_kernel, lambda c: (B, n_chunks),
                    (traj, ts, live, pt, q, now.reshape(1), cand, slots, scores, P, S, MP, L, Dt, k, n_chunks, per,
                     *_weights(alpha, decay)),
-                   [cfg], ("kv_topk", log_k, log_block, final), dev, "kv_topk", **_FLAGS)
+                   [cfg], ("kv_topk", log_k, log_block, final, small), dev, "kv_topk", **_FLAGS)
     if not final:
         cfg = _common.Config.make(num_warps=warps, LOG_K=log_k, LOG_BLOCK=log_block)
         _common.launch(_topk_merge_kernel, lambda c: (B,), (cand, pt, slots, scores, P, MP, n_chunks, k),
