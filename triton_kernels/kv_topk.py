@@ -78,17 +78,16 @@ def _merge(h, l, N: tl.constexpr, s: tl.constexpr, DIR: tl.constexpr):
     the pair's sum minus one's own (wrapping uint64 arithmetic: exact). One function, no helper calls:
     the interpreter pays ~1 ms per device-function call."""
     for i in tl.static_range(s):
-        C: tl.constexpr = 1 << (s - 1 - i)
-        A: tl.constexpr = N // (2 * C)
-        h3 = tl.reshape(h, [A, 2, C])
-        l3 = tl.reshape(l, [A, 2, C])
+        # distance C = 2^(s-1-i), A = N / 2C pairs of C-runs (inline: a constexpr cannot be reassigned)
+        h3 = tl.reshape(h, [N // (2 << (s - 1 - i)), 2, 1 << (s - 1 - i)])
+        l3 = tl.reshape(l, [N // (2 << (s - 1 - i)), 2, 1 << (s - 1 - i)])
         ph = tl.sum(h3, 1, keep_dims=True) - h3
         pl = tl.sum(l3, 1, keep_dims=True) - l3
         right = (tl.arange(0, 2) == 1)[None, :, None]
-        if DIR == 2:
-            desc = ((tl.arange(0, A)[:, None, None] >> i) & 1) == 1  # (global index >> s) & 1
+        if DIR == 2:  # (global index >> s) & 1 == (pair index >> i) & 1
+            desc = ((tl.arange(0, N // (2 << (s - 1 - i)))[:, None, None] >> i) & 1) == 1
         else:
-            desc = tl.full([A, 1, 1], DIR, tl.int32) == 1
+            desc = tl.full([N // (2 << (s - 1 - i)), 1, 1], DIR, tl.int32) == 1
         gt = (h3 > ph) | ((h3 == ph) & (l3 > pl))
         keep = gt == (right != desc)  # ascending: the right element keeps the larger key
         h = tl.reshape(tl.where(keep, h3, ph), [N])
