@@ -354,14 +354,15 @@ def kv_relevance(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torc
 def kv_topk(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Tensor, page_table: torch.Tensor,
             query: torch.Tensor, now: torch.Tensor, alpha: float, decay: float,
             k: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(slots (B, k) int64, scores (B, k) fp32) as reference.kv_topk, or None when k > K_MAX.
+    """(slots (B, k) int64, scores (B, k) fp32) as reference.kv_topk, or None when k > K_MAX (or a row
+    has 2^31 slots or more).
 
     One launch when a row fits one chunk of programs, else two (per-chunk top K, then a per-row merge)."""
-    if k > K_MAX:
-        return None
     P, S, Dt = traj_pool.shape
     B, MP = query.shape[0], page_table.shape[1]
     L = MP * S
+    if k > K_MAX or L >= 2**31:  # the key's slot field holds 32 bits
+        return None
     dev = query.device
     slots = torch.empty((B, k), dtype=torch.long, device=dev)
     scores = torch.empty((B, k), dtype=torch.float32, device=dev)
