@@ -28,6 +28,13 @@ Selection: bitonic networks on the (hi, lo) pair (compare-exchange at distance 2
 BLOCK keys is cut to its top K (sorted runs of K, then pairwise maxima of opposite-order runs, which
 halves the candidates and leaves bitonic runs) and merged into a running top K held in registers
 (elementwise max of the running list, descending, and the block's, ascending, then one bitonic merge).
+Rows of at most SMALL = 32 slots (one block, one program) are ranked by counting instead: each key's
+rank is the number of larger keys ((N, N) compare), the top K gathered through an (N, K) one-hot.
+Compute per 256-slot block at K = 64: 21 + 2 * (1 + 6) + (1 + 6) = 42 compare-exchange steps on 2 x 256
+words (~10 integer ops per element each), against ~256 * Dt fp64 FMAs for the scores: comparable work,
+hidden under the loads only if enough programs are resident (127 registers x 256 threads at
+K = 64: 2 programs per SM). Not measured yet (no GPU this session): the floor is the 69.6 MB read,
+~21 us at an H100's ~3.3 TB/s; the issue's goal is <= 0.5x torch.compile of the eager scorer + topk.
 
 Count (B rows of L = MP*S slots, trajectories of Dt fp32; bench: B=8, L=32768, S=16, Dt=64):
   ideal   read each slot's trajectory (4*Dt B), ts (8 B), live (1 B) once, its page-table entry
@@ -42,6 +49,7 @@ Count (B rows of L = MP*S slots, trajectories of Dt fp32; bench: B=8, L=32768, S
           Unfused path it replaces: kv_unit (5 launches), logical->physical, the scorer, 3 gathers,
           3 stable argsorts + gathers over (B, L) and wheres: ~20 launches, the (B, L) scores, ts and
           flags written and re-read several times.
+          The interpreter runs one program per row (it pays per program and per op, not per slot).
   kv_relevance  grid (B, C): reads as above, writes B*L*4 B; each program reads the page-table row
           once for the flag (C*MP*8 B per row, L2-resident). One launch.
 Scores are computed as in the reference: fp64 dot of the fp32 entry and the fp32 unit query (itself
