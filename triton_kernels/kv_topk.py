@@ -382,15 +382,15 @@ def kv_topk(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Ten
     log_block = block.bit_length() - 1
     traj, ts, live, pt, q = _prepare(traj_pool, ts_pool, live_pool, page_table, query)
     n_chunks, per = _chunks(B, max(triton.cdiv(L, block), 1), dev)
-    final = n_chunks == 1
+    final = n_chunks == 1  # (S = 0 below: L = 0, every slot masked; 1 keeps j // S defined)
     small = final and per == 1 and block <= SMALL
     cand = torch.empty((B, n_chunks, 2, 1 << log_k) if not final else (1,), dtype=torch.long, device=dev)
     warps = 8 if block >= 256 else 4
     cfg = _common.Config.make(num_warps=warps, LOG_K=log_k, LOG_BLOCK=log_block, BLOCK_D=_block_d(Dt), FINAL=final,
                               ONE_SMALL_BLOCK=small)
     _common.launch(_topk_kernel, lambda c: (B, n_chunks),
-                   (traj, ts, live, pt, q, now.reshape(1), cand, slots, scores, P, S, MP, L, Dt, k, n_chunks, per,
-                    *_weights(alpha, decay)),
+                   (traj, ts, live, pt, q, now.reshape(1), cand, slots, scores, P, max(S, 1), MP, L, Dt, k, n_chunks,
+                    per, *_weights(alpha, decay)),
                    [cfg], ("kv_topk", log_k, log_block, final, small), dev, "kv_topk", **_FLAGS)
     if not final:
         cfg = _common.Config.make(num_warps=warps, LOG_K=log_k, LOG_BLOCK=log_block)
