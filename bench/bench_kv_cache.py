@@ -126,6 +126,16 @@ def eager_topk(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table
 # set-up helpers
 
 
+def _unfused_topk(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor, query: Tensor,
+                  now: Tensor, k: int):
+    """kv_topk as the CUDA backend ran it before the fused kernels (GPU provider only)."""
+    from trajops import reference
+    from trajops.triton_kernels import kv_cache as kernels
+
+    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, ALPHA, DECAY, k,
+                             scorer=kernels.kv_scores)
+
+
 def _paged_bytes(cache) -> dict:
     """Bytes of every state tensor the paged cache holds, split K/V vs metadata, per live token (the
     private _written/_evicted, the last append's (B, n) outputs kept for the other layers, are not
@@ -321,6 +331,14 @@ def benchmarks(ctx: Context):
         provs += [
             Provider("trajops", f"trajops ({backend})", lambda *inp, k=k: big.topk(inp[4], k), role="target",
                      note=target_note),
+        ]
+        if dev.type == "cuda" and backend == "triton":
+            # the path the fused kernels replaced (reference ranking around the Triton scorer): the
+            # fused-vs-unfused ratio on the same GPU, same inputs
+            provs.append(Provider("unfused", "trajops unfused (reference ranking + Triton scorer)",
+                                  lambda *inp, k=k: _unfused_topk(*inp, k), role="other",
+                                  note="trajops.reference.kv_topk(scorer=triton kv_scores): ~20 launches"))
+        provs += [
             Provider("roofline", "roofline (traj_pool.sum())", lambda *inp: inp[0].sum(), role="roofline",
                      note=(f"one read of the fp32 trajectory pool (B*N*Dt*4 = {Bt * L * Dt * 4 / 2**20:.3g} MiB, "
                            f"{100 * Bt * L * Dt * 4 / nbytes:.0f}% of the ideal bytes, the rest being timestamps, "

@@ -78,10 +78,11 @@ def _jobs() -> str:
 
 
 def test_installed_triton_sm90_and_sm80():
-    # sm_90 every core variant; sm_80 the D=128 half-precision ones (the A100's usual training case;
-    # `python tests/triton_resources.py --cc 80 --full` checks the rest: it takes minutes on 2 CPUs)
+    # sm_90 every core variant; sm_80 the D=128 half-precision ones (the A100's usual training case)
+    # and the fused KV top-k at its largest K (its most registers); `python tests/triton_resources.py
+    # --cc 80 --full` checks the rest: it takes minutes on 2 CPUs
     rows = _run({}, ["--cc", "90", "--jobs", _jobs()])
-    rows += _run({}, ["--cc", "80", "--jobs", _jobs(), "--filter", "bf16 D=128"])[1:]
+    rows += _run({}, ["--cc", "80", "--jobs", _jobs(), "--filter", "bf16 D=128|kv_topk k=128"])[1:]
     _check(rows)
 
 
@@ -93,7 +94,7 @@ def test_lowest_supported_triton_sm90():
     # half precision and fp64: Triton 3.6 rejected fp64 dots that 3.9 compiles (an fp64 accumulator
     # needs out_dtype), which only this run would have caught before a GPU did
     rows = _run({"PYTHONPATH": side + os.pathsep + os.environ.get("PYTHONPATH", "")},
-                ["--cc", "90", "--jobs", _jobs(), "--filter", "bf16 D=128|bf16 D=256|fp64"])
+                ["--cc", "90", "--jobs", _jobs(), "--filter", "bf16 D=128|bf16 D=256|fp64|kv_topk k=128"])
     assert rows[0]["triton"].startswith("3.6"), rows[0]
     _check(rows)
 

@@ -96,6 +96,34 @@ def ape_variants():
     return out
 
 
+# ---- KV relevance / top-k (triton_kernels/kv_topk.py): the bench's shape (B=8 rows of 32768 slots,
+# pages of 16, Dt=64), so the launcher picks the split-row grid (per-chunk top K + merge) it would on an
+# H100; K = 64 and the largest K (128) of the bitonic path, the counting path of short rows, relevance.
+def _kv(k, L=32768, B=8, Dt=64, S=16):
+    def run():
+        from trajops.triton_kernels import kv_topk as fused
+
+        MP = L // S
+        traj = torch.empty(B * MP, S, Dt)
+        ts = torch.empty(B * MP, S, dtype=torch.int64)
+        live = torch.empty(B * MP, S, dtype=torch.bool)
+        pt = torch.empty(B, MP, dtype=torch.int64)
+        args = (traj, ts, live, pt, torch.empty(B, Dt), torch.tensor(0), 0.7, 0.1)
+        if k:
+            fused.kv_topk(*args, k)
+        else:
+            fused.kv_relevance(*args)
+    return run
+
+
+def _kv_variants(full: bool = False):
+    out = [("kv_topk k=64 N=32768", _kv(64)), ("kv_topk k=128 N=32768", _kv(128)),
+           ("kv_topk k=8 N=32 (counting)", _kv(8, L=32)), ("kv_relevance N=32768", _kv(0))]
+    if full:
+        out.append(("kv_topk k=1 N=32768 (full)", _kv(1)))
+    return out
+
+
 def variants(full: bool = False):
     """(label, thunk) per configuration class the launchers distinguish. Tiles depend on the element
     size, the padded head sizes, the mask kind and decode vs prefill; registers also on causal.
@@ -120,6 +148,7 @@ def variants(full: bool = False):
         out.append((f"attn fp32 D={D} fullmask causal", _attention("fp32", D, D, 2, True)))
     for dtype, D in (("bf16", 128), ("fp32", 256), ("fp64", 128)):
         out.append((f"paged {dtype} D={D} G=8", _paged(dtype, D, 8)))
+    out += _kv_variants(full)
     if full:
         for dtype in ("bf16", "fp32"):
             for D in (64, 128, 256):

@@ -10,8 +10,10 @@ trajops/ops/kv_cache.py. Public launchers:
 * :func:`kv_write`  ``(k_pool (P, S, H, D), v_pool, written (B, n), k (B, H, n, D), v)``: copies
   each written token's heads into its physical slot, skipping -1 (no host sync, capturable).
 
-The ranking and the page bookkeeping of kv_topk / kv_evict_append_ on CUDA are device-side torch
-ops around kv_scores (trajops/reference/kv_cache.py with this scorer): fixed shapes, no host sync.
+kv_relevance and kv_topk (k <= 128) on CUDA are the fused score-and-select kernels of
+triton_kernels/kv_topk.py. The ranking and the page bookkeeping of kv_evict_append_ (and kv_topk with
+k > 128) are device-side torch ops around kv_scores (trajops/reference/kv_cache.py with this scorer):
+fixed shapes, no host sync.
 """
 from __future__ import annotations
 

@@ -9,10 +9,12 @@ kv_evict_append_ mutates the cache state in place (declared with Tensor(a!) in i
 returns new tensors (evicted, written, ok), never aliases.
 
 Backends: C++ on CPU (csrc/cpu/kv_cache.cpp, registered by trajops._C). On CUDA (and on CPU tensors
-under TRAJOPS_BACKEND=triton TRITON_INTERPRET=1): Triton kernels (triton_kernels/kv_cache.py) for
-the fused scoring and the K/V writes; the ranking and page bookkeeping around the scorer are the
-reference's device-side torch ops (fixed shapes, no host sync, so CUDA-graph capturable). Anything
-else: the pure-PyTorch reference, which loops over the batch (a shape) and is vectorized over slots.
+under TRAJOPS_BACKEND=triton TRITON_INTERPRET=1): kv_relevance and kv_topk (k <= 128) are fused
+score-and-select Triton kernels (triton_kernels/kv_topk.py: one launch, two for kv_topk when a row is
+split over programs); kv_write_ a Triton copy; kv_evict_append_ (and kv_topk with k > 128) the
+reference's device-side torch ops around the Triton scorer (triton_kernels/kv_cache.py). All fixed
+shapes, no host sync, so CUDA-graph capturable. Anything else: the pure-PyTorch reference, which
+loops over the batch (a shape) and is vectorized over slots.
 
 Bad input: shapes, dtypes and devices of every argument are checked first (fake impls too), then
 on CPU every value an op indexes with or counts from (page-table rows 0..B-1, free_top and the
@@ -219,8 +221,9 @@ def _evict_append_fake(traj_pool, ts_pool, live_pool, pinned_pool, page_table, l
 
 
 # ---------------------------------------------------------------- kernels
-# One checked wrapper per op around the reference; the Triton variant only swaps in the fused scorer
-# (the ranking and bookkeeping around it are the reference's device-side torch ops). Values (page
+# One checked wrapper per op around the reference. Triton: kv_relevance and kv_topk (k <= K_MAX) are
+# the fused kernels of triton_kernels/kv_topk.py; kv_evict_append_ (and kv_topk above K_MAX) swap the
+# Triton scorer into the reference (its ranking and bookkeeping are device-side torch ops). Values (page
 # numbers, stack entries, counts) are checked here on CPU, where reading them costs no sync; on CUDA
 # the reference treats corrupt entries as absent and flags the result instead (NaN scores, ok False).
 def _triton_scorer():
@@ -229,22 +232,46 @@ def _triton_scorer():
     return kernels.kv_scores
 
 
-def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, *, scorer=None):
+def _fused():
+    from ..triton_kernels import kv_topk as fused
+
+    return fused
+
+
+def _check_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay) -> None:
     _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
     _check_weights(alpha, decay)
     if page_table.device.type == "cpu":
         _check_page_table_values(page_table, query.shape[0], traj_pool.shape[0])
-    return reference.kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay,
-                                  scorer=scorer)
 
 
-def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, *, scorer=None):
-    _check_read(traj_pool, ts_pool, live_pool, page_table, query, now)
-    _check_weights(alpha, decay)
+def _relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
+    _check_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
+    return reference.kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
+
+
+def _relevance_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay):
+    """One fused launch (triton_kernels/kv_topk.py)."""
+    _check_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
+    return _fused().kv_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
+
+
+def _topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
+    _check_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
     _check_k(k)
-    if page_table.device.type == "cpu":
-        _check_page_table_values(page_table, query.shape[0], traj_pool.shape[0])
-    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k, scorer=scorer)
+    return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k)
+
+
+def _topk_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k):
+    """The fused score-and-select kernels for k <= K_MAX (one or two launches); above it the reference's
+    ranking around the Triton scorer."""
+    _check_relevance(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay)
+    _check_k(k)
+    out = _fused().kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k)
+    if out is None:
+        return reference.kv_topk(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, decay, k,
+                                 scorer=_triton_scorer())
+    return out
 
 
 def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
@@ -266,8 +293,8 @@ def _with_triton_scorer(fn):
     return lambda *args: fn(*args, scorer=_triton_scorer())
 
 
-register_kernels("kv_relevance", _relevance, _with_triton_scorer(_relevance))
-register_kernels("kv_topk", _topk, _with_triton_scorer(_topk))
+register_kernels("kv_relevance", _relevance, _relevance_triton)
+register_kernels("kv_topk", _topk, _topk_triton)
 register_kernels("kv_evict_append_", _evict_append, _with_triton_scorer(_evict_append))
 
 
