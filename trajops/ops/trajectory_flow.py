@@ -124,10 +124,17 @@ def _sanitized(cu_seqlens: Optional[Tensor], total: int):
     """
     if cu_seqlens is None or cu_seqlens.device.type == "cpu":
         return cu_seqlens, None
-    c = cu_seqlens.to(torch.int64).clamp(0, total)
-    c = torch.cummax(c, 0).values
-    c = torch.cat([c.new_zeros(1), c[1:-1], c.new_full((1,), total)]) if c.shape[0] > 1 else c.new_zeros(1)
-    return c, cu_seqlens_invalid(cu_seqlens, total)
+    return _safe_offsets(cu_seqlens, total), cu_seqlens_invalid(cu_seqlens, total)
+
+
+def _safe_offsets(cu_seqlens: Tensor, total: int) -> Tensor:
+    """int64 offsets that are valid for ``total`` whatever ``cu_seqlens`` holds (valid ones unchanged)."""
+    c = torch.cummax(cu_seqlens.to(torch.int64).clamp(0, total), 0).values
+    if c.shape[0] == 1:
+        # No document: valid only if total == 0, else the flag is set; one document covering the
+        # tokens keeps them indexable meanwhile.
+        return torch.tensor([0, total], dtype=torch.int64, device=c.device)
+    return torch.cat([c.new_zeros(1), c[1:-1], c.new_full((1,), total)])
 
 
 def _nan_if(out: Tensor, bad: Optional[Tensor]) -> Tensor:
