@@ -18,7 +18,7 @@ from trajops import reference
 from trajops.ops import trajectory_flow as flow_ops
 from trajops.varlen import positions_in_document
 
-from conftest import INTERPRETER, TOL, assert_close
+from conftest import INTERPRETER, assert_close
 
 op = torch.ops.trajops.trajectory_flow
 op_backward = torch.ops.trajops.trajectory_flow_backward
@@ -286,6 +286,14 @@ def test_router_packed_equals_per_document():
     assert_close(got[0, :2], router(xb[0, :2]))
     assert_close(got[0, 2:], router(xb[0, 2:]))
     assert_close(got[1], router(xb[1]))
+
+
+@needs_varlen
+def test_router_packed_compiles_fullgraph():
+    router = trajops.nn.TrajectoryGuidedMoERouter(4, 3)
+    x, cu = torch.randn(9, 4), torch.tensor([0, 3, 4, 9])
+    compiled = torch.compile(lambda t, c: router(t, cu_seqlens=c), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, cu), router(x, cu_seqlens=cu))
 
 
 def test_router_bad_packed_arguments():
