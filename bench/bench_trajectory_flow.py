@@ -2,14 +2,25 @@
 
 Providers (roles in harness.py): a seed-style Python loop timed on a slice of positions and
 extrapolated; the eager reference; torch.compile(reference); trajops; and a memory roofline.
+
+``python bench/bench_trajectory_flow.py --packed`` (not part of ``make bench``): packed documents
+(total, D) with ``cu_seqlens`` against the same tokens padded to a (N, max_len, D) batch: time and
+peak memory, forward and forward+backward, printed (nothing written).
 """
 from __future__ import annotations
 
+import argparse
+import os
+import statistics
+import sys
+
 import torch
 
-import trajops
-from harness import Case, Context, Provider
-from trajops import reference as ref
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness, when run as a script
+
+import trajops  # noqa: E402
+from harness import Case, Context, Provider, _sample, peak_memory  # noqa: E402
+from trajops import reference as ref  # noqa: E402
 
 OP = "trajectory_flow"
 EPS = 1e-6
@@ -87,3 +98,82 @@ def benchmarks(ctx: Context):
         ]
         items.append((case, provs))
     return items
+
+
+# ---------------------------------------------------------------- packed vs padded (cu_seqlens)
+def packed_vs_padded(n_docs: int = 16, max_len: int = 2048, D: int = 1024, window: int = 8, reps: int = 7,
+                     dtype: torch.dtype = torch.float32, seed: int = 0) -> list:
+    """Time and peak memory of one batch of documents, packed with cu_seqlens vs padded (CPU).
+
+    Document lengths are uniform in [16, max_len] (the longest set to max_len): the padded batch
+    (n_docs, max_len, D) holds about twice the packed (total, D) tokens, padding rows being zeros
+    (they cost the same as real tokens: the op does not know they are padding).
+    Returns one dict per (layout, mode): median/min ms over ``reps`` samples, peak MiB above inputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(16, max_len + 1, (n_docs,), generator=gen)
+    lengths[0] = max_len
+    cu = trajops.cu_seqlens_from_lengths(lengths)
+    total = int(lengths.sum())
+    steps = torch.randn(total, D, generator=gen) / D**0.5
+    packed = torch.cat([steps[a:b].cumsum(0) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]).to(dtype)
+    padded = torch.zeros(n_docs, max_len, D, dtype=dtype)
+    for j, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        padded[j, : b - a] = packed[a:b]
+    dev = torch.device("cpu")
+    rows = []
+    for layout, x, call in (
+        ("packed", packed, lambda t: trajops.trajectory_flow(t, window, cu_seqlens=cu)),
+        ("padded", padded, lambda t: trajops.trajectory_flow(t, window)),
+    ):
+        for mode in ("fwd", "fwd+bwd"):
+            xi = x.detach().clone().requires_grad_(mode == "fwd+bwd")
+            g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+            def run(xi=xi, g=g, call=call, mode=mode):
+                out = call(xi)
+                if mode == "fwd+bwd":
+                    out.backward(g)
+                return out
+
+            def reset(xi=xi):
+                xi.grad = None
+
+            reset(), run()  # warm-up
+            samples = [_sample(dev, run, reset, 1) for _ in range(reps)]
+            mem = peak_memory(dev, run, reset)
+            rows.append({"layout": layout, "mode": mode, "shape": list(x.shape), "tokens": x.shape[-3:-1].numel(),
+                         "median_ms": statistics.median(samples) * 1e3, "min_ms": min(samples) * 1e3,
+                         "peak_mib": None if mem is None else mem / 2**20})
+    return rows
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--packed", action="store_true", help="run the packed-vs-padded comparison (the only mode)")
+    ap.add_argument("--docs", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    if not args.packed:
+        ap.error("the benchmark suite runs through bench/run.py; pass --packed for packed vs padded")
+    rows = packed_vs_padded(args.docs, args.max_len, args.dim, args.window, args.reps)
+    print(f"trajectory_flow packed vs padded, CPU ({trajops.backends()['cpu']}, {torch.get_num_threads()} threads), "
+          f"fp32, D={args.dim}, window={args.window}, {args.docs} documents, lengths U[16, {args.max_len}]")
+    print("| layout | shape | tokens computed | mode | median ms | min ms | peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        print(f"| {r['layout']} | {r['shape']} | {r['tokens']} | {r['mode']} | {r['median_ms']:.2f} | "
+              f"{r['min_ms']:.2f} | {peak} |")
+    by = {(r["layout"], r["mode"]): r for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        p, q = by[("packed", mode)], by[("padded", mode)]
+        print(f"{mode}: padded/packed time x{q['median_ms'] / p['median_ms']:.2f}"
+              + ("" if p["peak_mib"] is None or not p["peak_mib"] else f", memory x{q['peak_mib'] / p['peak_mib']:.2f}"))
+
+
+if __name__ == "__main__":
+    _main()

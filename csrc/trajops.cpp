@@ -19,8 +19,10 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(trajops, m) {
-  m.def("trajectory_flow(Tensor x, int window=8, float eps=1e-06) -> Tensor");
-  m.def("trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps) -> Tensor");
+  m.def("trajectory_flow(Tensor x, int window=8, float eps=1e-06, Tensor? cu_seqlens=None) -> Tensor");
+  m.def(
+      "trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps, "
+      "Tensor? cu_seqlens=None) -> Tensor");
   m.def(
       "stp_loss(Tensor[] hidden, Tensor triples, Tensor? lengths=None, Tensor? cu_seqlens=None) -> "
       "(Tensor, Tensor)");

@@ -10,7 +10,8 @@ import math
 import torch
 
 import trajops
-from hostile_cases import ANY_ERROR, RESULT, check, check_shape, either, raises, register, same
+from hostile_cases import (ANY_ERROR, RESULT, WrongResult, check, check_shape, either, noncontiguous, raises, register,
+                           same)
 from trajops.ops import trajectory_flow as _tf
 
 OP, BWD, PUB = "torch.ops.trajops.trajectory_flow", "torch.ops.trajops.trajectory_flow_backward", \
@@ -216,3 +217,161 @@ register("optim.trajectory_stability.infinite_variance", _stability_huge, RESULT
 register("backends.returns_cpu", lambda: check(trajops.backends()["cpu"] in ("cpp", "reference",
                                                                               "triton-interpreter"), "backends()"),
          RESULT, "trajops.backends")
+
+
+# ---------------------------------------------------------------- packed sequences (cu_seqlens) and the offset helpers
+def _varlen_ready() -> bool:
+    """False on a Triton backend whose launchers do not take cu_seqlens yet (they raise NotImplementedError)."""
+    if trajops.backends()["cpu"] != "triton-interpreter":
+        return True
+    import inspect
+
+    from trajops.triton_kernels import trajectory_flow as kernels
+
+    return "cu_seqlens" in inspect.signature(kernels.trajectory_flow_fwd).parameters
+
+
+def _packed(cu, x=None, total=6):
+    x = torch.randn(total, 3) if x is None else x
+    return trajops.trajectory_flow(x, 3, cu_seqlens=cu)
+
+
+def _packed_bwd(cu, total=6):
+    x = torch.randn(1, total, 3)
+    return torch.ops.trajops.trajectory_flow_backward(torch.ones_like(x), x, 3, 1e-6, cu)
+
+
+_BAD_CU = {
+    "cu_decreasing_huge": (lambda: torch.tensor([0, 2**62, 6]), raises("cu_seqlens", also=("non-decreasing",))),
+    "cu_negative_inside": (lambda: torch.tensor([0, -1, 6]), raises("cu_seqlens", also=("non-decreasing",))),
+    "cu_int64_min_first": (lambda: torch.tensor([-2**63, 6]), raises("cu_seqlens", also=("start at 0",))),
+    "cu_int32_max_last": (lambda: torch.tensor([0, 2**31 - 1], dtype=torch.int32),
+                          raises("cu_seqlens", also=("must end at the number of packed tokens 6",))),
+    "cu_no_document": (lambda: torch.tensor([0]), raises("cu_seqlens", also=("got 0",))),
+    "cu_0d": (lambda: torch.tensor(0), raises("cu_seqlens", also=("shape",))),
+    "cu_empty": (lambda: torch.zeros(0, dtype=torch.long), raises("cu_seqlens", also=("shape",))),
+    "cu_bool": (lambda: torch.tensor([False, True]), raises("cu_seqlens", also=("torch.bool",))),
+    "cu_uint8": (lambda: torch.tensor([0, 6], dtype=torch.uint8), raises("cu_seqlens", also=("torch.uint8",))),
+    "cu_float64": (lambda: torch.tensor([0.0, 6.0], dtype=torch.float64), raises("cu_seqlens", also=("float64",))),
+    "cu_meta": (lambda: torch.tensor([0, 6], device="meta"), raises("cu_seqlens", also=("device",))),
+    "cu_list": (lambda: [0, 6], raises("cu_seqlens", types=ANY_ERROR)),
+}
+for _name, (_make, _expect) in _BAD_CU.items():
+    _case(_name, lambda m=_make: _packed(m()), _expect)
+    register(f"trajectory_flow_backward.{_name}", lambda m=_make: _packed_bwd(m()), _expect, BWD)
+
+_case("cu_with_batched_x", lambda: _packed(torch.tensor([0, 3]), torch.randn(2, 3, 3)),
+      raises("cu_seqlens", also=("(total, D) or (1, total, D)",)))
+_case("cu_with_1d_x", lambda: _packed(torch.tensor([0, 3]), torch.randn(3)), raises("x"))
+
+
+def _when_ready(fn):
+    """Runs fn where the backend has packed kernels; elsewhere checks the documented NotImplementedError."""
+    def run():
+        if _varlen_ready():
+            fn()
+            return
+        try:
+            _packed(torch.tensor([0, 6]))
+        except NotImplementedError:
+            return
+        raise WrongResult("a Triton launcher without cu_seqlens must raise NotImplementedError")
+    return run
+
+
+def _packed_vs_alone(x, cu, window=3):
+    offs = cu.tolist()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    got = _fwd_bwd_packed(x, cu, window, g)
+    for a, b in zip(offs[:-1], offs[1:]):
+        if b == a:
+            continue
+        xa = x[a:b].detach().clone().requires_grad_()
+        want = trajops.trajectory_flow(xa, window)
+        (want * g[a:b]).sum().backward()
+        same(got[0][a:b], want.detach(), f"document [{a}, {b}) packed vs alone", 1e-5)
+        same(got[1][a:b], xa.grad, f"gradient of document [{a}, {b}) packed vs alone", 1e-5)
+
+
+def _fwd_bwd_packed(x, cu, window, g=None):
+    x = x.detach().clone().requires_grad_()
+    out = trajops.trajectory_flow(x, window, cu_seqlens=cu)
+    g = torch.randn_like(out, generator=torch.Generator().manual_seed(1)) if g is None else g
+    (out * g).sum().backward()
+    return out.detach(), x.grad
+
+
+def _nan_in_one_document():
+    x = torch.randn(9, 3)
+    x[5] = math.nan
+    x[6, 1] = math.inf
+    _packed_vs_alone(x, torch.tensor([0, 4, 9]))
+
+
+def _zero_tokens():
+    out = _packed(torch.tensor([0, 0, 0]), torch.randn(0, 3))
+    check_shape(out, (0, 3), "out")
+
+
+def _huge_window_packed():
+    x = torch.randn(8, 2)
+    cu = torch.tensor([0, 1, 3, 3, 8])
+    same(_fwd_bwd_packed(x, cu, 2**63 - 1)[0], _fwd_bwd_packed(x, cu, 8)[0], "window=2**63-1 vs window=total", TOL)
+    _packed_vs_alone(x, cu, 2**63 - 1)
+
+
+def _noncontiguous_cu():
+    x = torch.randn(6, 3)
+    cu = noncontiguous(torch.tensor([0, 2, 6]))
+    same(_packed(cu, x), _packed(cu.contiguous(), x), "non-contiguous cu_seqlens vs contiguous", TOL)
+
+
+_case("cu_nan_inf_in_one_document", _when_ready(_nan_in_one_document))
+_case("cu_zero_tokens", _when_ready(_zero_tokens))
+_case("cu_huge_window", _when_ready(_huge_window_packed))
+_case("cu_noncontiguous", _when_ready(_noncontiguous_cu))
+
+LENGTHS, POS_IDS = "trajops.cu_seqlens_from_lengths", "trajops.cu_seqlens_from_position_ids"
+
+
+def _helper(name, fn, expect, target):
+    register(f"{target.split('.')[-1]}.{name}", fn, expect, target)
+
+
+_lengths = trajops.cu_seqlens_from_lengths
+_helper("list", lambda: _lengths([1, 2]), raises("lengths"), LENGTHS)
+_helper("float", lambda: _lengths(torch.tensor([1.0])), raises("lengths", also=("torch.float32",)), LENGTHS)
+_helper("bool", lambda: _lengths(torch.tensor([True])), raises("lengths"), LENGTHS)
+_helper("negative", lambda: _lengths(torch.tensor([3, -1])), raises("lengths"), LENGTHS)
+_helper("int64_min", lambda: _lengths(torch.tensor([-2**63])), raises("lengths"), LENGTHS)
+_helper("two_dim", lambda: _lengths(torch.tensor([[1, 2]])), raises("lengths"), LENGTHS)
+_helper("overflow_int32", lambda: _lengths(torch.tensor([2**31 - 1, 1])), raises("dtype"), LENGTHS)
+_helper("overflow_int64", lambda: _lengths(torch.tensor([2**62, 2**62]), torch.int64), raises("dtype"), LENGTHS)
+_helper("dtype_float", lambda: _lengths(torch.tensor([1]), torch.float32), raises("dtype"), LENGTHS)
+_helper("empty", lambda: same(_lengths(torch.zeros(0, dtype=torch.long)), torch.zeros(1, dtype=torch.int32),
+                              "no document: [0]"), RESULT, LENGTHS)
+_helper("int64_big", lambda: same(_lengths(torch.tensor([2**40, 0]), torch.int64),
+                                  torch.tensor([0, 2**40, 2**40]), "int64 offsets past int32"), RESULT, LENGTHS)
+
+_pos = trajops.cu_seqlens_from_position_ids
+_helper("list", lambda: _pos([0, 1]), raises("position_ids"), POS_IDS)
+_helper("float", lambda: _pos(torch.tensor([0.0, 1.0])), raises("position_ids", also=("torch.float32",)), POS_IDS)
+_helper("zero_dim", lambda: _pos(torch.tensor(0)), raises("position_ids"), POS_IDS)
+_helper("three_dim", lambda: _pos(torch.zeros(1, 1, 2, dtype=torch.long)), raises("position_ids"), POS_IDS)
+_helper("dtype_float", lambda: _pos(torch.tensor([0, 1]), torch.float64), raises("dtype"), POS_IDS)
+_helper("empty", lambda: same(_pos(torch.zeros(0, dtype=torch.long)), torch.zeros(1, dtype=torch.int32),
+                              "no token: [0]"), RESULT, POS_IDS)
+_helper("all_zero", lambda: same(_pos(torch.zeros(2, 3, dtype=torch.long)), torch.arange(7, dtype=torch.int32),
+                                 "every token its own document"), RESULT, POS_IDS)
+_helper("no_zero_huge_ids", lambda: same(_pos(torch.tensor([[2**62, -5, 7]])), torch.tensor([0, 3], dtype=torch.int32),
+                                         "ids without 0: one document per row"), RESULT, POS_IDS)
+
+
+_router("packed_position_ids_float", lambda m: m(torch.randn(1, 5, 4), position_ids=torch.zeros(1, 5)),
+        raises("position_ids"))
+_router("packed_position_ids_wrong_size", lambda m: m(torch.randn(1, 5, 4), position_ids=torch.zeros(1, 4,
+                                                                                                    dtype=torch.long)),
+        raises("position_ids"))
+_router("packed_cu_bad", lambda m: m(torch.randn(1, 5, 4), cu_seqlens=torch.tensor([0, 6])), raises("cu_seqlens"))
+_router("packed_both", lambda m: m(torch.randn(5, 4), cu_seqlens=torch.tensor([0, 5]), position_ids=torch.arange(5)),
+        raises("cu_seqlens", "position_ids"))

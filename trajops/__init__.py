@@ -13,6 +13,7 @@ from .ops.stp_loss import sample_stp_triples, stp_loss, stp_loss_dense
 from .ops.stp_inject import stp_inject
 from .ops.temperature_attention import temperature_attention
 from .ops.trajectory_flow import trajectory_flow
+from .varlen import cu_seqlens_from_lengths, cu_seqlens_from_position_ids
 from . import nn  # noqa: E402  (after the ops it uses)
 from . import optim  # noqa: E402
 
@@ -24,6 +25,8 @@ __all__ = [
     "PagedTrajectoryKVCache",
     "adaptive_positional_encoding",
     "backends",
+    "cu_seqlens_from_lengths",
+    "cu_seqlens_from_position_ids",
     "nn",
     "optim",
     "paged_temperature_attention",

@@ -121,7 +121,13 @@ def cu_seqlens_invalid(cu_seqlens: Tensor, total: int) -> Tensor:
 
 
 def cu_seqlens_from_lengths(lengths: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:
-    """(N,) document lengths -> (N + 1,) offsets ``[0, l0, l0 + l1, ...]`` (no host sync)."""
+    """(N,) document lengths -> (N + 1,) offsets ``[0, l0, l0 + l1, ...]`` (no host sync on CUDA).
+
+    On CPU the lengths are checked: >= 0, and a total that does not fit ``dtype`` raises instead
+    of wrapping around.
+    """
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"cu_seqlens_from_lengths: lengths must be a tensor, got {type(lengths).__name__}")
     if lengths.dim() != 1:
         raise ValueError(f"cu_seqlens_from_lengths: lengths must be 1-D, got shape {list(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
@@ -130,9 +136,17 @@ def cu_seqlens_from_lengths(lengths: Tensor, dtype: torch.dtype = torch.int32) -
         raise TypeError(f"cu_seqlens_from_lengths: dtype must be torch.int32 or torch.int64, got {dtype}")
     if lengths.device.type == "cpu" and lengths.numel() and bool((lengths < 0).any()):
         raise ValueError("cu_seqlens_from_lengths: lengths must be >= 0")
-    out = torch.zeros(lengths.shape[0] + 1, dtype=dtype, device=lengths.device)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
+    if lengths.device.type == "cpu" and lengths.numel():
+        # Summed in fp64 so that an int64 overflow cannot hide itself (the bound is approximate
+        # only within fp64 rounding of int64's maximum).
+        total = float(lengths.to(torch.float64).sum())
+        if total > torch.iinfo(dtype).max:
+            raise ValueError(
+                f"cu_seqlens_from_lengths: the total length {total:.0f} does not fit dtype {dtype}"
+            )
+    out = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths.to(torch.int64), 0, out=out[1:])
+    return out.to(dtype)
 
 
 def cu_seqlens_from_position_ids(position_ids: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:

@@ -1,7 +1,8 @@
 // CPU kernels of trajops::trajectory_flow and trajops::trajectory_flow_backward.
 //
-// Semantics: trajops/reference.py. Work is split into tasks of consecutive rows of one sequence
-// (parallel over B x row chunks); each task computes the step norms it needs once, then makes one
+// Semantics: trajops/reference/trajectory_flow.py. Work is split into tasks of consecutive rows of
+// one sequence (parallel over sequences x row chunks; with cu_seqlens a sequence is one document of
+// the packed x, run as if alone); each task computes the step norms it needs once, then makes one
 // pass per output row, vectorized over D, accumulating in fp32 (fp64 for fp64 inputs).
 //
 // The recency weight r_i(p) = (i - s + 1) / ws of a step is used as the integer rho = i - s + 1:
@@ -15,9 +16,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "py_format.h"
+#include "varlen.h"
 
 namespace trajops {
 namespace {
@@ -216,44 +219,78 @@ void backward_task(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t T
   }
 }
 
-// Runs fn(b, r0, r1) over every (sequence, row chunk) in parallel.
+// The independent sequences of x: B rows of T tokens, or the documents of a packed x. Each kernel
+// task runs on one of them as if it were alone, so a step across a document boundary never exists.
+struct Segment {
+  int64_t offset, length;  // in tokens
+};
+
+// x (B, T, D) / (T, D) without cu_seqlens: B segments of T tokens. With cu_seqlens, x must be
+// (total, D) or (1, total, D) (same message as trajops/ops/trajectory_flow.py) and the segments are
+// the documents (empty ones dropped: they own no token).
+std::vector<Segment> segments_of(const char* op, const at::Tensor& x, const Shape& s,
+                                 const std::optional<at::Tensor>& cu_seqlens) {
+  std::vector<Segment> segs;
+  if (!cu_seqlens.has_value()) {
+    for (int64_t b = 0; b < s.B; ++b) segs.push_back({b * s.T, s.T});
+    return segs;
+  }
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.size(0) == 1, op,
+                    ": x must have shape (total, D) or (1, total, D) when cu_seqlens is given, got shape ",
+                    x.sizes());
+  const std::vector<int64_t> offs = checked_cu_seqlens(op, *cu_seqlens, s.T, x.device());
+  for (size_t j = 0; j + 1 < offs.size(); ++j) {
+    if (offs[j + 1] > offs[j]) segs.push_back({offs[j], offs[j + 1] - offs[j]});
+  }
+  return segs;
+}
+
+// Runs fn(seg, r0, r1) over every (segment, row chunk) in parallel; rows are relative to the segment.
 template <typename Fn>
-void for_each_chunk(const Shape& s, int64_t window, const Fn& fn) {
-  const int64_t rows = chunk_rows(s.T, window);
-  const int64_t per_seq = (s.T + rows - 1) / rows;
+void for_each_chunk(const std::vector<Segment>& segs, int64_t D, int64_t window, const Fn& fn) {
+  struct Task {
+    int64_t seg, r0, r1;
+  };
+  std::vector<Task> tasks;
+  int64_t longest = 1;
+  for (size_t j = 0; j < segs.size(); ++j) {
+    const int64_t T = segs[j].length;
+    longest = std::max(longest, T);
+    const int64_t rows = chunk_rows(T, window);
+    for (int64_t r0 = 0; r0 < T; r0 += rows) tasks.push_back({static_cast<int64_t>(j), r0, std::min(T, r0 + rows)});
+  }
   // Small problems run inline: waking an OpenMP team costs more than they take (and far more when
   // the other cores are busy).
-  const int64_t task_work = rows * std::max<int64_t>(s.D, 1) * (std::min(window, s.T) + 1);
+  const int64_t rows = chunk_rows(longest, window);
+  const int64_t task_work = rows * std::max<int64_t>(D, 1) * (std::min(window, longest) + 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(task_work, 1));
-  at::parallel_for(0, s.B * per_seq, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / per_seq;
-      const int64_t r0 = (task % per_seq) * rows;
-      fn(b, r0, std::min(s.T, r0 + rows));
-    }
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn(segs[tasks[t].seg], tasks[t].r0, tasks[t].r1);
   });
 }
 
-at::Tensor trajectory_flow_cpu(const at::Tensor& x_in, int64_t window, double eps) {
+at::Tensor trajectory_flow_cpu(const at::Tensor& x_in, int64_t window, double eps,
+                               const std::optional<at::Tensor>& cu_seqlens) {
   check_flow_args(x_in, window, eps);
+  const Shape s = shape_of(x_in);
+  const std::vector<Segment> segs = segments_of("trajectory_flow", x_in, s, cu_seqlens);
   const at::Tensor x = x_in.contiguous();
-  const Shape s = shape_of(x);
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
   window = clamp_window(window, s.T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "trajectory_flow_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t seq = s.T * s.D;
-    for_each_chunk(s, window, [&](int64_t b, int64_t r0, int64_t r1) {
-      forward_task<scalar_t>(xp + b * seq, op + b * seq, s.T, s.D, window, eps, r0, r1);
+    const int64_t D = s.D;
+    for_each_chunk(segs, D, window, [&](const Segment& g, int64_t r0, int64_t r1) {
+      forward_task<scalar_t>(xp + g.offset * D, op + g.offset * D, g.length, D, window, eps, r0, r1);
     });
   });
   return out;
 }
 
 at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, int64_t window,
-                                        double eps) {
+                                        double eps, const std::optional<at::Tensor>& cu_seqlens) {
   check_flow_args(x_in, window, eps);
   TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "trajectory_flow_backward: grad_out must have the shape of x ",
                     x_in.sizes(), ", got ", grad_in.sizes());
@@ -262,9 +299,10 @@ at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Ten
                    "), got ", py_dtype(grad_in.scalar_type()));
   TORCH_CHECK(grad_in.device() == x_in.device(), "trajectory_flow_backward: grad_out and x must be on one device, got ",
               grad_in.device(), " and ", x_in.device());
+  const Shape s = shape_of(x_in);
+  const std::vector<Segment> segs = segments_of("trajectory_flow_backward", x_in, s, cu_seqlens);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor g = grad_in.contiguous();
-  const Shape s = shape_of(x);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return dx;
   window = clamp_window(window, s.T);
@@ -272,9 +310,11 @@ at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Ten
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    const int64_t seq = s.T * s.D;
-    for_each_chunk(s, window, [&](int64_t b, int64_t r0, int64_t r1) {
-      backward_task<scalar_t>(gp + b * seq, xp + b * seq, dp + b * seq, s.T, s.D, window, eps, r0, r1);
+    const int64_t D = s.D;
+    // Every row belongs to exactly one non-empty segment (offsets are checked), so dx is fully written.
+    for_each_chunk(segs, D, window, [&](const Segment& sg, int64_t r0, int64_t r1) {
+      backward_task<scalar_t>(gp + sg.offset * D, xp + sg.offset * D, dp + sg.offset * D, sg.length, D, window,
+                              eps, r0, r1);
     });
   });
   return dx;

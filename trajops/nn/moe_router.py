@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.trajectory_flow import trajectory_flow
+from ..ops.trajectory_flow import _sanitized, trajectory_flow
+from ..varlen import cu_seqlens_from_position_ids, positions_in_document
 
 __all__ = ["TrajectoryGuidedMoERouter"]
 
@@ -35,6 +36,14 @@ class TrajectoryGuidedMoERouter(nn.Module):
         0 <= position < T -> (num_experts,). Reads only the window before ``position``.
         ``forward(x)`` — batched: x (B, T, E) -> (B, T, num_experts), or x (T, E) -> (T, num_experts);
         every position at once, no host sync (torch.compile(fullgraph=True) works).
+        ``forward(x, cu_seqlens=cu)`` — packed documents (conventions: :mod:`trajops.varlen`): x
+        (total, E) or (1, total, E) and cu (N + 1,) int32/int64 offsets; every document is routed
+        as if alone (its windows never reach into the previous document), in one call, no host sync.
+        ``forward(x, position_ids=ids)`` — transformers' packing (``DataCollatorWithFlattening``):
+        ids restart at 0 at each document; ids has x's shape without E ((1, total) for x
+        (1, total, E); (B, T) for x (B, T, E), rows read one after the other, a row start also
+        starting a document). The offsets are derived with
+        :func:`trajops.cu_seqlens_from_position_ids`, which reads the ids (one host sync).
 
     Parameters and state_dict keys are the seed's (``router``, ``trajectory_projector``);
     ``trajectory_influence`` is a plain attribute, as in the seed (not saved).
@@ -87,16 +96,18 @@ class TrajectoryGuidedMoERouter(nn.Module):
         return p
 
     @staticmethod
-    def _has_step(x: Tensor) -> Tensor:
+    def _has_step(x: Tensor, pos: Optional[Tensor] = None) -> Tensor:
         """Bool (..., T): does position p's window [max(0, p - 8), p - 1] hold a step with norm > eps?
 
         A windowed count of the counting steps from a prefix sum; NaN norms fail ``> eps`` like the
-        seed's comparison.
+        seed's comparison. ``pos`` (T,): positions inside their documents (packed x), whose windows
+        start no earlier than their document.
         """
         n = torch.linalg.vector_norm(x[..., 1:, :] - x[..., :-1, :], dim=-1)
         counts = torch.nn.functional.pad((n > EPS).to(torch.int32).cumsum(-1), (1, 0))  # (..., T): steps < p
         T = x.shape[-2]
-        lo = (torch.arange(T, device=x.device) - WINDOW).clamp(min=0)
+        p = torch.arange(T, device=x.device)
+        lo = p - (p if pos is None else pos).clamp(max=WINDOW)
         return (counts - counts.index_select(-1, lo)) > 0
 
     def _context(self, flow: Tensor, has_step: Tensor) -> Tensor:
@@ -116,18 +127,54 @@ class TrajectoryGuidedMoERouter(nn.Module):
         flow = trajectory_flow(window, WINDOW, EPS)[-1]
         return self._context(flow, self._has_step(window)[-1])
 
-    def forward(self, token_embeddings: Tensor, position: Optional[int] = None) -> Tensor:
+    def forward(
+        self,
+        token_embeddings: Tensor,
+        position: Optional[int] = None,
+        *,
+        cu_seqlens: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+    ) -> Tensor:
         """Expert probabilities: (num_experts,) for ``(token_embeddings (T, E), position)``, as the seed;
-        (B, T, num_experts) for a batched x (B, T, E) (or (T, num_experts) for x (T, E)) with no position.
+        (B, T, num_experts) for a batched x (B, T, E) (or (T, num_experts) for x (T, E)) with no position;
+        for packed documents (``cu_seqlens`` or ``position_ids``, see the class docstring) x's shape
+        with E replaced by num_experts.
         """
         if position is not None:
+            if cu_seqlens is not None or position_ids is not None:
+                raise ValueError(
+                    "TrajectoryGuidedMoERouter: position (the seed's single-position call) cannot be "
+                    "combined with cu_seqlens or position_ids"
+                )
             p = self._position(token_embeddings, position)
             context = self.compute_trajectory_context(token_embeddings, p)
             return torch.softmax(self.router(token_embeddings[p] + self.trajectory_influence * context), dim=-1)
         x = token_embeddings
         self._check_embeddings(x, (2, 3), "(B, T, E) or (T, E)")
-        context = self._context(trajectory_flow(x, WINDOW, EPS), self._has_step(x))
-        return torch.softmax(self.router(x + self.trajectory_influence * context), dim=-1)
+        if cu_seqlens is None and position_ids is None:
+            context = self._context(trajectory_flow(x, WINDOW, EPS), self._has_step(x))
+            return torch.softmax(self.router(x + self.trajectory_influence * context), dim=-1)
+        shape = x.shape
+        if position_ids is not None:
+            if cu_seqlens is not None:
+                raise ValueError("TrajectoryGuidedMoERouter: pass cu_seqlens or position_ids, not both")
+            if not isinstance(position_ids, Tensor) or position_ids.numel() != x.numel() // self.embedding_dim:
+                got = list(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+                raise ValueError(
+                    f"TrajectoryGuidedMoERouter: position_ids must have one id per token, x's shape "
+                    f"{list(shape[:-1])}, got {got}"
+                )
+            cu_seqlens = cu_seqlens_from_position_ids(position_ids.reshape(shape[:-1]))
+            x = x.reshape(-1, self.embedding_dim)  # rows one after the other, as the offsets read them
+        flow = trajectory_flow(x, WINDOW, EPS, cu_seqlens=cu_seqlens)
+        # The offsets were checked by trajectory_flow on CPU; off the CPU invalid ones made flow NaN
+        # and are made safe to index with here.
+        total = x.shape[-2]
+        has_step = self._has_step(x, positions_in_document(_sanitized(cu_seqlens, total)[0], total))
+        context = self._context(flow, has_step)
+        return torch.softmax(self.router(x + self.trajectory_influence * context), dim=-1).reshape(
+            shape[:-1] + (self.num_experts,)
+        )
 
     def extra_repr(self) -> str:
         return (

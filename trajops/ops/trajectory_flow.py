@@ -3,17 +3,23 @@
 This module registers the op's fake impl, its autograd formula (the backward is its own op,
 trajops::trajectory_flow_backward) and its kernels by device, and exposes the public function.
 The CPU C++ kernels live in csrc/cpu/trajectory_flow.cpp, the Triton ones in
-triton_kernels/trajectory_flow.py, the semantics in trajops/reference.py.
+triton_kernels/trajectory_flow.py, the semantics in trajops/reference/trajectory_flow.py.
+
+Packed sequences: every op takes a trailing ``cu_seqlens`` (conventions: trajops/varlen.py).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from .._library import register_kernels
+from ..varlen import check_cu_seqlens, cu_seqlens_invalid
 
 __all__ = ["trajectory_flow"]
 
@@ -37,6 +43,18 @@ def _check(x: Tensor, window: int, eps: float) -> None:
     )
 
 
+def _check_packed(op: str, x: Tensor, cu_seqlens: Optional[Tensor]) -> None:
+    """x (total, D) or (1, total, D) and valid offsets (values on CPU only; C++: segments_of)."""
+    if cu_seqlens is None:
+        return
+    torch._check_value(
+        x.dim() == 2 or x.shape[0] == 1,
+        lambda: f"{op}: x must have shape (total, D) or (1, total, D) when cu_seqlens is given, "
+        f"got shape {list(x.shape)}",
+    )
+    check_cu_seqlens(op, cu_seqlens, x.shape[-2], x.device)
+
+
 def _check_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> None:
     _check(x, window, eps)
     torch._check_value(
@@ -57,64 +75,131 @@ def _check_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> Non
 # ---------------------------------------------------------------- fake (meta) impls
 # Python impls repeat the schema's defaults: the dispatcher may drop trailing default arguments.
 @torch.library.register_fake("trajops::trajectory_flow")
-def _flow_fake(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+def _flow_fake(x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Optional[Tensor] = None) -> Tensor:
     _check(x, window, eps)
+    _check_packed("trajectory_flow", x, cu_seqlens)  # values are not read from fake tensors
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("trajops::trajectory_flow_backward")
-def _flow_backward_fake(grad_out: Tensor, x: Tensor, window: int, eps: float) -> Tensor:
+def _flow_backward_fake(
+    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None
+) -> Tensor:
     _check_backward(grad_out, x, window, eps)
+    _check_packed("trajectory_flow_backward", x, cu_seqlens)
     return x.new_empty(x.shape)
 
 
 # ---------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output) -> None:
-    x, window, eps = inputs
-    ctx.window, ctx.eps = window, eps
-    # Only x is needed: the backward recomputes the step norms instead of keeping a (B, T) buffer.
-    ctx.save_for_backward(x)
+    # The dispatcher may drop the trailing cu_seqlens=None.
+    x, window, eps = inputs[:3]
+    cu_seqlens = inputs[3] if len(inputs) > 3 else None
+    ctx.window, ctx.eps, ctx.packed = window, eps, cu_seqlens is not None
+    # Only x (and the offsets) are needed: the backward recomputes the step norms instead of
+    # keeping a (B, T) buffer.
+    ctx.save_for_backward(x, cu_seqlens)
 
 
 def _backward(ctx, grad: Tensor):
-    (x,) = ctx.saved_tensors
-    return torch.ops.trajops.trajectory_flow_backward(grad, x, ctx.window, ctx.eps), None, None
+    x, cu_seqlens = ctx.saved_tensors
+    if ctx.packed:
+        dx = torch.ops.trajops.trajectory_flow_backward(grad, x, ctx.window, ctx.eps, cu_seqlens)
+    else:
+        dx = torch.ops.trajops.trajectory_flow_backward(grad, x, ctx.window, ctx.eps)
+    # One gradient per argument passed; the offsets get none.
+    return (dx,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 torch.library.register_autograd("trajops::trajectory_flow", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- kernels
-def _reference_forward(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+def _sanitized(cu_seqlens: Optional[Tensor], total: int):
+    """(offsets safe to index with, 0-d invalid flag or None) for the reference off the CPU.
+
+    CPU offsets were checked (ValueError); elsewhere their values are not read by the host: the
+    reference then runs on offsets clamped into a valid vector, and the flag makes the output NaN
+    (the project's rule for corrupt index tensors on a GPU, as the Triton kernels do).
+    """
+    if cu_seqlens is None or cu_seqlens.device.type == "cpu":
+        return cu_seqlens, None
+    return _safe_offsets(cu_seqlens, total), cu_seqlens_invalid(cu_seqlens, total)
+
+
+def _safe_offsets(cu_seqlens: Tensor, total: int) -> Tensor:
+    """int64 offsets that are valid for ``total`` whatever ``cu_seqlens`` holds (valid ones unchanged)."""
+    c = torch.cummax(cu_seqlens.to(torch.int64).clamp(0, total), 0).values
+    if c.shape[0] == 1:
+        # No document: valid only if total == 0, else the flag is set; one document covering the
+        # tokens keeps them indexable meanwhile.
+        return torch.tensor([0, total], dtype=torch.int64, device=c.device)
+    return torch.cat([c.new_zeros(1), c[1:-1], c.new_full((1,), total)])
+
+
+def _nan_if(out: Tensor, bad: Optional[Tensor]) -> Tensor:
+    return out if bad is None else torch.where(bad, torch.full_like(out, math.nan), out)
+
+
+def _reference_forward(x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Optional[Tensor] = None) -> Tensor:
     _check(x, window, eps)
-    return reference.trajectory_flow(x, window, eps).contiguous()
+    _check_packed("trajectory_flow", x, cu_seqlens)
+    cu, bad = _sanitized(cu_seqlens, x.shape[-2])
+    return _nan_if(reference.trajectory_flow(x, window, eps, cu_seqlens=cu), bad).contiguous()
 
 
-def _reference_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> Tensor:
+def _reference_backward(
+    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None
+) -> Tensor:
     _check_backward(grad_out, x, window, eps)
-    return reference.trajectory_flow_backward(grad_out, x, window, eps).contiguous()
+    _check_packed("trajectory_flow_backward", x, cu_seqlens)
+    cu, bad = _sanitized(cu_seqlens, x.shape[-2])
+    return _nan_if(reference.trajectory_flow_backward(grad_out, x, window, eps, cu_seqlens=cu), bad).contiguous()
 
 
 def _as_3d(t: Tensor) -> Tensor:
     return (t.unsqueeze(0) if t.dim() == 2 else t).contiguous()
 
 
-def _triton_forward(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _takes_cu_seqlens(fn) -> bool:
+    return "cu_seqlens" in inspect.signature(fn).parameters
+
+
+def _packed_kwargs(fn, cu_seqlens: Optional[Tensor]) -> dict:
+    """cu_seqlens for a Triton launcher, passed only when given (launchers without it keep working)."""
+    if cu_seqlens is None:
+        return {}
+    if not _takes_cu_seqlens(fn):
+        raise NotImplementedError(
+            "trajectory_flow: cu_seqlens is not supported by this build's Triton kernels "
+            "(triton_kernels/trajectory_flow.py has no varlen launcher)"
+        )
+    return {"cu_seqlens": cu_seqlens}
+
+
+def _triton_forward(x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Optional[Tensor] = None) -> Tensor:
     _check(x, window, eps)
+    _check_packed("trajectory_flow", x, cu_seqlens)
     if x.numel() == 0:
         return x.new_empty(x.shape)
     from ..triton_kernels import trajectory_flow as kernels
 
-    return kernels.trajectory_flow_fwd(_as_3d(x), window, eps).view(x.shape)
+    fn = kernels.trajectory_flow_fwd
+    return fn(_as_3d(x), window, eps, **_packed_kwargs(fn, cu_seqlens)).view(x.shape)
 
 
-def _triton_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> Tensor:
+def _triton_backward(
+    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None
+) -> Tensor:
     _check_backward(grad_out, x, window, eps)
+    _check_packed("trajectory_flow_backward", x, cu_seqlens)
     if x.numel() == 0:
         return x.new_empty(x.shape)
     from ..triton_kernels import trajectory_flow as kernels
 
-    return kernels.trajectory_flow_bwd(_as_3d(grad_out), _as_3d(x), window, eps).view(x.shape)
+    fn = kernels.trajectory_flow_bwd
+    return fn(_as_3d(grad_out), _as_3d(x), window, eps, **_packed_kwargs(fn, cu_seqlens)).view(x.shape)
 
 
 register_kernels("trajectory_flow", _reference_forward, _triton_forward)
@@ -122,7 +207,7 @@ register_kernels("trajectory_flow_backward", _reference_backward, _triton_backwa
 
 
 # ---------------------------------------------------------------- public function
-def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6, *, cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """Windowed trajectory flow: the recency- and magnitude-weighted mean direction of recent steps.
 
     For every sequence and position p, with ws = min(window, p) and the steps
@@ -138,6 +223,12 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
         x: (B, T, D) or (T, D) hidden states; float32, float64, float16 or bfloat16; any strides.
         window: how many steps back each position looks (>= 1; may exceed T).
         eps: steps with norm <= eps are ignored (finite, >= 0).
+        cu_seqlens: packed sequences (conventions: :mod:`trajops.varlen`): x is (total, D) or
+            (1, total, D) holding N documents and cu_seqlens the (N + 1,) int32/int64 offsets on x's
+            device. Each document is computed as if alone (p above is the position inside its
+            document, so no step crosses a boundary); equal to running each document separately,
+            in one launch. Offsets are checked on CPU (ValueError); on CUDA invalid offsets give
+            NaN outputs instead (no host sync). No gradient flows to cu_seqlens.
 
     Returns:
         Tensor of x's shape and dtype (contiguous). Each nonzero row is a convex combination of
@@ -152,4 +243,6 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
     gradient follows the same rule on every backend (full rule: :mod:`trajops.reference.trajectory_flow`).
     Any ``window`` >= T - 1 (up to 2**63 - 1) means the whole prefix.
     """
-    return torch.ops.trajops.trajectory_flow(x, window, eps)
+    if cu_seqlens is None:
+        return torch.ops.trajops.trajectory_flow(x, window, eps)
+    return torch.ops.trajops.trajectory_flow(x, window, eps, cu_seqlens)
