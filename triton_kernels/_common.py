@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import triton
 
 __all__ = ["INTERPRET", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
-           "resource_usage", "device_spec", "plan", "Captured"]
+           "resource_usage", "device_spec", "plan", "Captured", "compute_dtypes"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -243,3 +243,14 @@ def resource_usage(compiled) -> dict:
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
     return {"shared": int(compiled.metadata.shared), "regs": int(fields.get("REG", 0)),
             "stack": int(fields.get("STACK", 0)), "local": int(fields.get("LOCAL", 0))}
+
+
+def compute_dtypes(dtype):
+    """(torch dtype, Triton dtype) that a kernel computes in for inputs of ``dtype``: fp64 for fp64,
+    fp32 for everything else (half types are widened on load)."""
+    import torch
+    import triton.language as tl
+
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
