@@ -67,7 +67,8 @@ def check_matches_per_document(lengths, D, window, seed, dtype=torch.float64, in
 def check_corrupt_offsets_give_nan():
     k = _kernels()
     x, g, _ = _packed([4, 5], 3, seed=5)
-    for bad in ([0, 4, 8], [0, 6, 4, 9], [1, 9], [0, 100, 9], [0, -7, 9], [0, 2**31 - 1, 9]):
+    # last entry != total, decreasing, first != 0, offsets past the tensor or negative
+    for bad in ([0, 4, 8], [0, 6, 4, 9], [1, 9], [0, 2**31 - 1, -7, 9]):
         cu = torch.tensor(bad, dtype=torch.int32)
         out, stats = k.trajectory_flow_fwd_stats(x, 3, EPS, cu)
         assert out.isnan().all() and stats.isnan().all(), bad
@@ -93,12 +94,29 @@ CASES = [
     # (lengths, D, window, seed): empty, 1- and 2-token documents, windows below and above lengths
     ([5, 0, 1, 2, 9, 3], 3, 3, 0),
     ([1, 1, 2, 2], 4, 8, 1),
-    ([17, 6, 40], 5, 4, 2),
-    ([3, 70], 1, 2**40, 3),
+    ([3, 11], 1, 2**40, 3),
 ]
 
 
+def check_multi_tile_matches_reference():
+    # Programs of 4 rows: halos of K > rows per program, several halo chunks, the first tile's skips.
+    from trajops import reference
+
+    k = _kernels()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 14, 3, generator=g, dtype=torch.float64)
+    x[0, 5:8] = x[0, 4]  # zero steps (not counted)
+    gr = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for window in (2, 9):
+        _same(k.trajectory_flow_fwd(x, window, EPS), reference.trajectory_flow(x, window, EPS), 1e-12)
+        _same(k.trajectory_flow_bwd(gr, x, window, EPS), reference.trajectory_flow_backward(gr, x, window, EPS), 1e-12)
+
+
 def run_all() -> None:
+    k = _kernels()
+    k.INTERPRET_BLOCK_T = 4  # several programs per sequence: the halo paths run on tiny shapes
+    check_multi_tile_matches_reference()
+    k.INTERPRET_BLOCK_T = 8  # programs straddle document boundaries
     for lengths, D, window, seed in CASES:
         check_matches_per_document(lengths, D, window, seed)
     check_matches_per_document([7, 9], 6, 3, 4, dtype=torch.float32)
