@@ -402,15 +402,20 @@ def _blocks(B: int, T: int, D: int, K: int, elem: int, backward: bool) -> Tuple[
         bt = min(INTERPRET_BLOCK_T, tp)
         return bt, bh, min(triton.next_power_of_2(D), max(16, 8192 // max(bt, bh))), 4
     per_thread = 16 // elem if D % 16 == 0 else 2
-    tile = 256 * per_thread
+    # 8 warps, except short rows and fp64: ptxas gave those 64 (128) registers and a stack frame at
+    # 8 (4) warps with 8-warp tiles on sm_90 (tests/triton_resources.py); 4-warp tiles have none
+    warps = 4 if (D <= 512 or elem == 8) else 8
+    tile = 32 * warps * per_thread
     row = D * elem * (2 if backward else 1)
     rows = _FOOTPRINT // max(row, 1) - (2 * K + 1 if backward else K + 1)
-    bt = max(16 if backward else 8, min(64, triton.next_power_of_2(max(rows, 1) + 1) // 2))
+    bt = min(64, triton.next_power_of_2(max(rows, 1) + 1) // 2)
+    # short rows: whole rows per tile (coalesced), rows filling the rest of the register tile
+    bt = max(16 if backward else 8, min(bt, tile // min(triton.next_power_of_2(D), max(16, tile // 8))))
     while bt > 8 and B * triton.cdiv(T, bt) < _MIN_PROGRAMS:
         bt //= 2
     bt = max(1, min(bt, tp))
     bd = max(16, min(triton.next_power_of_2(D), tile // max(bt, bh)))
-    warps = max(1, min(8, max(bt, bh) * bd // (32 * per_thread)))
+    warps = max(1, min(warps, max(bt, bh) * bd // (32 * per_thread)))
     return bt, bh, bd, warps
 
 
