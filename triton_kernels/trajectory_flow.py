@@ -31,12 +31,13 @@ Bytes (DRAM, e = element size, N = B*T*D; "L2" = the second walk over the progra
                 before (3 + 4 launches)                     now
 ==============  ==========================================  =====================================
 forward         3 launches; x read 2x, out written 1x:       1 launch; x read 1x + L2, out 1x:
-                3 N e (ideal 2 N e)                          2 N e (+ 8 B/row stats if asked)
+                3 N e (ideal 2 N e)                          2 N e (+ 8 B/row of stats)
 backward        4 launches; x 3x, grad_out 2x, dx 1x:        1 launch with the forward's stats:
                 6 N e (ideal 3 N e)                          x 1x + L2, grad_out 1x + L2, dx 1x:
                                                              3 N e (+ 8 B/row); without stats one
                                                              more launch reads x once: 4 N e
-fwd + bwd       9 N e                                        5 N e, the issue's floor
+fwd + bwd       9 N e                                        5 N e, the issue's floor (6 N e while
+                                                             the op layer does not pass the stats)
 ==============  ==========================================  =====================================
 
 The second walk hits L2 only while the programs in flight fit in it: a program touches
@@ -45,8 +46,9 @@ The second walk hits L2 only while the programs in flight fit in it: a program t
 (:func:`_blocks`); for bf16 D=4096, K=8 the forward program holds 136 KiB (264 programs of 8 warps
 in flight on an H200: ~36 MB < its 50 MB L2), the backward ~0.5 MiB (it does not fit: the reverse
 walk makes the last chunks hit, the rest re-reads from DRAM, so between 3 and ~5 N e). Not yet
-measured on a GPU. Packed documents add a per-token start array (int32, built by torch on device,
-~20 B/token over 4 small launches) and a 0-d validity flag read by each program.
+measured on a GPU. Packed documents add a per-token start array (int32, built by torch on device:
+~20 B/token over 3 launches, 4 B/token read back, from L1 for the window rows) and a 0-d validity
+flag read by each program.
 
 Work per element (K = min(window, T-1)): forward 2 loads + 2 flops per row for the norms
 ((BLOCK_T + K) / BLOCK_T rows each), then K loads + 2K flops for the weighted sum; backward
@@ -116,10 +118,10 @@ def _recency(ws, k, CDT: tl.constexpr):
 @triton.jit
 def _ws(p, T, window, st_ptr, VARLEN: tl.constexpr):
     """Window sizes of positions p (any int vector; < 1 outside [1, T)): min(window, p - start(p)).
-    start[] holds values clamped into [0, p] by the launcher, so ws never reaches before row 0."""
+    start(p) is clamped into [0, p] whatever the offsets, so ws never reaches before row 0."""
     if VARLEN:
         start = tl.load(st_ptr + p, mask=(p >= 0) & (p < T), other=0)
-        return tl.minimum(p - start, window)
+        return tl.minimum(p - tl.minimum(tl.maximum(start, 0), p), window)
     return tl.minimum(p, window)
 
 
@@ -393,8 +395,9 @@ def _blocks(B: int, T: int, D: int, K: int, elem: int, backward: bool) -> Tuple[
     BLOCK_T: the most rows (8..64) whose footprint (own + halo rows, x and for the backward
     grad_out) stays within _FOOTPRINT, at least 16 for the backward (its K-row q halo costs K^2 /
     BLOCK_T flops per element), fewer while the grid would leave SMs idle. Tiles hold one 16-byte
-    vector per thread and row tile (8 warps) when Triton can prove rows 16-byte aligned (D % 16 == 0),
-    else 2 scalars, the register budget that kept the previous kernels spill-free.
+    vector per thread and row tile when Triton can prove rows 16-byte aligned (D % 16 == 0), else 2
+    scalars (the register budget that kept the previous kernels spill-free); rows of D <= 512 are
+    whole in a tile. The halo tile (BLOCK_H rows) shares BLOCK_D.
     """
     bh = min(64, triton.next_power_of_2(max(K, 1)))
     tp = triton.next_power_of_2(T)
@@ -421,8 +424,9 @@ def _blocks(B: int, T: int, D: int, K: int, elem: int, backward: bool) -> Tuple[
 
 def _varlen(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     """(start, bad) for packed x (1, total, D): start (total,) int32, each token's document start
-    clamped into [0, token] (so kernels never look before row 0 or across a tensor, whatever the
-    offsets), bad a 0-d int32 device flag (1: invalid offsets, every output NaN). No host sync."""
+    (offsets clamped into [0, total]; the kernels clamp it into [0, token] too, so they never look
+    before row 0 or outside a tensor whatever the offsets), bad a 0-d int32 device flag (1: invalid
+    offsets, every output NaN). No host sync; 3 launches over tokens, ~20 bytes per token."""
     if cu_seqlens is None:
         return None
     from ..varlen import check_cu_seqlens, cu_seqlens_invalid
@@ -431,10 +435,11 @@ def _varlen(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
         raise ValueError(f"trajectory_flow: packed x must have shape (1, total, D), got {list(x.shape)}")
     total = x.shape[1]
     check_cu_seqlens("trajectory_flow", cu_seqlens, total, x.device, values=False)
-    c = cu_seqlens.to(torch.int64).clamp(0, total)
-    pos = torch.arange(total, device=x.device, dtype=torch.int64)
-    doc = (torch.searchsorted(c, pos, right=True) - 1).clamp(0, c.shape[0] - 1)
-    start = torch.minimum(c[doc], pos).to(torch.int32)
+    c = cu_seqlens.to(torch.int64).clamp(0, total).to(torch.int32)
+    # doc = #offsets <= token in [0, N + 1]; prev[doc] = c[doc - 1], the token's document start
+    prev = torch.cat([c.new_zeros(1), c])
+    pos = torch.arange(total, device=x.device, dtype=torch.int32)
+    start = prev[torch.searchsorted(c, pos, right=True, out_int32=True)]
     return start, cu_seqlens_invalid(cu_seqlens, total).to(torch.int32)
 
 
