@@ -43,6 +43,12 @@ KNOWN_SPILLS = [
     # was available to time alternatives.
     ("bf16 D=256", "", 80), ("bf16 D=64 fullmask", "_dq_kernel", 80), ("bf16 D=128 fullmask", "_fwd_kernel", 80),
     ("bf16 D=80", "_dq_kernel", 80),
+    # trajectory_flow backward: an 8-24 byte stack frame (no local memory) at 56-72 registers with
+    # Triton 3.9; no .maxnreg in the PTX, num_stages=1 does not change it, neighbouring tiles do not
+    # have it. Cause not identified, no GPU to time it. The CI set's flow variants are free of it on
+    # sm_90 with both Tritons (fp64 flow variants fall under the fp64 entries above).
+    ("flow fp32", "_bwd_kernel", 90), ("flow fp32", "_bwd_kernel", 80),
+    ("flow bf16 D=64 packed=True", "_bwd_kernel", 90), ("flow fp16 D=64 packed=True", "_bwd_kernel", 90),
 ]
 
 

@@ -34,6 +34,7 @@ from trajops.triton_kernels import paged_temperature_attention as paged  # noqa:
 from trajops.triton_kernels import temperature_attention as attn  # noqa: E402
 from trajops.triton_kernels import temperature_attention_bwd as attn_bwd  # noqa: E402
 from trajops.triton_kernels import temperature_attention_nonfinite as nonfinite  # noqa: E402
+from trajops.triton_kernels import trajectory_flow as flow  # noqa: E402
 
 LIMITS = {90: _common.SMEM_LIMITS[9], 80: _common.SMEM_LIMITS[8]}
 SPECS = {90: _common.DeviceSpec((9, 0), LIMITS[90], 132), 80: _common.DeviceSpec((8, 0), LIMITS[80], 108)}
@@ -124,6 +125,35 @@ def _kv_variants(full: bool = False):
     return out
 
 
+def _flow(dtype, D, packed, B=8, T=4096, window=8):
+    """trajectory_flow forward (out + stats), backward with the saved stats and backward without
+    them (the stats-only forward launch); packed: the same tokens as B documents of (1, B*T, D)."""
+    def run():
+        dt = DTYPES[dtype]
+        x = torch.empty((1, B * T, D) if packed else (B, T, D), dtype=dt)  # never touched: lazy pages
+        cu = torch.arange(0, B * T + 1, T, dtype=torch.int32) if packed else None
+        _, stats = flow.trajectory_flow_fwd_stats(x, window, 1e-6, cu)
+        flow.trajectory_flow_bwd(x, x, window, 1e-6, cu, stats=stats)
+        flow.trajectory_flow_bwd(x, x, window, 1e-6, cu)
+    return run
+
+
+def flow_variants(full: bool = False):
+    """trajectory_flow: the launcher's tiles depend on the element size, D (footprint, alignment),
+    the window (halo block) and packing (constexpr). Core: bf16 at the issue's shape (B=8, T=4096,
+    D=4096) packed or not, and fp32 at D=64; ``full`` adds fp16, fp64, D=64 half, a wide window."""
+    out = [(f"flow bf16 D=4096 packed={p}", _flow("bf16", 4096, p)) for p in (False, True)]
+    out.append(("flow fp32 D=64 packed=True", _flow("fp32", 64, True)))
+    if full:
+        for dtype in ("fp32", "bf16", "fp16", "fp64"):
+            for D in (64, 4096):
+                for p in (False, True):
+                    out.append((f"flow {dtype} D={D} packed={p} (full)", _flow(dtype, D, p)))
+        out.append(("flow bf16 D=4096 window=64 (full)", _flow("bf16", 4096, False, window=64)))
+        out.append(("flow fp32 D=1000 window=3 (full)", _flow("fp32", 1000, False, window=3)))
+    return out
+
+
 def variants(full: bool = False):
     """(label, thunk) per configuration class the launchers distinguish. Tiles depend on the element
     size, the padded head sizes, the mask kind and decode vs prefill; registers also on causal.
@@ -159,7 +189,7 @@ def variants(full: bool = False):
                 out.append((f"attn {dtype} D={D} decode (full)", _attention(dtype, D, D, 2, False, Tq=1,
                                                                             backward=False, tma=True)))
     out += ape_variants()
-    return out
+    return out + flow_variants(full)
 
 
 def _key(c: _common.Captured):

@@ -47,6 +47,7 @@ def compute_dtypes(dtype) -> tuple:
         return torch.float64, tl.float64
     return torch.float32, tl.float32
 
+
 # Opt-in shared memory per block (bytes), by compute capability major: what Triton checks against.
 SMEM_LIMITS = {9: 232448, 8: 166912, 7: 101376}
 # Estimates are rough (layout-conversion scratch is not counted); the OutOfResources fallback and the
