@@ -47,7 +47,6 @@ elementwise path serves bf16 under the interpreter, whose bf16 tl.dot is wrong.
 from __future__ import annotations
 
 import functools
-import os
 import struct
 from typing import Optional, Tuple
 
@@ -55,11 +54,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Config, launch, plan
+from ._common import INTERPRET, Config, launch, plan
 
 __all__ = ["paged_attention"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -259,7 +257,7 @@ def _candidates(dtype: torch.dtype, R: int, D: int, Dv: int) -> Tuple[Config, ..
     """The planned tiles of _config, then fewer stages and shorter key blocks (each with its
     shared-memory estimate: stages x (K + V tiles) + the q tile), for _common.launch."""
     cfg = _config(dtype, R, D, Dv)
-    if _INTERPRET:
+    if INTERPRET:
         return (Config.make(**cfg),)
     esize = torch.finfo(dtype).bits // 8
     fixed = {k: v for k, v in cfg.items() if k not in ("BLOCK_N", "num_warps", "num_stages")}
@@ -284,7 +282,7 @@ def _config(dtype: torch.dtype, R: int, D: int, Dv: int) -> dict:
     bm = min(64, max(16, triton.next_power_of_2(R)))
     bd, bdv = max(16, bd), max(16, bdv)
     cfg = dict(USE_DOT=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)
-    if _INTERPRET:
+    if INTERPRET:
         # the interpreter's bf16 tl.dot returns garbage (numpy has no bf16): products elementwise there
         return dict(cfg, BLOCK_N=16, USE_DOT=dtype != torch.bfloat16)
     # K + V tiles of one stage <= 32 KB (fp32 with D = 128 takes 32 keys), up to 3 stages in 96 KB:

@@ -73,12 +73,13 @@ Kernels (one launch each)
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import INTERPRET, compute_dtypes
 
 __all__ = ["stp_fwd", "stp_bwd", "stp_dense_fwd", "stp_dense_bwd"]
 
@@ -565,14 +566,8 @@ def _stp_dense_bwd_kernel(h_ptr, g_ptr, hoff_ptr, goff_ptr, len_ptr, end_ptr, gl
 
 # The Triton interpreter (TRITON_INTERPRET=1) runs programs one by one in Python, where fewer,
 # larger programs are much faster and occupancy means nothing.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = INTERPRET
 _MIN_PROGRAMS = 1 if _INTERPRET else 512  # ~4 per H100 SM, when the problem allows
-
-
-def _compute_dtypes(dtype: torch.dtype):
-    if dtype == torch.float64:
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
 
 
 def _per_thread(D: int, elem_size: int) -> int:
@@ -661,7 +656,7 @@ def stp_fwd(hidden: List[torch.Tensor], triples: torch.Tensor, lengths: Optional
     assert row_base is None or lengths is not None
     L, S = len(hidden), triples.shape[0]
     assert triples.shape == (S, B, 3) and triples.dtype == torch.int64 and triples.is_contiguous()
-    cdt, tcdt = _compute_dtypes(h0.dtype)
+    cdt, tcdt = compute_dtypes(h0.dtype)
     N = L * S * B
     if N == 0 or h0.numel() == 0:
         # No launch (T == 0 has no active rows). D == 0: a = b = 0, so the reference's loss is
@@ -702,7 +697,7 @@ def stp_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[torch.Ten
     B = h0.shape[0] if row_base is None else row_base.shape[0]
     assert row_base is None or lengths is not None
     L, S = len(hidden), triples.shape[0]
-    cdt, tcdt = _compute_dtypes(h0.dtype)
+    cdt, tcdt = compute_dtypes(h0.dtype)
     assert triples.shape == (S, B, 3) and triples.dtype == torch.int64 and triples.is_contiguous()
     assert grad_loss.shape == (L, S, B) and grad_loss.dtype == cdt and grad_loss.is_contiguous()
     assert stats.shape == (L, S, B, 3) and stats.dtype == cdt and stats.is_contiguous()
@@ -739,7 +734,7 @@ def stp_dense_fwd(hidden: List[torch.Tensor], lengths: Optional[torch.Tensor] = 
     h0 = hidden[0]
     B, T, D = h0.shape
     L = len(hidden)
-    cdt, tcdt = _compute_dtypes(h0.dtype)
+    cdt, tcdt = compute_dtypes(h0.dtype)
     if B == 0 or T < 2 or D == 0:
         # No launch. D == 0: zero steps, so loss 1 on valid triples as the reference. (T == 2
         # launches: no triple, but the one step's norm is a stat.)
@@ -777,7 +772,7 @@ def stp_dense_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[tor
     h0 = hidden[0]
     B, T, D = h0.shape
     L = len(hidden)
-    cdt, tcdt = _compute_dtypes(h0.dtype)
+    cdt, tcdt = compute_dtypes(h0.dtype)
     if B == 0 or T < 3 or D == 0:
         return [torch.zeros_like(h) for h in hidden]
     assert grad_loss.shape == (L, B, T - 2) and grad_loss.dtype == cdt and grad_loss.is_contiguous()
