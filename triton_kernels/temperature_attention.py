@@ -308,12 +308,12 @@ def _fwd_kernel_tma(q_desc, k_desc, v_desc, TAU, MASK, O, LSE, FIRST, stb, sth, 
         acc, l_i, m_i = _fwd_block_tma(acc, l_i, m_i, q, c2, k_desc, v_desc, b, hk, Mrow, rows, offs_m, start_n, Tq,
                                        Tk, shift, smm, smn, CAUSAL, True, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_D,
                                        BLOCK_DV)
-    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, tl.cast(bh, tl.int64) * Tq + offs_m, rows, offs_m, dvcols,
+    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, tl.cast(bh, tl.int64) * Tq, offs_m, rows, offs_m, dvcols,
                   Tq, Dv, sob, soh, som, sod, mine, False, cdt)
 
 
 @triton.jit
-def _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, lrows, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
+def _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, lrow0, rr, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
                   mine, block_bad, cdt: tl.constexpr):
     """out = acc / l and lse (natural log); rows without an allowed key (l = 0): out 0, lse -inf;
     every row NaN when block_bad (they all attend a flagged key); nothing written unless mine."""
@@ -326,7 +326,7 @@ def _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, lrows, rows, offs_m, dvc
     m_ok = offs_m < tl.where(mine, Tq, 0)  # (a bound, not "& mine": the interpreter mistypes int1 scalars)
     tl.store(O + b64 * sob + h64 * soh + m64 * som + rows[:, None] * som + dvcols[None, :] * sod,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & (dvcols[None, :] < Dv))
-    tl.store(LSE + lrows, lse, mask=m_ok)
+    tl.store(LSE + lrow0 + rr, lse, mask=m_ok)
 
 
 @triton.jit
@@ -350,13 +350,15 @@ def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE, KF, FIRST, CU_Q, CU_K,
         Kh = K + hk64 * skh + k0 * skn
         Vh = V + hk64 * svh + k0 * svn
         KFh = KF + hk64 * total_k + k0
-        lrows = (q0 + offs_m) * Hq + h64
+        lrow0 = q0 * Hq + h64  # (total_q, Hq) lse: rows Hq apart
+        rr = offs_m * Hq
     else:
         c2 = _coefficient(TAU + b64 * stb + h64 * sth, offs_m, Tq, stm, scale_hi, scale_lo, cdt) * 1.4426950408889634
         Kh = K + b64 * skb + hk64 * skh
         Vh = V + b64 * svb + hk64 * svh
         KFh = KF + kv * Tk
-        lrows = tl.cast(bh, tl.int64) * Tq + offs_m
+        lrow0 = tl.cast(bh, tl.int64) * Tq
+        rr = offs_m
     c2 = _nan_on_bad_q(c2, q, cdt)
     Mrow = MASK + b64 * smb + h64 * smh + m64 * smm
 
@@ -382,7 +384,7 @@ def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE, KF, FIRST, CU_Q, CU_K,
     block_bad = False
     if HOSTILE and MASK_KIND == 0:
         block_bad = tl.load(FIRST + kv) < free
-    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, lrows, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
+    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, lrow0, rr, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
                   mine, block_bad, cdt)
 
 

@@ -110,18 +110,18 @@ def _delta_kernel(O, DO, DLSE, LSE, Q, DELTA, LSE2, RF, HOST, CU_Q, R, Hq, Hkv, 
 
 
 @triton.jit
-def _row_stats(TAUh, LSE, DELTA, lrows, offs_m, Tq, stm, scale_hi, scale_lo, cdt: tl.constexpr):
+def _row_stats(TAUh, LSE, DELTA, row0, rr, offs_m, Tq, stm, scale_hi, scale_lo, cdt: tl.constexpr):
     """(c, lse, delta) of query rows for the backward (LSE: the delta kernel's lse2): c = 0 and
     lse = +inf on rows without a key (lse = -inf) and past Tq, so that their probabilities are
     exp2(-inf) = 0 and c cannot turn a zero gradient into NaN; c = 0 where tau is bad (such rows
     have lse = NaN: their NaN comes from there, and c = 0 keeps it off their masked keys)."""
     m_ok = offs_m < Tq
     c = _coefficient(TAUh, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
-    lse = tl.load(LSE + lrows, mask=m_ok, other=float("-inf"))
+    lse = tl.load(LSE + row0 + rr, mask=m_ok, other=float("-inf"))
     empty = lse == float("-inf")
     c = tl.where(empty | (c != c), 0.0, c)
     lse = tl.where(empty, float("inf"), lse).to(cdt)
-    delta = tl.load(DELTA + lrows, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + row0 + rr, mask=m_ok, other=0.0)
     return c, lse, delta
 
 
@@ -137,18 +137,18 @@ def _dkdv_block(dk, dv, kT, vT, Qh, DOh, TAUh, LSE, DELTA, RF, Mh, DQACC, kmask,
     cdt = dk.dtype
     offs_m = start_m + rows
     m64 = tl.cast(start_m, tl.int64)
-    if VARLEN:  # (total_q, Hq) row statistics: row0 = q0 * Hq + head
-        lrows = row0 + offs_m * Hq
+    if VARLEN:  # (total_q, Hq) row statistics: row0 = q0 * Hq + head, rows Hq apart
+        rr = offs_m * Hq
     else:
-        lrows = row0 + offs_m
+        rr = offs_m
     if HOSTILE:  # rf rows (a NaN/Inf in q or dO, or a NaN row) load as 0
-        live = (offs_m < Tq) & (tl.load(RF + lrows, mask=offs_m < Tq, other=0) == 0)
+        live = (offs_m < Tq) & (tl.load(RF + row0 + rr, mask=offs_m < Tq, other=0) == 0)
         q = _tile_rows(Qh + m64 * sqm, rows, dcols, sqm, sqd, live, D, not EVEN_D)
         do = _tile_rows(DOh + m64 * sdm, rows, dvcols, sdm, sdd, live, Dv, not EVEN_DV)
     else:
         q = _tile(Qh + m64 * sqm, rows, dcols, sqm, sqd, Tq - start_m, D, True, not EVEN_D)
         do = _tile(DOh + m64 * sdm, rows, dvcols, sdm, sdd, Tq - start_m, Dv, True, not EVEN_DV)
-    c, lse, delta = _row_stats(TAUh, LSE, DELTA, lrows, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
+    c, lse, delta = _row_stats(TAUh, LSE, DELTA, row0, rr, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
     s = tl.dot(q, kT, input_precision=PREC).to(cdt)  # (BLOCK_M, BLOCK_N) logits / c
     p = tl.math.exp2(s * (c * 1.4426950408889634)[:, None] - (lse * 1.4426950408889634)[:, None])
     if CAUSAL:
@@ -197,7 +197,6 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, RF, KF, FIRST, HOST, DK, DV
         KFh = KF + tl.cast(hk, tl.int64) * total_k + k0
     else:
         q0 = 0
-        KFh = KF + (b64 * Hkv + hk) * Tk
     cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
     rows = tl.arange(0, BLOCK_M)
@@ -211,7 +210,10 @@ def _dkdv_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, RF, KF, FIRST, HOST, DK, DV
     if HOSTILE:
         # flagged keys (a NaN/Inf in their k or v row) load as 0: the rows that may attend them carry
         # lse = NaN (the delta kernel), the others must not meet them
-        key_ok = (cols < n_end) & (~_key_bad(KFh, start_n, cols, Tk))
+        if VARLEN:
+            key_ok = (cols < n_end) & (~_key_bad(KFh, start_n, cols, Tk))
+        else:
+            key_ok = (cols < n_end) & (~_key_bad(KF + kv * Tk, start_n, cols, Tk))
         kT = _tile_cols(Kb, dcols, cols, skd, skn, D, key_ok, not EVEN_D)
         vT = _tile_cols(Vb, dvcols, cols, svd, svn, Dv, key_ok, not EVEN_DV)
     else:
@@ -309,24 +311,26 @@ def _dq_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, RF, KF, FIRST, HOST, DQ, DTAU
         Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, HOST, Hkv, Tk, CU_Q, CU_K, total_q, total_k, CAUSAL, EVEN_D,
         True, HOSTILE, VARLEN, BLOCK_M, BLOCK_D, BLOCK_DV)
     cdt = LSE.dtype.element_ty
-    if VARLEN:
-        lrows = (q0 + offs_m) * Hq + h64
+    if VARLEN:  # (total_q, Hq) row statistics: rows Hq apart
+        row0 = q0 * Hq + h64
+        rr = offs_m * Hq
         TAUh = TAU + h64 * sth + q0 * stm
         Kh = K + hk64 * skh + k0 * skn
         Vh = V + hk64 * svh + k0 * svn
         KFh = KF + hk64 * total_k + k0
     else:
-        lrows = tl.cast(bh, tl.int64) * Tq + offs_m
+        row0 = tl.cast(bh, tl.int64) * Tq
+        rr = offs_m
         TAUh = TAU + b64 * stb + h64 * sth
         Kh = K + b64 * skb + hk64 * skh
         Vh = V + b64 * svb + hk64 * svh
         KFh = KF + kv * Tk
     live = offs_m < tl.where(mine, Tq, 0)
     if HOSTILE:  # rf rows (a NaN/Inf in q or dO, or a NaN row): q and dO as 0
-        live = live & (tl.load(RF + lrows, mask=offs_m < Tq, other=0) == 0)
+        live = live & (tl.load(RF + row0 + rr, mask=offs_m < Tq, other=0) == 0)
         q = tl.where(live[:, None], q, 0.0)
     do = _tile_rows(DO + b64 * sdb + h64 * sdh + m64 * sdm, rows, dvcols, sdm, sdd, live, Dv, not EVEN_DV)
-    c, lse, delta = _row_stats(TAUh, LSE, DELTA, lrows, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
+    c, lse, delta = _row_stats(TAUh, LSE, DELTA, row0, rr, offs_m, Tq, stm, scale_hi, scale_lo, cdt)
     c2 = c * 1.4426950408889634
     lse2 = lse * 1.4426950408889634
     Mrow = MASK + b64 * smb + h64 * smh + m64 * smm
@@ -352,7 +356,7 @@ def _dq_kernel(Q, K, V, TAU, MASK, DO, LSE, DELTA, RF, KF, FIRST, HOST, DQ, DTAU
     m_ok = offs_m < tl.where(mine, Tq, 0)
     tl.store(DQ + b64 * sdqb + h64 * sdqh + m64 * sdqm + rows[:, None] * sdqm + dcols[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (dcols[None, :] < D))
-    tl.store(DTAU + lrows, dtau, mask=m_ok)
+    tl.store(DTAU + row0 + rr, dtau, mask=m_ok)
 
 
 
