@@ -60,6 +60,11 @@ off): the forward reads q, k, v through 4-D TMA descriptors instead of per-threa
 registers instead of 237 at 128x128 tiles; H200, B4 H16 T4096 D128 causal: 0.631 ms against 0.676,
 cuDNN 0.474). Same tiles, same results bit for bit (checked by the sweep).
 
+Packed documents (FlashAttention's varlen layout): the pointer kernels, the delta kernel and the key
+flags take a VARLEN constexpr (False here: the dense code is unchanged); with it a program reads its
+document's offsets and works on that document alone. Launchers and cost:
+temperature_attention_varlen.py.
+
 Tiles come from :func:`_candidates` (fastest first, each with a shared-memory estimate: pipeline
 stages x the streamed tiles, mask tile included, + the resident tiles) through
 ``_common.launch``, which falls back to the next candidate on OutOfResources and remembers it.
