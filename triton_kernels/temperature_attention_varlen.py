@@ -49,8 +49,9 @@ dk/dv at the measured-fastest tiles, D=256 dq and D=256 pointer forward: 312 B a
 pointer forward's 240 B, which the dense op avoids on sm_90 through TMA), and, new with VARLEN (the
 document's offsets and lengths are loaded values held in registers, where the dense Tq / Tk are
 kernel arguments): the fp32 D=256 forward on sm_90 (1752 B causal, 8 B not; dense 0), the 16 x 16
-HOSTILE dk/dv of bf16 D=256 (24 B) and fp32 D=128 (8 B) and HOSTILE dq of bf16 D=64 (16 B). Not
-retuned (no GPU to time smaller tiles against the spill): the CI checks bf16 D=128 causal only.
+HOSTILE dk/dv of bf16 D=256 (24 B) and fp32 D=128 (8 B) and HOSTILE dq of bf16 D=64 (16 B); on
+sm_80 also fp32 D=256 forward (16-40 B) and fp32 D=64 forward / dq (8-16 B), not compared with the
+dense kernels there (the dense sm_80 check covers bf16 D=128 only). Not retuned (no GPU to time smaller tiles against the spill): the CI checks bf16 D=128 causal only.
 
 Not done for VARLEN (dense-only): attn_mask (no MASK_KIND), the Hopper TMA forward (a 4-D TMA box
 cannot stop at a document's end), and the opt-in atomic-dq backward; VARLEN always takes the pointer
