@@ -43,16 +43,17 @@ of the short ones exit at once (a few microseconds per thousand). Launches: forw
 (~6 tiny element-wise ops) + 2 masked_fill; backward as the dense one + the same.
 
 AOT resources (tests/triton_resources.py --filter varlen --full; Triton 3.9 results in
-bench/results/aot_varlen_attention_triton-3.9.jsonl, 252 launches for sm_90 + sm_80): every variant
-compiles and fits shared memory on both. Register spills: the dense ones at the same tiles (bf16/fp16
-dk/dv at the measured-fastest tiles, D=256 dq and D=256 pointer forward: 312 B against the dense
-pointer forward's 240 B, which the dense op avoids on sm_90 through TMA), and, new with VARLEN (the
-document's offsets and lengths are loaded values held in registers, where the dense Tq / Tk are
-kernel arguments): the fp32 D=256 forward on sm_90 (1752 B causal, 8 B not; dense 0), the 16 x 16
-HOSTILE dk/dv of bf16 D=256 (24 B) and fp32 D=128 (8 B) (HOSTILE dq of bf16 D=64 / D=128 spilled
-16 / 8 B on 4 warps: now on 2, see _hostile); on
-sm_80 also fp32 D=256 forward (16-40 B) and fp32 D=64 forward / dq (8-16 B), not compared with the
-dense kernels there (the dense sm_80 check covers bf16 D=128 only). Not retuned (no GPU to time smaller tiles against the spill): the CI checks bf16 D=128 causal only.
+bench/results/aot_varlen_attention_triton-3.9.jsonl, 252 launches for sm_90 + sm_80, taken before the
+2-warp HOSTILE change below): every variant compiles and fits shared memory on both. Register spills:
+the dense ones at the same tiles (bf16/fp16 dk/dv at the measured-fastest tiles, D=256 dq and D=256
+pointer forward: 312 B against the dense pointer forward's 240 B, which the dense op avoids on sm_90
+through TMA), and, new with VARLEN (the document's offsets and lengths are loaded values held in
+registers, where the dense Tq / Tk are kernel arguments): the fp32 D=256 forward on sm_90 (1752 B
+causal, 8 B not; dense 0) and the 16 x 16 HOSTILE dk/dv of bf16 D=256 (24 B) and fp32 D=128 (8 B)
+(the HOSTILE dq of bf16 D=64 / D=128 spilled 16 / 8 B on 4 warps: now on 2, see _hostile); on sm_80
+also the fp32 D=256 forward (16-40 B) and fp32 D=64 forward / dq (8-16 B), not compared with the
+dense kernels there (the dense sm_80 check covers bf16 D=128 only). Not retuned (no GPU to time
+smaller tiles against the spill); the CI checks bf16 D=128 causal only.
 
 Not done for VARLEN (dense-only): attn_mask (no MASK_KIND), the Hopper TMA forward (a 4-D TMA box
 cannot stop at a document's end), and the opt-in atomic-dq backward; VARLEN always takes the pointer
