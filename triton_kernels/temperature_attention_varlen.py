@@ -53,7 +53,10 @@ causal, 8 B not; dense 0) and the 16 x 16 HOSTILE dk/dv of bf16 D=256 (24 B) and
 (the HOSTILE dq of bf16 D=64 / D=128 spilled 16 / 8 B on 4 warps: now on 2, see _hostile); on sm_80
 also the fp32 D=256 forward (16-40 B) and fp32 D=64 forward / dq (8-16 B), not compared with the
 dense kernels there (the dense sm_80 check covers bf16 D=128 only). Not retuned (no GPU to time
-smaller tiles against the spill); the CI checks bf16 D=128 causal only.
+smaller tiles against the spill); the CI checks bf16 D=128 causal only. Triton 3.6 (the lowest;
+bench/results/aot_varlen_attention_triton-3.6-sm{90,80}.jsonl): all compile and fit; spills in the
+same dense classes (half-precision dk/dv, D=256), plus fp32 D=64 causal forward (sm_90, 8 B) and
+fp32 dq (sm_80: D=256 8 B, D=64 16 B).
 
 Not done for VARLEN (dense-only): attn_mask (no MASK_KIND), the Hopper TMA forward (a 4-D TMA box
 cannot stop at a document's end), and the opt-in atomic-dq backward; VARLEN always takes the pointer
