@@ -35,6 +35,7 @@ from trajops.triton_kernels import temperature_attention as attn  # noqa: E402
 from trajops.triton_kernels import temperature_attention_bwd as attn_bwd  # noqa: E402
 from trajops.triton_kernels import temperature_attention_nonfinite as nonfinite  # noqa: E402
 from trajops.triton_kernels import trajectory_flow as flow  # noqa: E402
+from trajops.triton_kernels import temperature_attention_varlen as attn_varlen  # noqa: E402
 
 LIMITS = {90: _common.SMEM_LIMITS[9], 80: _common.SMEM_LIMITS[8]}
 SPECS = {90: _common.DeviceSpec((9, 0), LIMITS[90], 132), 80: _common.DeviceSpec((8, 0), LIMITS[80], 108)}
@@ -154,6 +155,42 @@ def flow_variants(full: bool = False):
     return out
 
 
+# ---- packed (varlen) attention: the dense kernels compiled with VARLEN=True
+# Documents of unequal lengths whose total is not a multiple of 16 (the integer specialization of a
+# real packed launch: total_q, total_k and the longest document are then plain integers).
+VARLEN_DOCS = (509, 300, 211)
+
+
+def _attention_varlen(dtype, D, causal, Hq=4, Hkv=1, docs=VARLEN_DOCS):
+    def run():
+        attn_bwd.ATOMIC_DQ = "0"
+        nonfinite.ALWAYS_HOSTILE = True
+        dt = DTYPES[dtype]
+        total = sum(docs)
+        cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32)
+        q = torch.empty(total, Hq, D, dtype=dt)
+        k = torch.empty(total, Hkv, D, dtype=dt)
+        v = torch.empty(total, Hkv, D, dtype=dt)
+        tau = torch.ones(1, Hq).expand(total, Hq)
+        out, lse = attn_varlen.attention_varlen_fwd(q, k, v, tau, D ** -0.5, cu, cu, max(docs), max(docs), causal)
+        attn_varlen.attention_varlen_bwd(torch.empty_like(out), None, q, k, v, tau, D ** -0.5, cu, cu, max(docs),
+                                         max(docs), causal, out, lse)
+    return run
+
+
+def varlen_variants(full: bool = False):
+    """(label, thunk) of the varlen launchers (forward + backward, no mask: varlen takes none). The
+    core set (CI, ~16 compiles for sm_90 + sm_80): bf16 D=128 causal, the usual packed training case.
+    ``full``: bf16/fp16/fp32 x D 64/128/256 x causal and not (`--filter varlen --full`, ~250
+    compiles for both targets: half an hour on 2 CPUs). Spills found there that the dense kernels
+    lack (fp32 D=256 forward, the 16 x 16 HOSTILE dq/dk-dv at D=256 and fp32 D=128) are listed in
+    triton_kernels/temperature_attention_varlen.py's docstring."""
+    if not full:
+        return [("varlen attn bf16 D=128 causal", _attention_varlen("bf16", 128, True))]
+    return [(f"varlen attn {dtype} D={D} causal={causal} (full)", _attention_varlen(dtype, D, causal))
+            for dtype in ("bf16", "fp16", "fp32") for D in (64, 128, 256) for causal in (False, True)]
+
+
 def variants(full: bool = False):
     """(label, thunk) per configuration class the launchers distinguish. Tiles depend on the element
     size, the padded head sizes, the mask kind and decode vs prefill; registers also on causal.
@@ -179,6 +216,7 @@ def variants(full: bool = False):
     for dtype, D in (("bf16", 128), ("fp32", 256), ("fp64", 128)):
         out.append((f"paged {dtype} D={D} G=8", _paged(dtype, D, 8)))
     out += _kv_variants(full)
+    out.extend(varlen_variants(full))
     if full:
         for dtype in ("bf16", "fp32"):
             for D in (64, 128, 256):

@@ -60,6 +60,11 @@ off): the forward reads q, k, v through 4-D TMA descriptors instead of per-threa
 registers instead of 237 at 128x128 tiles; H200, B4 H16 T4096 D128 causal: 0.631 ms against 0.676,
 cuDNN 0.474). Same tiles, same results bit for bit (checked by the sweep).
 
+Packed documents (FlashAttention's varlen layout): the pointer kernels, the delta kernel and the key
+flags take a VARLEN constexpr (False here: the dense code is unchanged); with it a program reads its
+document's offsets and works on that document alone. Launchers and cost:
+temperature_attention_varlen.py.
+
 Tiles come from :func:`_candidates` (fastest first, each with a shared-memory estimate: pipeline
 stages x the streamed tiles, mask tile included, + the resident tiles) through
 ``_common.launch``, which falls back to the next candidate on OutOfResources and remembers it.
@@ -75,7 +80,8 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, _capturing, device_spec, launch
-from .temperature_attention_nonfinite import _key_bad, _key_bias, _nan_on_bad_q, _serves, any_hostile, key_flags
+from .temperature_attention_nonfinite import (_doc_span, _key_bad, _key_bias, _nan_on_bad_q, _serves, any_hostile,
+                                              key_flags)
 from .temperature_attention_tiles import TILE_OVERRIDES, _candidates, _estimate, _hostile_tiles  # noqa: F401
 
 try:  # host-side TMA descriptors (Triton >= 3.4); the Hopper forward path needs them
@@ -103,24 +109,35 @@ def _row_program(Tq, Hq, G, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _query_block(Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, HOST, Hkv, Tk, CAUSAL: tl.constexpr,
-                 EVEN_D: tl.constexpr, HAS_HOST: tl.constexpr, HOSTILE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _query_block(Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, HOST, Hkv, Tk, CU_Q, CU_K, total_q, total_k,
+                 CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HAS_HOST: tl.constexpr, HOSTILE: tl.constexpr,
+                 VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The prologue of a program that owns a query block: (pid_m, bh, b, h, kv head as int64, start_m,
     start_m as int64, rows, query offsets, head-dim columns, value-dim columns, the q tile, kv = the
     (batch, kv head) index, mine = whether this launch serves that head (see _serves); q is not read
-    when it does not)."""
+    when it does not), then (q0, k0, Tq, Tk).
+    VARLEN (packed tokens, batch strides 0, Tq / Tk the longest documents): b is the document; q0, k0
+    are its first query / key token and Tq, Tk its lengths (from CU_Q / CU_K, clamped into the
+    tensors); m64 is then the absolute token of the block's first row (offs_m stay relative).
+    Otherwise q0 = k0 = 0 and Tq, Tk pass through."""
     pid_m, bh, b, h, hk = _row_program(Tq, Hq, G, CAUSAL, BLOCK_M)
     start_m = pid_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
     b64, h64, m64 = tl.cast(b, tl.int64), tl.cast(h, tl.int64), tl.cast(start_m, tl.int64)
+    if VARLEN:
+        q0, Tq = _doc_span(CU_Q, b64, total_q)
+        k0, Tk = _doc_span(CU_K, b64, total_k)
+        m64 = q0 + m64
+    else:
+        q0 = 0
+        k0 = 0
     kv = b64 * Hkv + hk
     mine = _serves(FIRST, HOST, kv, Tk, HAS_HOST, HOSTILE)
     dcols = tl.arange(0, BLOCK_D)
     q = _tile(Q + b64 * sqb + h64 * sqh + m64 * sqm, rows, dcols, sqm, sqd, tl.where(mine, Tq - start_m, 0), D,
               True, not EVEN_D)
     return (pid_m, bh, b64, h64, tl.cast(hk, tl.int64), start_m, m64, rows, start_m + rows, dcols,
-            tl.arange(0, BLOCK_DV), q, kv, mine)
+            tl.arange(0, BLOCK_DV), q, kv, mine, q0, k0, Tq, Tk)
 
 
 @triton.jit
@@ -296,12 +313,12 @@ def _fwd_kernel_tma(q_desc, k_desc, v_desc, TAU, MASK, O, LSE, FIRST, stb, sth, 
         acc, l_i, m_i = _fwd_block_tma(acc, l_i, m_i, q, c2, k_desc, v_desc, b, hk, Mrow, rows, offs_m, start_n, Tq,
                                        Tk, shift, smm, smn, CAUSAL, True, MASK_KIND, BLOCK_M, BLOCK_N, BLOCK_D,
                                        BLOCK_DV)
-    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
-                  mine, False, cdt)
+    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, tl.cast(bh, tl.int64) * Tq, offs_m, rows, offs_m, dvcols,
+                  Tq, Dv, sob, soh, som, sod, mine, False, cdt)
 
 
 @triton.jit
-def _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
+def _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, lrow0, rr, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
                   mine, block_bad, cdt: tl.constexpr):
     """out = acc / l and lse (natural log); rows without an allowed key (l = 0): out 0, lse -inf;
     every row NaN when block_bad (they all attend a flagged key); nothing written unless mine."""
@@ -314,26 +331,40 @@ def _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols
     m_ok = offs_m < tl.where(mine, Tq, 0)  # (a bound, not "& mine": the interpreter mistypes int1 scalars)
     tl.store(O + b64 * sob + h64 * soh + m64 * som + rows[:, None] * som + dvcols[None, :] * sod,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & (dvcols[None, :] < Dv))
-    tl.store(LSE + tl.cast(bh, tl.int64) * Tq + offs_m, lse, mask=m_ok)
+    tl.store(LSE + lrow0 + rr, lse, mask=m_ok)
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE, KF, FIRST,
+def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE, KF, FIRST, CU_Q, CU_K,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 stb, sth, stm, smb, smh, smm, smn, sob, soh, som, sod,
-                scale_hi, scale_lo, Hq, Hkv, G, Tq, Tk, D, Dv,
+                scale_hi, scale_lo, Hq, Hkv, G, Tq, Tk, D, Dv, total_q, total_k,
                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr,
-                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HOSTILE: tl.constexpr,
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HOSTILE: tl.constexpr, VARLEN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q, kv, mine = _query_block(
-        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, FIRST, Hkv, Tk, CAUSAL, EVEN_D, False, HOSTILE,
-        BLOCK_M, BLOCK_D, BLOCK_DV)
+    """The pointer forward. VARLEN: packed documents (temperature_attention_varlen.py): the grid's
+    second axis is document x head, Tq / Tk arrive as the longest documents and become the program's
+    document lengths, batch strides are 0 and the token axis starts at the document's first token;
+    lse is (total_q, Hq)."""
+    pid_m, bh, b64, h64, hk64, start_m, m64, rows, offs_m, dcols, dvcols, q, kv, mine, q0, k0, Tq, Tk = _query_block(
+        Q, sqb, sqh, sqm, sqd, Tq, Hq, G, D, FIRST, FIRST, Hkv, Tk, CU_Q, CU_K, total_q, total_k, CAUSAL, EVEN_D,
+        False, HOSTILE, VARLEN, BLOCK_M, BLOCK_D, BLOCK_DV)
     cdt = LSE.dtype.element_ty
-    c2 = _coefficient(TAU + b64 * stb + h64 * sth, offs_m, Tq, stm, scale_hi, scale_lo, cdt) * 1.4426950408889634
+    if VARLEN:
+        c2 = _coefficient(TAU + h64 * sth + q0 * stm, offs_m, Tq, stm, scale_hi, scale_lo, cdt) * 1.4426950408889634
+        Kh = K + hk64 * skh + k0 * skn
+        Vh = V + hk64 * svh + k0 * svn
+        KFh = KF + hk64 * total_k + k0
+        lrow0 = q0 * Hq + h64  # (total_q, Hq) lse: rows Hq apart
+        rr = offs_m * Hq
+    else:
+        c2 = _coefficient(TAU + b64 * stb + h64 * sth, offs_m, Tq, stm, scale_hi, scale_lo, cdt) * 1.4426950408889634
+        Kh = K + b64 * skb + hk64 * skh
+        Vh = V + b64 * svb + hk64 * svh
+        KFh = KF + kv * Tk
+        lrow0 = tl.cast(bh, tl.int64) * Tq
+        rr = offs_m
     c2 = _nan_on_bad_q(c2, q, cdt)
-    Kh = K + b64 * skb + hk64 * skh
-    Vh = V + b64 * svb + hk64 * svh
-    KFh = KF + kv * Tk
     Mrow = MASK + b64 * smb + h64 * smh + m64 * smm
 
     m_i = tl.full([BLOCK_M], float("-inf"), cdt)
@@ -342,6 +373,9 @@ def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE, KF, FIRST,
     shift = Tk - Tq
     free, hi = _key_ranges(pid_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     free, hi = tl.where(mine, free, 0), tl.where(mine, hi, 0)
+    if VARLEN:  # a block past its document's end: no key to visit (its stores are masked off)
+        hi = tl.where(start_m < Tq, hi, 0)
+        free = tl.minimum(free, hi)
     for start_n in range(0, free, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, c2, Kh, Vh, KFh, Mrow, rows, offs_m, start_n, Tq, Tk, shift,
                                    skn, skd, svn, svd, smm, smn, dcols, dvcols, D, Dv,
@@ -355,7 +389,7 @@ def _fwd_kernel(Q, K, V, TAU, MASK, O, LSE, KF, FIRST,
     block_bad = False
     if HOSTILE and MASK_KIND == 0:
         block_bad = tl.load(FIRST + kv) < free
-    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, bh, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
+    _fwd_epilogue(acc, l_i, m_i, O, LSE, b64, h64, m64, lrow0, rr, rows, offs_m, dvcols, Tq, Dv, sob, soh, som, sod,
                   mine, block_bad, cdt)
 
 
@@ -437,10 +471,10 @@ def attention_fwd(q, k, v, tau, scale: float, mask, causal: bool) -> Tuple[torch
             return (*descs, tau, m8, out, lse, first, *common, Dv)
         launch(_fwd_kernel_tma, grid, tma_args, cands, key + ("tma",), q.device, what,
                CAUSAL=bool(causal), MASK_KIND=mk, BLOCK_D=bd, BLOCK_DV=bdv)
-    args = (q, k, v, tau, m8, out, lse, kf, first, *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms,
-            *out.stride(), *_scale_pair(scale), Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv)
+    args = (q, k, v, tau, m8, out, lse, kf, first, first, first, *q.stride(), *k.stride(), *v.stride(),
+            *tau.stride(), *ms, *out.stride(), *_scale_pair(scale), Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv, 0, 0)
     flags = dict(CAUSAL=bool(causal), MASK_KIND=mk, PREC=_precision(q.dtype), EVEN_D=D == bd, EVEN_DV=Dv == bdv,
-                 BLOCK_D=bd, BLOCK_DV=bdv)
+                 VARLEN=False, BLOCK_D=bd, BLOCK_DV=bdv)
     if not tma:
         launch(_fwd_kernel, grid, args, cands, key, q.device, what, HOSTILE=False, **flags)
     # the heads with a flagged key (the programs of the others return at once), on small tiles

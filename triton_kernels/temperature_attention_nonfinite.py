@@ -3,7 +3,8 @@ paragraph of temperature_attention.py's docstring; the rule: trajops/reference/t
 
 * :func:`key_flags` ``(k, v) -> (flags, first)``: one read of k and v; per key whether its k or v row
   holds a NaN/Inf, and per (batch, kv head) the first such key.
-* jit helpers: _serves (which launch serves a head), _nan_on_bad_q, _key_bad, _key_bias.
+* :func:`key_flags_varlen`: the same over packed documents (FIRST per (document, kv head)).
+* jit helpers: _serves (which launch serves a head), _nan_on_bad_q, _key_bad, _key_bias, _doc_span.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["any_hostile", "key_flags"]
+__all__ = ["any_hostile", "key_flags", "key_flags_varlen", "NO_FLAGGED_KEY"]
 
 
 ALWAYS_HOSTILE = False  # the AOT resource check (tests/triton_resources.py) captures every launch
@@ -72,15 +73,33 @@ def _key_bias(kb, cdt: tl.constexpr):
 
 
 @triton.jit
-def _key_flags_kernel(K, V, KF, FIRST, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Tk, D, Dv,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, cdt: tl.constexpr):
+def _doc_span(CU, doc, total):
+    """(start (int64), length (int32)) of packed document ``doc`` from the offsets CU, both clamped into
+    [0, total] so that no access leaves the tensor whatever the offsets hold (invalid offsets are
+    reported by a separate device flag: trajops.varlen.cu_seqlens_invalid)."""
+    s = tl.minimum(tl.maximum(tl.load(CU + doc).to(tl.int64), 0), total)
+    e = tl.minimum(tl.maximum(tl.load(CU + doc + 1).to(tl.int64), s), total)
+    return s, (e - s).to(tl.int32)
+
+
+@triton.jit
+def _key_flags_kernel(K, V, KF, FIRST, CU_K, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Tk, D, Dv, total_k,
+                      VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, cdt: tl.constexpr):
     """KF[b * Hkv + h, j] = 1 where k[b, h, j] or v[b, h, j] holds a NaN/Inf, else 0; FIRST[b * Hkv + h]
-    = min(its initial Tk, the first such j). Grid (B * Hkv, cdiv(Tk, BLOCK_T))."""
+    = min(its initial Tk, the first such j). Grid (B * Hkv, cdiv(Tk, BLOCK_T)).
+    VARLEN (packed k (total_k, Hkv, D): b is the document, Tk the longest document): KF is (Hkv,
+    total_k) by absolute key, FIRST[doc * Hkv + h] the first flagged key relative to the document's
+    start, left at its initial value (int32 max) when there is none."""
     bh = tl.program_id(0)
     b64, h64 = tl.cast(bh // Hkv, tl.int64), tl.cast(bh % Hkv, tl.int64)
     offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if VARLEN:
+        k0, Tk = _doc_span(CU_K, b64, total_k)
+        t64 = k0 + tl.cast(offs, tl.int64)
+    else:
+        t64 = tl.cast(offs, tl.int64)
     t_ok = offs < Tk
-    t64 = tl.cast(offs, tl.int64)
     dc = tl.arange(0, BLOCK_D)
     dvc = tl.arange(0, BLOCK_DV)
     k = tl.load(K + b64 * skb + h64 * skh + t64[:, None] * skn + dc[None, :] * skd,
@@ -89,8 +108,12 @@ def _key_flags_kernel(K, V, KF, FIRST, skb, skh, skn, skd, svb, svh, svn, svd, H
                 mask=t_ok[:, None] & (dvc[None, :] < Dv), other=0.0).to(cdt)
     bad = (tl.max((~(tl.abs(k) < float("inf"))).to(tl.int32), 1)
            | tl.max((~(tl.abs(v) < float("inf"))).to(tl.int32), 1))
-    tl.store(KF + tl.cast(bh, tl.int64) * Tk + offs, bad.to(tl.uint8), mask=t_ok)
-    tl.atomic_min(FIRST + bh, tl.min(tl.where(bad != 0, offs, Tk), 0))
+    if VARLEN:
+        tl.store(KF + h64 * total_k + t64, bad.to(tl.uint8), mask=t_ok)
+        tl.atomic_min(FIRST + bh, tl.min(tl.where(bad != 0, offs, 2147483647), 0))
+    else:
+        tl.store(KF + tl.cast(bh, tl.int64) * Tk + offs, bad.to(tl.uint8), mask=t_ok)
+        tl.atomic_min(FIRST + bh, tl.min(tl.where(bad != 0, offs, Tk), 0))
 
 
 def key_flags(k, v) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +127,31 @@ def key_flags(k, v) -> Tuple[torch.Tensor, torch.Tensor]:
     block_t = max(1, min(triton.next_power_of_2(Tk), 4096 // max(bd, bdv)))
     cdt = tl.float64 if k.dtype == torch.float64 else tl.float32
     _key_flags_kernel[(B * Hkv, triton.cdiv(Tk, block_t))](
-        k, v, flags, first, *k.stride(), *v.stride(), Hkv, Tk, D, Dv,
-        BLOCK_T=block_t, BLOCK_D=bd, BLOCK_DV=bdv, cdt=cdt)
+        k, v, flags, first, first, *k.stride(), *v.stride(), Hkv, Tk, D, Dv, 0,
+        VARLEN=False, BLOCK_T=block_t, BLOCK_D=bd, BLOCK_DV=bdv, cdt=cdt)
+    return flags, first
+
+
+NO_FLAGGED_KEY = 2147483647  # FIRST of a (document, kv head) without a flagged key (varlen)
+
+
+def key_flags_varlen(k, v, cu_k, max_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed k (total_k, Hkv, D), v (total_k, Hkv, Dv), offsets cu_k (N + 1,): (flags (Hkv, total_k)
+    uint8 by absolute key; first (N * Hkv,) int32: per (document, kv head) the first flagged key
+    relative to the document's start, NO_FLAGGED_KEY if none). Offsets are clamped into [0, total_k].
+    ``max_k`` >= 1 (the caller handles empty packs)."""
+    total_k, Hkv, D = k.shape
+    Dv = v.shape[2]
+    N = cu_k.shape[0] - 1
+    flags = torch.zeros((Hkv, total_k), dtype=torch.uint8, device=k.device)
+    first = torch.full((N * Hkv,), NO_FLAGGED_KEY, dtype=torch.int32, device=k.device)
+    if N == 0:
+        return flags, first
+    bd, bdv = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    block_t = max(1, min(triton.next_power_of_2(max_k), 4096 // max(bd, bdv)))
+    cdt = tl.float64 if k.dtype == torch.float64 else tl.float32
+    # (B, H, T, D) strides with a zero batch stride: the document start comes from cu_k
+    _key_flags_kernel[(N * Hkv, triton.cdiv(max_k, block_t))](
+        k, v, flags, first, cu_k, 0, k.stride(1), k.stride(0), k.stride(2), 0, v.stride(1), v.stride(0), v.stride(2),
+        Hkv, max_k, D, Dv, total_k, VARLEN=True, BLOCK_T=block_t, BLOCK_D=bd, BLOCK_DV=bdv, cdt=cdt)
     return flags, first
