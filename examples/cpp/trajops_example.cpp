@@ -39,9 +39,10 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-using FlowFn = Tensor(const Tensor&, int64_t, double);
-using FlowBackwardFn = Tensor(const Tensor&, const Tensor&, int64_t, double);
-// The last optional is cu_seqlens (packed sequences); this example runs padded batches (nullopt).
+// The last optional of flow and STP is cu_seqlens (packed sequences); this example runs padded
+// batches (nullopt).
+using FlowFn = Tensor(const Tensor&, int64_t, double, const std::optional<Tensor>&);
+using FlowBackwardFn = Tensor(const Tensor&, const Tensor&, int64_t, double, const std::optional<Tensor>&);
 using StpFn = std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&, const std::optional<Tensor>&,
                                          const std::optional<Tensor>&);
 using StpBackwardFn = std::vector<Tensor>(const Tensor&, const Tensor&, at::TensorList, const Tensor&,
@@ -61,12 +62,13 @@ struct TrajectoryFlow : torch::autograd::Function<TrajectoryFlow> {
     ctx->save_for_backward({x});  // the backward recomputes the step norms from x
     ctx->saved_data["window"] = window;
     ctx->saved_data["eps"] = eps;
-    return op<FlowFn>("trajops::trajectory_flow").call(x, window, eps);
+    return op<FlowFn>("trajops::trajectory_flow").call(x, window, eps, std::nullopt);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor x = ctx->get_saved_variables()[0];
     const Tensor dx = op<FlowBackwardFn>("trajops::trajectory_flow_backward")
-                          .call(grads[0], x, ctx->saved_data["window"].toInt(), ctx->saved_data["eps"].toDouble());
+                          .call(grads[0], x, ctx->saved_data["window"].toInt(), ctx->saved_data["eps"].toDouble(),
+                                std::nullopt);
     return {dx, Tensor(), Tensor()};
   }
 };
