@@ -62,17 +62,7 @@ constexpr const char* kOp = "temperature_attention";
 // Messages match trajops/ops/temperature_attention.py so every backend fails the same way.
 void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau, const OptTensor& mask,
            c10::optional<double> scale) {
-  const std::pair<const char*, const Tensor*> qkv[] = {{"q", &q}, {"k", &k}, {"v", &v}};
-  for (const auto& [name, t] : qkv)
-    TORCH_CHECK_VALUE(t->dim() == 4, kOp, ": ", name, " must have shape (B, H, T, D), got shape ", t->sizes());
-  const auto st = q.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, kOp,
-                   ": q must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
-  TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, kOp, ": q, k and v must have one dtype, got ",
-                   py_dtype(st), ", ", py_dtype(k.scalar_type()), " and ", py_dtype(v.scalar_type()));
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && tau.device() == q.device(), kOp,
-              ": q, k, v and tau must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device(),
-              " and ", tau.device());
+  check_qkv(kOp, q, k, v, tau, 4, "(B, H, T, D)");
   const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const auto Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, kOp, ": q, k and v must have one batch size, got ", B, ", ",

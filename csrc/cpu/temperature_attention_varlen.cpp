@@ -54,18 +54,7 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> check(const Tensor& q, con
                                                             const Tensor& tau, const Tensor& cu_q,
                                                             const Tensor& cu_k, int64_t max_q, int64_t max_k,
                                                             c10::optional<double> scale) {
-  const std::pair<const char*, const Tensor*> qkv[] = {{"q", &q}, {"k", &k}, {"v", &v}};
-  for (const auto& [name, t] : qkv)
-    TORCH_CHECK_VALUE(t->dim() == 3, kOp, ": ", name, " must have shape (total, H, D) (packed tokens), got shape ",
-                      t->sizes());
-  const auto st = q.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, kOp,
-                   ": q must be float32, float64, float16 or bfloat16, got ", py_dtype(st));
-  TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, kOp, ": q, k and v must have one dtype, got ",
-                   py_dtype(st), ", ", py_dtype(k.scalar_type()), " and ", py_dtype(v.scalar_type()));
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && tau.device() == q.device(), kOp,
-              ": q, k, v and tau must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device(),
-              " and ", tau.device());
+  check_qkv(kOp, q, k, v, tau, 3, "(total, H, D) (packed tokens)");
   const auto total_q = q.size(0), Hq = q.size(1), D = q.size(2);
   const auto total_k = k.size(0), Hkv = k.size(1);
   TORCH_CHECK_VALUE(Hkv >= 1 && v.size(1) == Hkv && Hq % Hkv == 0, kOp,

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import reference
 from .._library import register_kernels
 from ..reference._common import compute_dtype
-from .temperature_attention import _broadcastable
+from ._checks import broadcastable as _broadcastable
 
 __all__ = ["paged_temperature_attention"]
 

@@ -23,42 +23,20 @@ from torch import Tensor
 
 from .. import reference
 from .. import varlen
+from ._checks import broadcastable as _broadcastable, check_qkv
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from . import temperature_attention_varlen as _varlen  # noqa: F401  (registers the packed op)
 
 __all__ = ["temperature_attention"]
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OP = "temperature_attention"
 
 
 # ---------------------------------------------------------------- input checks
 # Messages match csrc/cpu/temperature_attention.cpp so every backend fails the same way.
-def _broadcastable(shape, target) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
-
-
 def _check(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, attn_mask: Optional[Tensor], scale: Optional[float]) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        torch._check_value(
-            t.dim() == 4,
-            lambda: f"{_OP}: {name} must have shape (B, H, T, D), got shape {list(t.shape)}",
-        )
-    torch._check_type(
-        q.dtype in _DTYPES, lambda: f"{_OP}: q must be float32, float64, float16 or bfloat16, got {q.dtype}"
-    )
-    torch._check_type(
-        k.dtype == q.dtype and v.dtype == q.dtype,
-        lambda: f"{_OP}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}",
-    )
-    torch._check(
-        k.device == q.device and v.device == q.device and tau.device == q.device,
-        lambda: f"{_OP}: q, k, v and tau must be on one device, got {q.device}, {k.device}, {v.device} and "
-        f"{tau.device}",
-    )
+    check_qkv(_OP, q, k, v, tau, 4, "(B, H, T, D)")
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     torch._check_value(

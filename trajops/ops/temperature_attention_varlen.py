@@ -33,43 +33,21 @@ from .. import reference
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from ..varlen import _is_fake, check_cu_seqlens, cu_seqlens_invalid
+from ._checks import broadcastable as _broadcastable, check_qkv
 
 __all__: list = []
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OP = "temperature_attention_varlen"
 
 
 # ---------------------------------------------------------------- input checks
 # Messages match csrc/cpu/temperature_attention_varlen.cpp so every backend fails the same way.
-def _broadcastable(shape, target) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
-
-
 def _longest(cu: Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max()) if cu.shape[0] > 1 else 0
 
 
 def _check(q, k, v, tau, cu_q, cu_k, max_q, max_k, scale) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        torch._check_value(
-            t.dim() == 3,
-            lambda: f"{_OP}: {name} must have shape (total, H, D) (packed tokens), got shape {list(t.shape)}",
-        )
-    torch._check_type(
-        q.dtype in _DTYPES, lambda: f"{_OP}: q must be float32, float64, float16 or bfloat16, got {q.dtype}"
-    )
-    torch._check_type(
-        k.dtype == q.dtype and v.dtype == q.dtype,
-        lambda: f"{_OP}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}",
-    )
-    torch._check(
-        k.device == q.device and v.device == q.device and tau.device == q.device,
-        lambda: f"{_OP}: q, k, v and tau must be on one device, got {q.device}, {k.device}, {v.device} and "
-        f"{tau.device}",
-    )
+    check_qkv(_OP, q, k, v, tau, 3, "(total, H, D) (packed tokens)")
     total_q, Hq, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     torch._check_value(

@@ -1,0 +1,47 @@
+"""Argument checks shared by several ops (the C++ kernels spell the same messages; see each op).
+
+Every check names the op first (``f"{op}: ..."``) and the argument, and raises through
+``torch._check_*`` so that fake impls (torch.compile) raise the same errors as the kernels.
+Per-op checks stay in their op's module; what two ops check alike lives here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["DTYPES", "broadcastable", "check_qkv"]
+
+# The float dtypes every op accepts.
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """True iff ``shape`` broadcasts to ``target`` without growing its rank past target's."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, tau: Tensor, rank: int, layout: str) -> None:
+    """Rank, dtype and device of q, k, v and tau: the first checks of the dense (rank 4, (B, H, T, D))
+    and the packed (rank 3, (total, H, D)) attention ops; csrc/cpu/temperature_attention.h
+    (check_qkv) spells the same messages."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check_value(
+            t.dim() == rank,
+            lambda: f"{op}: {name} must have shape {layout}, got shape {list(t.shape)}",
+        )
+    torch._check_type(
+        q.dtype in DTYPES, lambda: f"{op}: q must be float32, float64, float16 or bfloat16, got {q.dtype}"
+    )
+    torch._check_type(
+        k.dtype == q.dtype and v.dtype == q.dtype,
+        lambda: f"{op}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}",
+    )
+    torch._check(
+        k.device == q.device and v.device == q.device and tau.device == q.device,
+        lambda: f"{op}: q, k, v and tau must be on one device, got {q.device}, {k.device}, {v.device} and "
+        f"{tau.device}",
+    )
