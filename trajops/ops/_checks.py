@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPES", "broadcastable", "check_qkv"]
+__all__ = ["DTYPES", "broadcastable", "check_backward_tensors", "check_qkv"]
 
 # The float dtypes every op accepts.
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -45,3 +45,27 @@ def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, tau: Tensor, rank: int, 
         lambda: f"{op}: q, k, v and tau must be on one device, got {q.device}, {k.device}, {v.device} and "
         f"{tau.device}",
     )
+
+
+def check_backward_tensors(op: str, q: Tensor, out_shape, lse_shape, grad_out: Tensor, out: Tensor, lse: Tensor,
+                           grad_lse) -> None:
+    """Shape, dtype and device of the attention backward's grad_out, out, lse and grad_lse (dense and
+    packed ops; ``op`` is the backward's name)."""
+    from ..reference._common import compute_dtype
+
+    for name, t, shape, dtype in (
+        ("grad_out", grad_out, tuple(out_shape), q.dtype),
+        ("out", out, tuple(out_shape), q.dtype),
+        ("lse", lse, tuple(lse_shape), compute_dtype(q.dtype)),
+        ("grad_lse", grad_lse, tuple(lse_shape), None),
+    ):
+        if t is None:
+            continue
+        torch._check_value(
+            tuple(t.shape) == shape,
+            lambda: f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}",
+        )
+        torch._check_type(
+            dtype is None or t.dtype == dtype, lambda: f"{op}: {name} must be {dtype}, got {t.dtype}"
+        )
+        torch._check(t.device == q.device, lambda: f"{op}: {name} must be on {q.device}, got {t.device}")

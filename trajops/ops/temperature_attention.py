@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from .. import varlen
-from ._checks import broadcastable as _broadcastable, check_qkv
+from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_qkv
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from . import temperature_attention_varlen as _varlen  # noqa: F401  (registers the packed op)
@@ -86,22 +86,7 @@ def _check_backward(grad_out, grad_lse, q, k, v, tau, attn_mask, scale, out, lse
     _check(q, k, v, tau, attn_mask, scale)
     B, Hq, Tq, _ = q.shape
     out_shape = (B, Hq, Tq, v.shape[3])
-    for name, t, shape, dtype in (
-        ("grad_out", grad_out, out_shape, q.dtype),
-        ("out", out, out_shape, q.dtype),
-        ("lse", lse, (B, Hq, Tq), compute_dtype(q.dtype)),
-        ("grad_lse", grad_lse, (B, Hq, Tq), None),
-    ):
-        if t is None:
-            continue
-        torch._check_value(
-            tuple(t.shape) == shape,
-            lambda: f"{_OP}_backward: {name} must have shape {list(shape)}, got {list(t.shape)}",
-        )
-        torch._check_type(
-            dtype is None or t.dtype == dtype, lambda: f"{_OP}_backward: {name} must be {dtype}, got {t.dtype}"
-        )
-        torch._check(t.device == q.device, lambda: f"{_OP}_backward: {name} must be on {q.device}, got {t.device}")
+    check_backward_tensors(f"{_OP}_backward", q, out_shape, (B, Hq, Tq), grad_out, out, lse, grad_lse)
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:

@@ -33,7 +33,7 @@ from .. import reference
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from ..varlen import _is_fake, check_cu_seqlens, cu_seqlens_invalid
-from ._checks import broadcastable as _broadcastable, check_qkv
+from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_qkv
 
 __all__: list = []
 
@@ -98,22 +98,7 @@ def _check_backward(grad_out, grad_lse, q, k, v, tau, cu_q, cu_k, max_q, max_k, 
     _check(q, k, v, tau, cu_q, cu_k, max_q, max_k, scale)
     total_q, Hq, _ = q.shape
     out_shape = (total_q, Hq, v.shape[2])
-    for name, t, shape, dtype in (
-        ("grad_out", grad_out, out_shape, q.dtype),
-        ("out", out, out_shape, q.dtype),
-        ("lse", lse, (total_q, Hq), compute_dtype(q.dtype)),
-        ("grad_lse", grad_lse, (total_q, Hq), None),
-    ):
-        if t is None:
-            continue
-        torch._check_value(
-            tuple(t.shape) == shape,
-            lambda: f"{_OP}_backward: {name} must have shape {list(shape)}, got {list(t.shape)}",
-        )
-        torch._check_type(
-            dtype is None or t.dtype == dtype, lambda: f"{_OP}_backward: {name} must be {dtype}, got {t.dtype}"
-        )
-        torch._check(t.device == q.device, lambda: f"{_OP}_backward: {name} must be on {q.device}, got {t.device}")
+    check_backward_tensors(f"{_OP}_backward", q, out_shape, (total_q, Hq), grad_out, out, lse, grad_lse)
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
