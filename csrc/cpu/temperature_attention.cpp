@@ -95,14 +95,6 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau,
     TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, kOp, ": scale must be a finite number > 0, got ", py_float(*scale));
 }
 
-void check_like(const char* name, const Tensor& t, at::IntArrayRef shape, c10::optional<at::ScalarType> dtype,
-                const Tensor& q) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, kOp, "_backward: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(!dtype.has_value() || t.scalar_type() == *dtype, kOp, "_backward: ", name, " must be ",
-                   py_dtype(*dtype), ", got ", py_dtype(t.scalar_type()));
-  TORCH_CHECK(t.device() == q.device(), kOp, "_backward: ", name, " must be on ", q.device(), ", got ", t.device());
-}
-
 at::ScalarType compute_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---------------------------------------------------------------- non-finite inputs
@@ -278,10 +270,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_backward_cpu(
   const auto B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2), Dv = v.size(3);
   const auto cd = compute_dtype(q.scalar_type());
   const std::vector<int64_t> out_shape{B, Hq, Tq, Dv}, rows{B, Hq, Tq};
-  check_like("grad_out", grad_out, out_shape, q.scalar_type(), q);
-  check_like("out", out, out_shape, q.scalar_type(), q);
-  check_like("lse", lse, rows, cd, q);
-  if (grad_lse.has_value()) check_like("grad_lse", *grad_lse, rows, c10::nullopt, q);
+  check_like(kOp, "grad_out", grad_out, out_shape, q.scalar_type(), q);
+  check_like(kOp, "out", out, out_shape, q.scalar_type(), q);
+  check_like(kOp, "lse", lse, rows, cd, q);
+  if (grad_lse.has_value()) check_like(kOp, "grad_lse", *grad_lse, rows, c10::nullopt, q);
   if (B * Hq * Tq == 0 || Tk == 0)
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
             at::zeros(tau.sizes(), tau.options())};

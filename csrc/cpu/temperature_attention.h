@@ -29,6 +29,15 @@ inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, 
               " and ", tau.device());
 }
 
+// A backward input (grad_out, out, lse, grad_lse) of op's backward: shape, dtype (none: any) and device.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                       c10::optional<at::ScalarType> dtype, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, "_backward: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(!dtype.has_value() || t.scalar_type() == *dtype, op, "_backward: ", name, " must be ",
+                   py_dtype(*dtype), ", got ", py_dtype(t.scalar_type()));
+  TORCH_CHECK(t.device() == q.device(), op, "_backward: ", name, " must be on ", q.device(), ", got ", t.device());
+}
+
 // q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), tau broadcastable to (B, Hq, Tq), attn_mask
 // bool rank 4 or none -> out (B, Hq, Tq, Dv), lse (B, Hq, Tq). Checks its arguments.
 std::tuple<at::Tensor, at::Tensor> temperature_attention_cpu(const at::Tensor& q, const at::Tensor& k,

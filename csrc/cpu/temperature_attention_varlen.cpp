@@ -88,14 +88,6 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> check(const Tensor& q, con
   return {std::move(offs_q), std::move(offs_k)};
 }
 
-void check_like(const char* name, const Tensor& t, at::IntArrayRef shape, c10::optional<at::ScalarType> dtype,
-                const Tensor& q) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, kOp, "_backward: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(!dtype.has_value() || t.scalar_type() == *dtype, kOp, "_backward: ", name, " must be ",
-                   py_dtype(*dtype), ", got ", py_dtype(t.scalar_type()));
-  TORCH_CHECK(t.device() == q.device(), kOp, "_backward: ", name, " must be on ", q.device(), ", got ", t.device());
-}
-
 // Runs doc(j) for every document j with queries and keys: large ones in turn (each parallel inside),
 // then the small ones spread over the threads (each serial inside); see the file comment.
 template <typename F>
@@ -158,10 +150,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> temperature_attention_varlen_backward
   const auto total_q = q.size(0), Hq = q.size(1), Dv = v.size(2);
   const auto cd = compute_dtype(q.scalar_type());
   const std::vector<int64_t> out_shape{total_q, Hq, Dv}, rows{total_q, Hq};
-  check_like("grad_out", grad_out, out_shape, q.scalar_type(), q);
-  check_like("out", out, out_shape, q.scalar_type(), q);
-  check_like("lse", lse, rows, cd, q);
-  if (grad_lse.has_value()) check_like("grad_lse", *grad_lse, rows, c10::nullopt, q);
+  check_like(kOp, "grad_out", grad_out, out_shape, q.scalar_type(), q);
+  check_like(kOp, "out", out, out_shape, q.scalar_type(), q);
+  check_like(kOp, "lse", lse, rows, cd, q);
+  if (grad_lse.has_value()) check_like(kOp, "grad_lse", *grad_lse, rows, c10::nullopt, q);
   // Every output is contiguous and zero where no document row reaches it (keys of documents
   // without queries, rows without keys).
   auto dq = at::zeros(q.sizes(), q.options());
