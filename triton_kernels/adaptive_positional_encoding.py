@@ -77,6 +77,17 @@ def _base(pos_ptr, row0, t, m, POS_MODE: tl.constexpr):
 
 
 @triton.jit
+def _chunk_positions(d_ptr, pos_ptr, row0, t0, t_hi, carry, POS_MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows t = t0 + [0, BLOCK_T) (mask m: t < t_hi) of one sequence: their fp64 positions s and the
+    running displacement sum carried past them (carry: the sum of d before t0)."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    m = t < t_hi
+    x = tl.load(d_ptr + row0 + t, mask=m, other=0.0).to(tl.float64)
+    s = (tl.cumsum(x, 0) + carry) + _base(pos_ptr, row0, t, m, POS_MODE)
+    return t, m, s, carry + tl.sum(x, 0)
+
+
+@triton.jit
 def _lookup(s, L):
     """(f, c, a, inside) for fp64 positions s: table rows, weight of row c, clamp's gradient mask.
 
@@ -107,11 +118,7 @@ def _fwd_kernel(d_ptr, pos_ptr, pe_ptr, out_ptr, T, L, E, tiles, rows_per_tile, 
     row0 = b.to(tl.int64) * T
     carry = _prefix(d_ptr, row0, t_lo, BLOCK_P)
     for t0 in range(t_lo, t_hi, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        m = t < t_hi
-        x = tl.load(d_ptr + row0 + t, mask=m, other=0.0).to(tl.float64)
-        s = (tl.cumsum(x, 0) + carry) + _base(pos_ptr, row0, t, m, POS_MODE)
-        carry += tl.sum(x, 0)
+        t, m, s, carry = _chunk_positions(d_ptr, pos_ptr, row0, t0, t_hi, carry, POS_MODE, BLOCK_T)
         f, c, a, _ = _lookup(s, L)
         w = a.to(CDT)[:, None]
         lo_row = f[:, None] * E
@@ -140,11 +147,7 @@ def _bwd_kernel(g_ptr, d_ptr, pos_ptr, pe_ptr, gs_ptr, gd_ptr, gso_ptr, ticket_p
     row0 = b.to(tl.int64) * T
     carry = _prefix(d_ptr, row0, t_lo, BLOCK_P)
     for t0 in range(t_lo, t_hi, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        m = t < t_hi
-        x = tl.load(d_ptr + row0 + t, mask=m, other=0.0).to(tl.float64)
-        s = (tl.cumsum(x, 0) + carry) + _base(pos_ptr, row0, t, m, POS_MODE)
-        carry += tl.sum(x, 0)
+        t, m, s, carry = _chunk_positions(d_ptr, pos_ptr, row0, t0, t_hi, carry, POS_MODE, BLOCK_T)
         f, c, _, inside = _lookup(s, L)
         lo_row = f[:, None] * E
         up_row = c[:, None] * E
