@@ -338,4 +338,49 @@ def packed_case(ctx: Context):
         Provider("trajops", f"trajops packed ({backend})", packed, role="target",
                  note="cu_seqlens_q = cu_seqlens_k, max_seqlen given (no sync), tau (total, H) fp32"),
     ]
+    if cuda and not ctx.quick:
+        provs += _packed_gpu_peers(lengths, valid, pad, scale, dev)
     return case, provs
+
+
+def _packed_gpu_peers(lengths, valid, pad, scale, dev):
+    """GPU peers of the packed case: SDPA on the padded batch (q / tau folded in, a causal + key-padding
+    bool mask: the mask keeps it off the flash kernel, which is what padding costs a SDPA user) and
+    FlexAttention on the packed tokens with a document mask (tau as a score_mod)."""
+    T = valid.shape[1]
+    causal_pad = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & valid[:, None, None, :]
+
+    def padded_sdpa(q, k, v, tau):
+        qp = (pad(q) / pad(tau.unsqueeze(-1)).clamp_min(1e-3)).to(q.dtype)
+        out = F.scaled_dot_product_attention(qp, pad(k), pad(v), attn_mask=causal_pad, scale=scale)
+        return out.transpose(1, 2)[valid]
+
+    provs = [Provider("sdpa_padded", "SDPA padded (causal + key-padding mask)", padded_sdpa, role="other",
+                      note="sdpa(q / tau, k, v) on the (B, H, T, D) padded batch with a bool mask; real rows "
+                           "gathered back")]
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths.to(dev))
+        total = int(doc.shape[0])
+
+        def doc_causal(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+        block_mask = create_block_mask(doc_causal, None, None, total, total, device=dev)
+
+        def flex_docs(q, k, v, tau):
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score / tau[q_idx, h]
+
+            out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                 score_mod=score_mod, block_mask=block_mask, scale=scale)
+            return out[0].transpose(0, 1)
+
+        flex_c = torch.compile(flex_docs, dynamic=False)
+        provs.append(Provider("flex_docs", "FlexAttention (document mask, tau score_mod)", flex_c, role="other",
+                              note="torch.compile(flex_attention) on the packed (1, H, total, D) tokens, mask_mod "
+                                   "doc[q] == doc[kv] and q >= kv, score_mod score / tau[q, h]"))
+    except Exception as e:  # noqa: BLE001 -- a missing FlexAttention leaves the provider out, with the reason
+        print(f"    [{OP}] packed FlexAttention left out: {_first_line(e)}", flush=True)
+    return provs
