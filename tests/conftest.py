@@ -38,6 +38,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     )
 
 
+def assert_compiled_matches_eager(f, inputs, backend="inductor") -> None:
+    """torch.compile(f, fullgraph=True) equals eager f on copies of ``inputs``, and so do the gradients
+    of sum(f(inputs)^2) with respect to every input."""
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    eager_in = [x.clone().requires_grad_() for x in inputs]
+    comp_in = [x.clone().requires_grad_() for x in inputs]
+    want, got = f(*eager_in), compiled(*comp_in)
+    torch.testing.assert_close(got, want)
+    for a, e in zip(torch.autograd.grad(got.pow(2).sum(), comp_in), torch.autograd.grad(want.pow(2).sum(), eager_in)):
+        torch.testing.assert_close(a, e)
+
+
 def pytest_sessionstart(session):
     if os.environ.get("TRAJOPS_REQUIRE_EXT") == "1" and not trajops.HAS_EXTENSION:
         raise pytest.UsageError(

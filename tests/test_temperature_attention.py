@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import trajops
 from trajops import reference
 
-from conftest import CPU_BACKEND, DTYPES, INTERPRETER, TOL
+from conftest import CPU_BACKEND, DTYPES, INTERPRETER, TOL, assert_compiled_matches_eager
 
 op = torch.ops.trajops.temperature_attention
 op_backward = torch.ops.trajops.temperature_attention_backward
@@ -515,13 +515,7 @@ def test_compile_fullgraph_matches_eager(backend):
                                                  scale=0.5, return_lse=True)
         return out.sum(-1) * 2 + torch.where(lse.isinf(), 0.0, lse)
 
-    compiled = torch.compile(f, fullgraph=True, backend=backend)
-    eager_in = [x.clone().requires_grad_() for x in (q, k, v, tau)]
-    comp_in = [x.clone().requires_grad_() for x in (q, k, v, tau)]
-    want, got = f(*eager_in), compiled(*comp_in)
-    torch.testing.assert_close(got, want)
-    for a, e in zip(torch.autograd.grad(got.pow(2).sum(), comp_in), torch.autograd.grad(want.pow(2).sum(), eager_in)):
-        torch.testing.assert_close(a, e)
+    assert_compiled_matches_eager(f, (q, k, v, tau), backend=backend)
 
 
 def test_deterministic():

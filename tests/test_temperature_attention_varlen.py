@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import trajops
-from conftest import CPU_BACKEND, INTERPRETER, assert_close
+from conftest import CPU_BACKEND, INTERPRETER, assert_close, assert_compiled_matches_eager
 from trajops.varlen import cu_seqlens_from_lengths
 
 op = torch.ops.trajops.temperature_attention_varlen
@@ -229,13 +229,7 @@ def test_compile_fullgraph_matches_eager():
                                                  max_seqlen_k=4, return_lse=True)
         return out.sum(-1) * 2 + lse
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    eager_in = [x.clone().requires_grad_() for x in (q, k, v, tau)]
-    comp_in = [x.clone().requires_grad_() for x in (q, k, v, tau)]
-    want, got = f(*eager_in), compiled(*comp_in)
-    torch.testing.assert_close(got, want)
-    for a, e in zip(torch.autograd.grad(got.pow(2).sum(), comp_in), torch.autograd.grad(want.pow(2).sum(), eager_in)):
-        torch.testing.assert_close(a, e)
+    assert_compiled_matches_eager(f, (q, k, v, tau), backend="aot_eager")
 
 
 # ---------------------------------------------------------------- nn module

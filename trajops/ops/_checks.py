@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPES", "broadcastable", "check_backward_tensors", "check_qkv"]
+__all__ = ["DTYPES", "broadcastable", "check_backward_tensors", "check_head_sizes", "check_qkv"]
 
 # The float dtypes every op accepts.
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -69,3 +69,17 @@ def check_backward_tensors(op: str, q: Tensor, out_shape, lse_shape, grad_out: T
             dtype is None or t.dtype == dtype, lambda: f"{op}: {name} must be {dtype}, got {t.dtype}"
         )
         torch._check(t.device == q.device, lambda: f"{op}: {name} must be on {q.device}, got {t.device}")
+
+
+def check_head_sizes(op: str, q: Tensor, k: Tensor, v: Tensor, tau: Tensor) -> None:
+    """q and k share a head size D >= 1 (last dimension), v's is >= 1, tau is floating point: the
+    dense and packed attention ops check these in this order after their head-count checks."""
+    D = q.shape[-1]
+    torch._check_value(
+        k.shape[-1] == D and D >= 1,
+        lambda: f"{op}: q and k must have one head size D >= 1, got q {list(q.shape)} and k {list(k.shape)}",
+    )
+    torch._check_value(v.shape[-1] >= 1, lambda: f"{op}: v must have a head size >= 1, got {list(v.shape)}")
+    torch._check_type(
+        tau.is_floating_point(), lambda: f"{op}: tau must be a floating-point tensor, got {tau.dtype}"
+    )

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from .. import varlen
-from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_qkv
+from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_head_sizes, check_qkv
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from . import temperature_attention_varlen as _varlen  # noqa: F401  (registers the packed op)
@@ -51,14 +51,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, attn_mask: Optional[Ten
     torch._check_value(
         v.shape[2] == Tk, lambda: f"{_OP}: k and v must have one length Tk, got k {list(k.shape)} and v {list(v.shape)}"
     )
-    torch._check_value(
-        k.shape[3] == D and D >= 1,
-        lambda: f"{_OP}: q and k must have one head size D >= 1, got q {list(q.shape)} and k {list(k.shape)}",
-    )
-    torch._check_value(v.shape[3] >= 1, lambda: f"{_OP}: v must have a head size >= 1, got {list(v.shape)}")
-    torch._check_type(
-        tau.is_floating_point(), lambda: f"{_OP}: tau must be a floating-point tensor, got {tau.dtype}"
-    )
+    check_head_sizes(_OP, q, k, v, tau)
     torch._check_value(
         _broadcastable(tau.shape, (B, Hq, Tq)),
         lambda: f"{_OP}: tau must be broadcastable to (B, Hq, Tq) = ({B}, {Hq}, {Tq}), got shape {list(tau.shape)}",

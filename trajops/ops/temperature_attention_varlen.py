@@ -33,7 +33,7 @@ from .. import reference
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from ..varlen import _is_fake, check_cu_seqlens, cu_seqlens_invalid
-from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_qkv
+from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_head_sizes, check_qkv
 
 __all__: list = []
 
@@ -60,14 +60,7 @@ def _check(q, k, v, tau, cu_q, cu_k, max_q, max_k, scale) -> None:
         lambda: f"{_OP}: k and v must have one number of packed tokens total_k, got k {list(k.shape)} and "
         f"v {list(v.shape)}",
     )
-    torch._check_value(
-        k.shape[2] == D and D >= 1,
-        lambda: f"{_OP}: q and k must have one head size D >= 1, got q {list(q.shape)} and k {list(k.shape)}",
-    )
-    torch._check_value(v.shape[2] >= 1, lambda: f"{_OP}: v must have a head size >= 1, got {list(v.shape)}")
-    torch._check_type(
-        tau.is_floating_point(), lambda: f"{_OP}: tau must be a floating-point tensor, got {tau.dtype}"
-    )
+    check_head_sizes(_OP, q, k, v, tau)
     torch._check_value(
         _broadcastable(tau.shape, (total_q, Hq)),
         lambda: f"{_OP}: tau must be broadcastable to (total_q, Hq) = ({total_q}, {Hq}), got shape "
