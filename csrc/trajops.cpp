@@ -47,7 +47,7 @@ TORCH_LIBRARY(trajops, m) {
   m.def("kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()");
   m.def(
       "paged_temperature_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor page_table, Tensor live_pool, "
-      "Tensor tau, Tensor? slots=None, float? scale=None) -> (Tensor, Tensor)");
+      "Tensor tau, Tensor? slots=None, float? scale=None, Tensor? k_new=None, Tensor? v_new=None) -> (Tensor, Tensor)");
   m.def(
       "adaptive_positional_encoding(Tensor displacement, Tensor pe_table, Tensor? positions=None) -> Tensor");
   m.def(

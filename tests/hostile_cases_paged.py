@@ -28,7 +28,14 @@ def args(c=None) -> dict:
 
 def call(a, fn=None):
     fn = fn or torch.ops.trajops.paged_temperature_attention
-    return fn(a["q"], a["k_pool"], a["v_pool"], a["page_table"], a["live_pool"], a["tau"], a["slots"], a["scale"])
+    new = (a["k_new"], a["v_new"]) if "k_new" in a else ()
+    return fn(a["q"], a["k_pool"], a["v_pool"], a["page_table"], a["live_pool"], a["tau"], a["slots"], a["scale"],
+              *new)
+
+
+def with_new(a):
+    """The new-token keys of the decode step (one per row, the one KV head)."""
+    a.update(k_new=torch.randn(2, 1, 1, 4), v_new=torch.randn(2, 1, 1, 4))
 
 
 def _case(name, fn, expect=RESULT, targets=(OP,)):
@@ -189,6 +196,20 @@ def _public(layer, tau=1.0):
     c = cache()
     with torch.no_grad():
         return trajops.paged_temperature_attention(torch.randn(2, 2, 1, 4), c, layer, tau, return_lse=True)
+
+
+# ---------------------------------------------------------------- new tokens (k_new / v_new)
+_bad("new_keys_without_values", lambda a: with_new(a) or a.update(v_new=None), "k_new", "v_new")
+_bad("new_keys_wrong_tokens", lambda a: with_new(a) or a.update(k_new=torch.randn(2, 1, 3, 4)), "k_new")
+_bad("new_values_wrong_head_size", lambda a: with_new(a) or a.update(v_new=torch.randn(2, 1, 1, 7)), "v_new")
+_bad("new_keys_int64", lambda a: with_new(a) or a.update(k_new=torch.zeros(2, 1, 1, 4, dtype=torch.long)), "k_new",
+     also=("torch.int64",))
+_bad("new_keys_huge_batch", lambda a: with_new(a) or a.update(k_new=torch.randn(1, 1, 1, 4).expand(2**40, 1, 1, 4)),
+     "k_new")
+_case("new_key_nan", _vs_reference(lambda a: with_new(a) or a["k_new"][1, 0, 0].fill_(math.nan)))
+_case("new_value_inf", _vs_reference(lambda a: with_new(a) or a["v_new"][0, 0, 0, 1].fill_(math.inf)))
+_case("new_keys_rows_without_live_entry", _vs_reference(lambda a: with_new(a) or a["live_pool"].zero_()))
+_case("new_keys_nan_tau", _vs_reference(lambda a: with_new(a) or a.update(tau=torch.tensor(math.nan))))
 
 
 _case("public_layer_int64_max", lambda: _public(2**63 - 1), raises("layer"), targets=(PUB,))

@@ -41,7 +41,8 @@ SCHEMAS: Dict[str, str] = {
     "float alpha, float decay) -> (Tensor, Tensor, Tensor)",
     "kv_write_": "kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()",
     "paged_temperature_attention": "paged_temperature_attention(Tensor q, Tensor k_pool, Tensor v_pool, "
-    "Tensor page_table, Tensor live_pool, Tensor tau, Tensor? slots=None, float? scale=None) -> (Tensor, Tensor)",
+    "Tensor page_table, Tensor live_pool, Tensor tau, Tensor? slots=None, float? scale=None, Tensor? k_new=None, "
+    "Tensor? v_new=None) -> (Tensor, Tensor)",
     "adaptive_positional_encoding": "adaptive_positional_encoding(Tensor displacement, Tensor pe_table, "
     "Tensor? positions=None) -> Tensor",
     "adaptive_positional_encoding_backward": "adaptive_positional_encoding_backward(Tensor grad_out, "

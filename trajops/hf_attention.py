@@ -12,9 +12,9 @@ by the config (``config._attn_implementation == "trajops_paged"``, read at each 
 of :class:`~trajops.kv_forward.ForwardKVCache`: ``update`` only *stages* the layer's new K/V and returns them
 (tagged with the cache); the attention function then calls ``cache.attend(query, layer, scale, mask)``, which
 computes the old part with ``trajops::paged_temperature_attention`` (tau = 1, the module's scale, GQA) straight
-from the pools, the new part causally among the new tokens (``trajops.temperature_attention``; a decode step
-needs no kernel), merges both by log-sum-exp (trajops/kv_attention.py) and only then writes the layer into the
-store. Writing after attending is what keeps the semantics of the gather path: an entry evicted at layer 0 of a
+from the pools and the new tokens causally among themselves -- in the same call (the op's k_new / v_new) for a
+decode step or a short causal chunk, else ``trajops.temperature_attention`` merged by log-sum-exp
+(trajops/kv_attention.py) -- and only then writes the layer into the store. Writing after attending is what keeps the semantics of the gather path: an entry evicted at layer 0 of a
 forward (its slot reused by a new token) is still in layer l's pool when layer l attends, and the page table /
 live flags the forward reads are copies taken before layer 0's write.
 

@@ -6,11 +6,12 @@ Used by :meth:`trajops.kv_forward.ForwardKVCache.attend` (and through it by the 
 * the **old** entries (live before this forward, minus the ones a key-padding mask hides): every new query of a
   row sees all of them, which is what ``trajops::paged_temperature_attention`` computes straight from the page
   pools (given a page table and a live mask that describe the store *before* this forward);
-* the forward's **new** tokens, dense (B, Hkv, n, D): causal among themselves (or as a given mask says), which
-  the paged op cannot express (it gives all n queries the same keys); ``trajops.temperature_attention`` with
-  ``causal=True`` does, and a decode step (n = 1) needs no kernel at all (one key: out = v, lse = scale q.k).
+* the forward's **new** tokens, dense (B, Hkv, n, D): causal among themselves (or as a given mask says). The
+  paged op takes them as ``k_new``/``v_new`` (query i: new keys 0..i) in the same softmax: one call for a decode
+  step or a short causal chunk. Otherwise (long chunks, other masks, a mask on CUDA that reading would sync)
+  ``trajops.temperature_attention`` attends them apart (a decode step needs no kernel: one key, out = v).
 
-Both halves return their log-sum-exp, so the exact softmax over the union is their log-sum-exp merge:
+Then both halves return their log-sum-exp, and the exact softmax over the union is their log-sum-exp merge:
 ``out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b})``, computed against the larger lse.
 A query with no key in either half gives 0 (as the ops do for a row without keys), never NaN.
 """
@@ -25,24 +26,9 @@ from torch import Tensor
 from .ops import paged_temperature_attention as _paged  # noqa: F401  (registers trajops::paged_temperature_attention)
 from .ops.temperature_attention import temperature_attention
 from .reference._common import compute_dtype as _compute_dtype
+from .reference._common import merge_by_lse
 
 __all__ = ["attend_old_and_new", "merge_by_lse"]
-
-
-def merge_by_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
-    """Softmax attention over the union of two disjoint key sets from each set's (out, lse).
-
-    out_a, out_b: (B, H, n, Dv); lse_a, lse_b: (B, H, n), -inf for a query without keys in that set.
-    Returns (B, H, n, Dv) in the compute dtype (fp32, fp64 for fp64 lse); 0 where neither set has a key.
-    """
-    cd = _compute_dtype(lse_a.dtype)
-    lse_a, lse_b = lse_a.to(cd), lse_b.to(cd)
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(m == float("-inf"), 0.0, m)  # no key anywhere: both weights exp(-inf) = 0
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    den = wa + wb
-    num = wa.unsqueeze(-1) * out_a.to(cd) + wb.unsqueeze(-1) * out_b.to(cd)
-    return num / torch.where(den > 0, den, 1.0).unsqueeze(-1)
 
 
 def _attend_new(query: Tensor, keys: Tensor, values: Tensor, scale: float,
@@ -77,11 +63,51 @@ def attend_old_and_new(query: Tensor, store, layer: int, page_table: Tensor, vis
     Returns (B, Hq, n, Dv) in query's dtype.
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    n = query.shape[2]
+    if has_old and _causal_new_keys(new_mask, n, query.device):
+        # one op: the pools and the new tokens (k_new / v_new, causal) in a single softmax, no merge
+        q = query.to(store.dtype)  # the paged op reads the pools in their dtype
+        out, _ = torch.ops.trajops.paged_temperature_attention(
+            q, store.k_pool[layer], store.v_pool[layer], page_table, visible, _unit_tau(q), None, scale,
+            keys.to(store.dtype), values.to(store.dtype))
+        return out.to(query.dtype)
     out_new, lse_new = _attend_new(query, keys, values, scale, new_mask)
     if not has_old:
         return out_new.to(query.dtype)
-    q = query.to(store.dtype)  # the paged op reads the pools in their dtype
-    tau = torch.ones((), dtype=_compute_dtype(q.dtype), device=q.device)
+    q = query.to(store.dtype)
     out_old, lse_old = torch.ops.trajops.paged_temperature_attention(
-        q, store.k_pool[layer], store.v_pool[layer], page_table, visible, tau, None, scale)
-    return merge_by_lse(out_old, lse_old, out_new, lse_new).to(query.dtype)
+        q, store.k_pool[layer], store.v_pool[layer], page_table, visible, _unit_tau(q), None, scale)
+    return merge_by_lse(out_old, lse_old, out_new, lse_new)[0].to(query.dtype)
+
+
+_UNIT_TAU: dict = {}
+
+
+def _unit_tau(q: Tensor) -> Tensor:
+    """tau = 1 as a 0-d tensor in q's compute dtype on q's device, made once (a decode step asks per layer)."""
+    key = (q.dtype, q.device)
+    t = _UNIT_TAU.get(key)
+    if t is None:
+        t = _UNIT_TAU[key] = torch.ones((), dtype=_compute_dtype(q.dtype), device=q.device)
+    return t
+
+
+# The op scores its new keys with a loop per query (O(n^2 D)): for longer spans of new tokens the dense
+# kernel + a merge is faster.
+_MAX_FUSED_NEW = 16
+
+
+def _causal_new_keys(new_mask: Optional[Tensor], n: int, device: torch.device) -> bool:
+    """Whether the new keys are seen causally (query i: new keys 0..i), what the paged op's k_new/v_new compute.
+
+    None is causal. A given mask is read on CPU only (on CUDA the read would sync the decode step; there the
+    attention over the new keys runs apart and is merged by log-sum-exp)."""
+    if n > _MAX_FUSED_NEW:
+        return False
+    if new_mask is None:
+        return True
+    if device.type != "cpu":
+        return False
+    if n == 1:  # a decode step: its one query sees its own token
+        return bool(new_mask.all())
+    return bool((new_mask == torch.ones(n, n, dtype=torch.bool).tril()).all())

@@ -249,8 +249,10 @@ class ForwardKVCache:
                     f"{type(self).__name__}.attend: attn_mask differs between queries or heads over the old entries; "
                     "the paged path masks old entries per key only (key padding). Use update() (the gather path) or "
                     "another attention implementation for such masks")
-            old = store.live_entries(B, live)[0]  # (B, live) physical slots in the mask's key order
             hidden = ~part[:, 0, -1]
+            if store.device.type == "cpu" and not bool(hidden.any()):  # nothing hidden (no padding): no mapping
+                return store.page_table[:B].clone(), visible
+            old = store.live_entries(B, live)[0]  # (B, live) physical slots in the mask's key order
             flat = torch.ones(visible.numel() + 1, dtype=torch.bool, device=store.device)  # [0]: spare, for no-ops
             flat[torch.where(hidden & (old >= 0), old + 1, 0)] = False
             visible &= flat[1:].view_as(visible)

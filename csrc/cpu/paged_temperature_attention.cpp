@@ -9,7 +9,9 @@
 //      they outnumber the threads even for a single row); per kv head, an online softmax over the
 //      chunk's keys for the G * n query rows that read that kv head (G = Hq / Hkv), so each K/V row
 //      is loaded once for the whole group, gives (m, l, acc).
-//   3. merge: per (row, query head, query), the chunks' partials rescaled to their common max.
+//   3. merge: per (row, query head, query), the chunks' partials rescaled to their common max; with
+//      k_new / v_new, the query's new keys 0..i are scored and added here too (one softmax over both:
+//      a decode step needs no second attention and no log-sum-exp merge; O(n^2 D) per head, for small n).
 // One pass over the live K/V bytes (the reference's gather reads them, writes a copy and reads that
 // again); with n = 1 the arithmetic (G dots and G axpys per K/V row) is of the same order as the reads.
 //
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "common.h"
+#include "temperature_attention.h"
 
 namespace trajops {
 namespace {
@@ -51,7 +54,8 @@ constexpr int64_t kBlock = 16;  // keys per online-softmax step (scores of a blo
 // ---------------------------------------------------------------- checks
 // Messages match _check in trajops/ops/paged_temperature_attention.py so every backend fails the same way.
 void check(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const Tensor& page_table,
-           const Tensor& live_pool, const Tensor& tau, const OptTensor& slots, c10::optional<double> scale) {
+           const Tensor& live_pool, const Tensor& tau, const OptTensor& slots, c10::optional<double> scale,
+           const OptTensor& k_new, const OptTensor& v_new) {
   TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must have shape (B, Hq, n, D), got ", q.sizes());
   TORCH_CHECK_VALUE(k_pool.dim() == 4 && v_pool.dim() == 4, kOp,
                     ": k_pool and v_pool must have shape (P, S, Hkv, D), got ", k_pool.sizes(), " and ",
@@ -89,8 +93,24 @@ void check(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const Te
     TORCH_CHECK_VALUE(slots->dim() == 2 && slots->size(0) == B, kOp, ": slots must have shape (B, k) with B=", B,
                       ", got ", slots->sizes());
   }
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), kOp, ": k_new and v_new must be given together");
+  if (k_new.has_value()) {
+    TORCH_CHECK_TYPE(k_new->scalar_type() == st && v_new->scalar_type() == st, kOp,
+                     ": q, k_new and v_new must have one dtype, got ", py_dtype(st), ", ",
+                     py_dtype(k_new->scalar_type()), " and ", py_dtype(v_new->scalar_type()));
+    const auto Dv = v_pool.size(3);
+    TORCH_CHECK_VALUE(k_new->dim() == 4 && k_new->size(0) == B && k_new->size(1) == Hkv && k_new->size(2) == n &&
+                          k_new->size(3) == D,
+                      kOp, ": k_new must have shape (B, Hkv, n, D) = (", B, ", ", Hkv, ", ", n, ", ", D, "), got ",
+                      k_new->sizes());
+    TORCH_CHECK_VALUE(v_new->dim() == 4 && v_new->size(0) == B && v_new->size(1) == Hkv && v_new->size(2) == n &&
+                          v_new->size(3) == Dv,
+                      kOp, ": v_new must have shape (B, Hkv, n, Dv) = (", B, ", ", Hkv, ", ", n, ", ", Dv, "), got ",
+                      v_new->sizes());
+  }
   std::vector<const Tensor*> others{&k_pool, &v_pool, &page_table, &live_pool, &tau};
   if (slots.has_value()) others.push_back(&*slots);
+  if (k_new.has_value()) others.insert(others.end(), {&*k_new, &*v_new});
   bool same = true;
   std::string names = "[";
   for (size_t i = 0; i < others.size(); ++i) {
@@ -247,7 +267,7 @@ Keys collect_keys(const Tensor& k_pool, const Tensor& v_pool, const Tensor& page
 
 template <typename scalar_t, typename acc_t>
 void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const Keys& keys, const Tensor& c,
-            Tensor& out, Tensor& lse) {
+            const OptTensor& k_new, const OptTensor& v_new, Tensor& out, Tensor& lse) {
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
   const int64_t Hkv = k_pool.size(2), Dv = v_pool.size(3), G = Hq / Hkv, R = G * n;
   const int64_t kh = k_pool.stride(2), vh = v_pool.stride(2);
@@ -381,11 +401,19 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   // (tiny next to the partials: threads only when the rows' partials are large, each wake-up costs)
   const int64_t merge_work = std::max<int64_t>(1, (chunks / std::max<int64_t>(B, 1) + 1) * R * Dv);
-  at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 65536 / merge_work), [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> o(Dv);
+  // new keys (k_new / v_new, contiguous (B, Hkv, n, D|Dv)): query i of a row also sees new keys 0..i, scored here
+  // (n small: a decode step has one, its own token)
+  const bool has_new = k_new.has_value();
+  const scalar_t* knp = has_new ? k_new->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* vnp = has_new ? v_new->data_ptr<scalar_t>() : nullptr;
+  const int64_t new_work = has_new ? n * (D + Dv) : 0;
+  at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 65536 / (merge_work + R * new_work)), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> o(Dv), sn(has_new ? n : 0), qb(has_new ? D : 0), kb(has_new ? D : 0), vb(has_new ? Dv : 0);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
-      const bool has_keys = keys.begin[b + 1] > keys.begin[b];
+      const bool has_keys = has_new || keys.begin[b + 1] > keys.begin[b];
+      const scalar_t* kn = knp + bh * n * D;
+      const scalar_t* vn = vnp + bh * n * Dv;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < n; ++i) {
           const int64_t r = g * n + i, hq = h * G + g, row = (b * Hq + hq) * n + i;
@@ -395,6 +423,21 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
           for (int64_t ch = chunk_begin[b]; ch < chunk_begin[b + 1]; ++ch) {
             M = std::max(M, part_m[(ch * Hkv + h) * R + r]);
             bad = bad || part_bad[(ch * Hkv + h) * R + r];
+          }
+          if (has_new) {  // scores c q_i . k_j of the new keys j <= i (a bad tau: c = 0 here, NaN below)
+            const acc_t cr = std::isnan(cp[row]) ? acc_t(0) : cp[row];
+            const scalar_t* src = qp + b * q0 + hq * q1 + i * q2;
+            for (int64_t d = 0; d < D; ++d) qb[d] = static_cast<acc_t>(src[d * q3]) * cr;
+            for (int64_t j = 0; j <= i; ++j) {
+              const acc_t sj = dot(qb.data(), load_row<scalar_t, acc_t>(kn + j * D, kb.data(), D), D);
+              if (std::isfinite(sj)) {
+                sn[j] = sj;
+                M = std::max(M, sj);
+              } else {  // a NaN/Inf in the q row or the key's k row
+                sn[j] = kNegInf;
+                bad = true;
+              }
+            }
           }
           acc_t row_lse;
           if (!has_keys || bad) {
@@ -411,6 +454,12 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
               L += w * part_l[it * R + r];
               const acc_t* a = part_acc.data() + (it * R + r) * Dv;
               for (int64_t d = 0; d < Dv; ++d) o[d] += w * a[d];
+            }
+            for (int64_t j = 0; has_new && j <= i; ++j) {
+              const acc_t w = exp_le0(sn[j] - M);
+              L += w;
+              const acc_t* vr = load_row<scalar_t, acc_t>(vn + j * Dv, vb.data(), Dv);
+              for (int64_t d = 0; d < Dv; ++d) o[d] += w * vr[d];
             }
             const acc_t inv = acc_t(1) / L;
             acc_t z = 0;
@@ -434,8 +483,9 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
 std::tuple<Tensor, Tensor> paged_temperature_attention_cpu(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool,
                                                            const Tensor& page_table, const Tensor& live_pool,
                                                            const Tensor& tau, const OptTensor& slots,
-                                                           c10::optional<double> scale) {
-  check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale);
+                                                           c10::optional<double> scale, const OptTensor& k_new,
+                                                           const OptTensor& v_new) {
+  check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale, k_new, v_new);
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3), Dv = v_pool.size(3);
   const auto cd = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({B, Hq, n, Dv}, q.options());
@@ -447,14 +497,13 @@ std::tuple<Tensor, Tensor> paged_temperature_attention_cpu(const Tensor& q, cons
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
   // c = scale / tau per (b, hq, i) (a true division in cd), NaN where tau is not positive finite or
   // the quotient overflows (as the reference's temperature_coefficient)
-  auto t = tau.to(cd);
-  auto c = sc / t;
-  auto valid = at::logical_and(at::logical_and(t.gt(0), at::isfinite(t)), at::isfinite(c));
-  c = at::where(valid, c, at::scalar_tensor(std::nan(""), t.options())).expand({B, Hq, n}).contiguous();
+  const Tensor c = temperature_coefficients(tau, B, Hq, n, sc, cd);
   const Keys keys = collect_keys(kp, vp, page_table, live_pool, slots, B);
+  const OptTensor kn = k_new.has_value() ? OptTensor(k_new->contiguous()) : c10::nullopt;
+  const OptTensor vn = v_new.has_value() ? OptTensor(v_new->contiguous()) : c10::nullopt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kOp, [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attend<scalar_t, acc_t>(q, kp, vp, keys, c, out, lse);
+    attend<scalar_t, acc_t>(q, kp, vp, keys, c, kn, vn, out, lse);
   });
   return {out, lse};
 }

@@ -185,12 +185,8 @@ Plan plan(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tau, 
     p.bias = at::zeros({}, q.options()).masked_fill(allowed->logical_not(), -std::numeric_limits<double>::infinity());
     p.nonempty = allowed->any(-1);
   }
-  auto t = tau.to(cd);
-  auto c = p.scale / t;  // a true division of scale (rounded to cd) by tau, as the reference's
-  auto valid = at::logical_and(at::logical_and(t.gt(0), at::isfinite(t)), at::isfinite(c));
-  c = at::where(valid, c, at::scalar_tensor(std::nan(""), t.options()));
-  if (p.nonempty.has_value()) c = at::where(*p.nonempty, c, at::zeros({}, t.options()));
-  p.c = c.expand({B, Hq, Tq}).contiguous();
+  p.c = temperature_coefficients(tau, B, Hq, Tq, p.scale, cd);
+  if (p.nonempty.has_value()) p.c = at::where(*p.nonempty, p.c, at::zeros({}, p.c.options())).contiguous();
   // Host checks are free on CPU (no device to wait for): finite inputs pay one read each, no copy.
   p.bad = at::isnan(p.c);
   p.q = q, p.k = k, p.v = v;

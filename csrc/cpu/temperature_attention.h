@@ -3,8 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <utility>
 
@@ -36,6 +39,34 @@ inline void check_like(const char* op, const char* name, const at::Tensor& t, at
   TORCH_CHECK_TYPE(!dtype.has_value() || t.scalar_type() == *dtype, op, "_backward: ", name, " must be ",
                    py_dtype(*dtype), ", got ", py_dtype(t.scalar_type()));
   TORCH_CHECK(t.device() == q.device(), op, "_backward: ", name, " must be on ", q.device(), ", got ", t.device());
+}
+
+// c = scale / tau for every query row, contiguous (B, Hq, Tq) in cd (float or double): a true division of
+// scale rounded to cd by tau rounded to cd, NaN where tau is not positive finite or the quotient overflows
+// (a subnormal tau); the reference's temperature_coefficient without has_keys. tau: broadcastable to
+// (B, Hq, Tq) (checked by the caller). One strided loop, no ATen temporaries: a decode step calls it per
+// layer, where the ~8 elementwise ops it replaces cost more than the attention itself.
+inline at::Tensor temperature_coefficients(const at::Tensor& tau, int64_t B, int64_t Hq, int64_t Tq, double scale,
+                                           at::ScalarType cd) {
+  const at::Tensor t = tau.expand({B, Hq, Tq});  // a view: broadcast dims get stride 0
+  at::Tensor c = at::empty({B, Hq, Tq}, tau.options().dtype(cd));
+  const int64_t s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2);
+  AT_DISPATCH_FLOATING_TYPES(cd, "temperature_coefficients", [&] {
+    using cd_t = scalar_t;
+    cd_t* out = c.data_ptr<cd_t>();
+    const cd_t sc = static_cast<cd_t>(scale), nan = std::numeric_limits<cd_t>::quiet_NaN();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "temperature_coefficients", [&] {
+      const scalar_t* tp = t.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < Hq; ++h)
+          for (int64_t i = 0; i < Tq; ++i) {
+            const cd_t tv = static_cast<cd_t>(tp[b * s0 + h * s1 + i * s2]);
+            const cd_t cv = sc / tv;
+            *out++ = (tv > 0 && std::isfinite(tv) && std::isfinite(cv)) ? cv : nan;
+          }
+    });
+  });
+  return c;
 }
 
 // q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), tau broadcastable to (B, Hq, Tq), attn_mask

@@ -11,7 +11,8 @@ Canonical op arguments:
   dtype, Hq % Hkv == 0; page_table (>= B, MP) int64 (-1 = no page; rows 0..B-1 are read);
   live_pool (P, S) bool; tau: float, rank <= 3, broadcastable to (B, Hq, n); slots: None (every
   logical slot 0..MP*S-1) or (B, k) int64 logical slots, -1 or out of range = no key;
-  scale: None (1/sqrt(D)) or a finite float > 0.
+  scale: None (1/sqrt(D)) or a finite float > 0; k_new (B, Hkv, n, D), v_new (B, Hkv, n, Dv): None, or both,
+  q's dtype: n new tokens not in the pools, query i also attends new keys 0..i (causal).
 Outputs: out (B, Hq, n, Dv) in q's dtype, lse (B, Hq, n) fp32 (fp64 for fp64 inputs). No autograd.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from .._library import register_kernels
-from ..reference._common import compute_dtype
+from ..reference._common import compute_dtype, merge_by_lse
 from ._checks import broadcastable as _broadcastable
 
 __all__ = ["paged_temperature_attention"]
@@ -35,7 +36,8 @@ _OP = "paged_temperature_attention"
 
 # Messages match csrc/cpu/paged_temperature_attention.cpp so every backend fails the same way.
 def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_pool: Tensor, tau: Tensor,
-           slots: Optional[Tensor], scale: Optional[float]) -> None:
+           slots: Optional[Tensor], scale: Optional[float], k_new: Optional[Tensor] = None,
+           v_new: Optional[Tensor] = None) -> None:
     torch._check_value(q.dim() == 4, lambda: f"{_OP}: q must have shape (B, Hq, n, D), got {list(q.shape)}")
     torch._check_value(
         k_pool.dim() == 4 and v_pool.dim() == 4,
@@ -89,9 +91,25 @@ def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_p
             slots.dim() == 2 and slots.shape[0] == B,
             lambda: f"{_OP}: slots must have shape (B, k) with B={B}, got {list(slots.shape)}",
         )
+    torch._check_value((k_new is None) == (v_new is None), lambda: f"{_OP}: k_new and v_new must be given together")
+    if k_new is not None:
+        torch._check_type(
+            k_new.dtype == q.dtype and v_new.dtype == q.dtype,
+            lambda: f"{_OP}: q, k_new and v_new must have one dtype, got {q.dtype}, {k_new.dtype} and {v_new.dtype}",
+        )
+        n, Dv = q.shape[2], v_pool.shape[3]
+        torch._check_value(
+            tuple(k_new.shape) == (B, Hkv, n, D),
+            lambda: f"{_OP}: k_new must have shape (B, Hkv, n, D) = ({B}, {Hkv}, {n}, {D}), got {list(k_new.shape)}",
+        )
+        torch._check_value(
+            tuple(v_new.shape) == (B, Hkv, n, Dv),
+            lambda: f"{_OP}: v_new must have shape (B, Hkv, n, Dv) = ({B}, {Hkv}, {n}, {Dv}), got "
+            f"{list(v_new.shape)}",
+        )
     devices = (k_pool.device, v_pool.device, page_table.device, live_pool.device, tau.device) + (
         () if slots is None else (slots.device,)
-    )
+    ) + (() if k_new is None else (k_new.device, v_new.device))
     torch._check(
         all(d == q.device for d in devices),
         lambda: f"{_OP}: every tensor must be on q's device ({q.device}), got {[str(d) for d in devices]}",
@@ -107,8 +125,8 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
 
 
 @torch.library.register_fake("trajops::paged_temperature_attention")
-def _fake(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None):
-    _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale)
+def _fake(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None, k_new=None, v_new=None):
+    _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale, k_new, v_new)
     B, Hq, n, _ = q.shape
     return q.new_empty((B, Hq, n, v_pool.shape[3])), q.new_empty((B, Hq, n), dtype=compute_dtype(q.dtype))
 
@@ -126,22 +144,31 @@ def _check_pages(q: Tensor, k_pool: Tensor, page_table: Tensor) -> None:
         raise IndexError(f"{_OP}: page_table[{b}, {p}] = {int(pt[b, p])} is not a page of the pool (P={P})")
 
 
-def _reference(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None):
-    _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale)
+def _reference(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None, k_new=None, v_new=None):
+    _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale, k_new, v_new)
     _check_pages(q, k_pool, page_table)
     out, lse = reference.paged_temperature_attention(
-        q, k_pool, v_pool, page_table, live_pool, tau, slots, _scale(q, scale)
+        q, k_pool, v_pool, page_table, live_pool, tau, slots, _scale(q, scale), k_new, v_new
     )
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
-def _triton(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None):
-    _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale)
+def _triton(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=None, k_new=None, v_new=None):
+    _check(q, k_pool, v_pool, page_table, live_pool, tau, slots, scale, k_new, v_new)
     _check_pages(q, k_pool, page_table)
     from ..triton_kernels import paged_temperature_attention as kernels
 
     # the kernels read tau through its broadcast strides and form c = scale / tau themselves
-    return kernels.paged_attention(q, k_pool, v_pool, page_table, live_pool, tau, _scale(q, scale), slots)
+    out, lse = kernels.paged_attention(q, k_pool, v_pool, page_table, live_pool, tau, _scale(q, scale), slots)
+    if k_new is None:
+        return out, lse
+    # the new keys: the dense op (causal) and a log-sum-exp merge, device-side torch ops (no sync, capturable)
+    from .temperature_attention import temperature_attention
+
+    out_new, lse_new = temperature_attention(q, k_new, v_new, tau, causal=True, scale=_scale(q, scale),
+                                             return_lse=True)
+    out, lse = merge_by_lse(out, lse, out_new, lse_new)
+    return out.to(q.dtype), lse
 
 
 def _has_triton_kernels() -> bool:
@@ -161,6 +188,8 @@ def paged_temperature_attention(
     *,
     scale: Optional[float] = None,
     slots: Optional[Tensor] = None,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
     return_lse: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention of new queries over the live entries of one layer of a paged KV cache (inference).
@@ -171,8 +200,8 @@ def paged_temperature_attention(
     Args:
         q: (B, Hq, n, D) queries of the first B rows of ``cache`` (B <= cache.max_batch), in the
             cache's dtype. Hq a multiple of the cache's num_kv_heads (GQA/MQA). All n queries of a
-            row see the same keys (no causal order among them): append the new tokens first, then
-            attend (a decode step has n = 1).
+            row see the same pool keys (no causal order among them): append the new tokens first, then
+            attend, or pass them as ``k_new``/``v_new``.
         cache: a :class:`~trajops.PagedTrajectoryKVCache`.
         layer: which layer's K/V pools to read.
         tau: positive temperature, broadcastable to (B, Hq, n): a float, a 0-d tensor, (Hq, 1),
@@ -184,6 +213,11 @@ def paged_temperature_attention(
         slots: optional (B, k) int64 logical slots to attend instead of every live slot (e.g. the
             top-k of :meth:`~trajops.PagedTrajectoryKVCache.topk`, Quest-style sparse retrieval);
             -1, out-of-range and dead slots are skipped; a slot listed twice counts twice.
+        k_new, v_new: optional (B, Hkv, n, D) / (B, Hkv, n, Dv) K/V of the n query tokens, not (yet) in the
+            pools, both or neither, q's dtype: query i also attends new keys 0..i (causal), in the same
+            softmax. This is the attention of a decode step (n = 1: the token's own key) or a short chunk
+            whose K/V are written to the cache afterwards, in one call. The new keys are scored per query
+            (O(n^2 D) per head): for long chunks, ``temperature_attention`` over them merged by lse is faster.
         return_lse: also return the log-sum-exp of each row's logits (to merge with attention over
             other keys, e.g. a dense local window).
 
@@ -191,17 +225,17 @@ def paged_temperature_attention(
         out (B, Hq, n, Dv) in q's dtype; with return_lse, (out, lse) with lse (B, Hq, n) fp32 (fp64
         for fp64 inputs).
 
-    Not differentiable (inference): raises if q or tau requires grad while grad mode is on.
+    Not differentiable (inference): raises if q, tau, k_new or v_new requires grad while grad mode is on.
     Same as ``torch.ops.trajops.paged_temperature_attention(q, cache.k_pool[layer],
-    cache.v_pool[layer], cache.page_table, cache.live_pool, tau, slots, scale)``.
+    cache.v_pool[layer], cache.page_table, cache.live_pool, tau, slots, scale, k_new, v_new)``.
     """
     if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < cache.num_layers:
         raise IndexError(f"{_OP}: layer must be an int in [0, {cache.num_layers}), got {layer!r}")
     if not isinstance(tau, Tensor):
         tau = torch.tensor(float(tau), dtype=compute_dtype(q.dtype), device=q.device)
-    if torch.is_grad_enabled() and (q.requires_grad or tau.requires_grad):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, tau, k_new, v_new)):
         raise RuntimeError(f"{_OP}: inference only (no backward); call it under torch.no_grad()")
     out, lse = torch.ops.trajops.paged_temperature_attention(
-        q, cache.k_pool[layer], cache.v_pool[layer], cache.page_table, cache.live_pool, tau, slots, scale
+        q, cache.k_pool[layer], cache.v_pool[layer], cache.page_table, cache.live_pool, tau, slots, scale, k_new, v_new
     )
     return (out, lse) if return_lse else out

@@ -56,16 +56,25 @@ def paged_gather(
 
 def paged_temperature_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_pool: Tensor, tau: Tensor,
-    slots: Optional[Tensor] = None, scale: float = 1.0,
+    slots: Optional[Tensor] = None, scale: float = 1.0, k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """out (B, Hq, n, Dv) in the compute dtype and lse (B, Hq, n): every query of row b attends every key
     of row b (see :func:`paged_gather`); tau as in trajops.temperature_attention (NaN rows for a tau
-    that is not positive finite, 0 / -inf for a row without keys)."""
+    that is not positive finite, 0 / -inf for a row without keys).
+
+    k_new (B, Hkv, n, D), v_new (B, Hkv, n, Dv): optional new tokens, not in the pools, appended after the
+    row's keys: query i also attends new keys 0..i (causal among the new tokens; so every query has a key)."""
     B, Hq, n, _ = q.shape
     k, v, ok = paged_gather(k_pool, v_pool, page_table, live_pool, B, slots)
-    has_keys = ok.any(-1)[:, None, None]
+    mask = ok[:, None, None, :]
+    if k_new is not None:
+        k, v = torch.cat([k, k_new.to(k.dtype)], dim=2), torch.cat([v, v_new.to(v.dtype)], dim=2)
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        mask = torch.cat([mask.expand(B, 1, n, ok.shape[1]), causal.expand(B, 1, n, n)], dim=3)
+    has_keys = mask.any(-1)
     c = temperature_coefficient(tau, (B, Hq, n), scale, compute_dtype(q.dtype), has_keys)
-    out, lse = temperature_attention(q, k, v, c, ok[:, None, None, :], False)
+    out, lse = temperature_attention(q, k, v, c, mask, False)
     corrupt = _corrupt_rows(page_table[:B], k_pool.shape[0], k_pool.shape[1], slots)[:, None, None]
     return torch.where(corrupt[..., None], torch.nan, out), torch.where(corrupt, torch.nan, lse)
 
