@@ -171,6 +171,28 @@ inline void dots(const acc_t* __restrict q, const acc_t* __restrict k, int64_t R
   for (; r < R; ++r) out[r * stride] = dot(q + r * D, k, D);
 }
 
+// out[u * stride] = q . k_u for the 8 rows k_u (fp32): 8 vector accumulators over D, finished by one
+// transpose_sum. With the small head dims of decode (D = 32..128) the per-dot horizontal sums of dots()
+// cost as much as the multiplies; here they cost 12 shuffle-adds for 8 dots.
+inline void dots8(const float* __restrict q, const float* const (&k)[8], int64_t D, float* out, int64_t stride,
+                  int64_t count) {
+  v8 a[8] = {}, qv, kv;
+  const int64_t full = D / 8 * 8;
+  for (int64_t d = 0; d < full; d += 8) {
+    std::memcpy(&qv, q + d, sizeof(v8));
+    for (int u = 0; u < 8; ++u) {
+      std::memcpy(&kv, k[u] + d, sizeof(v8));
+      a[u] += qv * kv;
+    }
+  }
+  const v8 sums = transpose_sum(a);
+  for (int64_t u = 0; u < count; ++u) {
+    float tail = 0;
+    for (int64_t d = full; d < D; ++d) tail += q[d] * k[u][d];
+    out[u * stride] = sums[u] + tail;
+  }
+}
+
 // A K or V row as acc_t: the pool's own memory when it already is acc_t, else widened into buf.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* load_row(const scalar_t* __restrict src, acc_t* __restrict buf, int64_t n) {
@@ -303,7 +325,7 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
   std::vector<uint8_t> part_bad(items * R, 0);
 
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qs(Hkv * R * D), s(Hkv * R * kBlock), kbuf(D), vbuf(2 * Dv);
+    std::vector<acc_t> qs(Hkv * R * D), s(Hkv * R * kBlock), kbuf(8 * D), vbuf(2 * Dv);
     for (int64_t ch = lo; ch < hi; ++ch) {
       const int64_t b = chunk_row[ch];
       const int64_t row_first = keys.begin[b] + (ch - chunk_begin[b]) * chunk_len;
@@ -323,16 +345,29 @@ void attend(const Tensor& q, const Tensor& k_pool, const Tensor& v_pool, const K
       std::fill(part_acc.begin() + ch * Hkv * R * Dv, part_acc.begin() + (ch + 1) * Hkv * R * Dv, acc_t(0));
       for (int64_t j0 = row_first; j0 < row_last; j0 += kBlock) {
         const int64_t nb = std::min(kBlock, row_last - j0);
-        // scores: key by key, its Hkv head rows in address order (a slot's heads are adjacent), so the
+        // scores: keys in address order of their slots (a slot's Hkv head rows are adjacent), so the
         // pool is swept sequentially; each K row serves the R query rows of its group
-        for (int64_t t = 0; t < nb; ++t) {
-          const scalar_t* krow = kp + keys.koff[j0 + t];
-          if (t + 1 < nb) prefetch_rows(kp + keys.koff[j0 + t + 1], Hkv, kh, D);
-          for (int64_t h = 0; h < Hkv; ++h) {
-            const acc_t* kr = load_row<scalar_t, acc_t>(krow + h * kh, kbuf.data(), D);
-            const acc_t* qh = qs.data() + h * R * D;
-            acc_t* sh = s.data() + h * R * kBlock + t;
-            dots(qh, kr, R, D, sh, kBlock);
+        if constexpr (std::is_same_v<acc_t, float>) {  // 8 keys at a time (dots8)
+          for (int64_t t0 = 0; t0 < nb; t0 += 8) {
+            const int64_t m8 = std::min<int64_t>(8, nb - t0);
+            for (int64_t u = 0; u < 8 && t0 + 8 + u < nb; ++u) prefetch_rows(kp + keys.koff[j0 + t0 + 8 + u], Hkv, kh, D);
+            for (int64_t h = 0; h < Hkv; ++h) {
+              const float* kr[8];
+              for (int64_t u = 0; u < 8; ++u)  // missing keys of a short block repeat key 0 (results unused)
+                kr[u] = u < m8 ? load_row<scalar_t, acc_t>(kp + keys.koff[j0 + t0 + u] + h * kh, kbuf.data() + u * D, D)
+                               : kr[0];
+              for (int64_t r = 0; r < R; ++r)
+                dots8(qs.data() + (h * R + r) * D, kr, D, s.data() + (h * R + r) * kBlock + t0, 1, m8);
+            }
+          }
+        } else {
+          for (int64_t t = 0; t < nb; ++t) {
+            const scalar_t* krow = kp + keys.koff[j0 + t];
+            if (t + 1 < nb) prefetch_rows(kp + keys.koff[j0 + t + 1], Hkv, kh, D);
+            for (int64_t h = 0; h < Hkv; ++h) {
+              const acc_t* kr = load_row<scalar_t, acc_t>(krow + h * kh, kbuf.data(), D);
+              dots(qs.data() + h * R * D, kr, R, D, s.data() + h * R * kBlock + t, kBlock);
+            }
           }
         }
         // online softmax per (kv head, query row): p = exp(s - m), rescale l and acc when m grows
