@@ -23,7 +23,10 @@ eviction: the page pools, ``cache.kv_bytes()``). ``python bench/bench_hf_generat
 prints these per provider (see :func:`summary`).
 CPU model: the short case's (4 layers, h=256), positions up to 8192 + D. A SmolLM2-sized model (30
 layers) was measured first: ~13 s for one 1k-token prefill on 2 shared cores, so the sweep's 8k calls
-(~14 per provider) would take most of an hour, not the ~2 minutes allowed.
+(~14 per provider, each > 100 s) would take over an hour, not the ~2 minutes allowed. Measure on an idle
+machine: under load (2 torch threads, other processes busy) the dense SDPA decode step slowed ~5x (1k
+context: 25-50 ms/token, 3-6 ms with 1 thread) while the paged path barely moved, so a loaded run
+flatters the eviction cache.
 CUDA model: SmolLM2-135M's architecture (30 layers, hidden 576, 9 query heads over 3 KV heads, head dim
 64, intermediate 1536, vocab 49152, rope theta 1e5, tied embeddings), random weights, bf16: speed does not
 depend on the weights, and the GGUF file cannot travel to a GPU box.
