@@ -18,8 +18,10 @@ that sizes the measurement (how many calls per sample so that a sample lasts >= 
 in fwd mode, and how many samples fit in ``budget_s``, clamped to [min_reps, repeats]). The
 samples of all providers of one (case, mode) are then taken *interleaved* in rounds, rotating
 the order, so that slow drifts of a noisy machine hit every provider alike. We report the median
-and the interquartile range of the samples. CPU samples use ``time.perf_counter``; CUDA samples
-use CUDA events around the calls, after a synchronize. The cyclic GC is paused inside a sample.
+and the interquartile range of the samples (for a provider with ``subtract``: of the derived
+samples (call - subtracted call) / ``per``, see Provider). CPU samples use ``time.perf_counter``;
+CUDA samples use CUDA events around the calls, after a synchronize. The cyclic GC is paused inside
+a sample.
 """
 from __future__ import annotations
 
@@ -85,9 +87,18 @@ class Provider:
     extrapolate: float = 1.0
     note: str = ""
     warmup: int = 1  # untimed calls before the sizing call; torch.compile wants >= 2
+    # A derived time: ``subtract(*inputs)`` is timed right after fn in every sample and the sample is
+    # (fn - subtract) / per, e.g. (generate(1 + D) - generate(1)) / D = time per decoded token without
+    # the prefill. Pairing the two calls inside one sample lets drifts of a noisy machine cancel.
+    subtract: Optional[Callable[..., object]] = None
+    per: float = 1.0
 
     def __post_init__(self):
         assert self.role in ROLES, self.role
+        if self.subtract is not None and self.backward:
+            raise ValueError(f"Provider {self.name}: a derived time (subtract=...) is fwd only; pass backward=False")
+        if not self.per > 0:
+            raise ValueError(f"Provider {self.name}: per must be > 0, got {self.per}")
 
 
 @dataclass
@@ -279,13 +290,17 @@ def _time_group(case: Case, mode: str, providers: Sequence[Provider], device: to
             results[prov.name] = {"skipped": "no backward"}
             continue
         run, reset = _runner(prov, mode, inputs, grad)
+        sub = None if prov.subtract is None else (lambda p=prov: p.subtract(*inputs))
         t0 = time.perf_counter()
         try:
             for _ in range(prov.warmup):
-                reset()
-                run()
-                _sync(device)
+                for f in (run, sub) if sub is not None else (run,):
+                    reset()
+                    f()
+                    _sync(device)
             est = _sample(device, run, reset, 1)
+            if sub is not None:  # a sample runs both calls
+                est += _sample(device, sub, reset, 1)
         except Exception as err:  # one broken provider must not lose the others' numbers
             results[prov.name] = {"error": f"{type(err).__name__}: {err}"}
             log(f"{head} {prov.label}: FAILED {results[prov.name]['error']}")
@@ -294,14 +309,21 @@ def _time_group(case: Case, mode: str, providers: Sequence[Provider], device: to
         inner = 1 if mode != "fwd" else max(1, math.ceil(st.min_block_s / max(est, 1e-9)))
         reps = max(min(st.min_reps, st.repeats), min(st.repeats, int(st.budget_s / max(est * inner, 1e-9))))
         log(f"{head} {prov.label}: warm-up {warm_s:.2f}s, ~{est * 1e3:.3f} ms/call -> {reps} samples x {inner} calls")
-        plans.append((prov, run, reset, inner, reps, [], warm_s))
+        plans.append((prov, run, reset, inner, reps, [], warm_s, sub, []))
     # Interleaved rounds; a provider drops out once it has its samples.
     for r in range(max((p[4] for p in plans), default=0)):
-        for prov, run, reset, inner, reps, samples, _ in plans[r % len(plans):] + plans[: r % len(plans)]:
+        for prov, run, reset, inner, reps, samples, _, sub, pairs in plans[r % len(plans):] + plans[: r % len(plans)]:
             if r < reps:
-                samples.append(_sample(device, run, reset, inner))
-    for prov, run, reset, inner, reps, samples, warm_s in plans:
+                t = _sample(device, run, reset, inner)
+                if sub is not None:
+                    pairs.append((t, _sample(device, sub, reset, inner)))
+                    t = (t - pairs[-1][1]) / prov.per
+                samples.append(t)
+    for prov, run, reset, inner, reps, samples, warm_s, sub, pairs in plans:
         res = _stats(samples)
+        if sub is not None:  # the two medians as measured, per call (not divided by per)
+            res.update(per=prov.per, total_median_ms=statistics.median(p[0] for p in pairs) * 1e3,
+                       subtracted_median_ms=statistics.median(p[1] for p in pairs) * 1e3)
         mem = None if prov.extrapolate != 1.0 else peak_memory(device, run, reset)
         # samples_ms stay as measured (for an extrapolated provider: on its slice)
         res.update(samples_ms=[s * 1e3 for s in samples], reps=reps, inner=inner, warmup_s=warm_s,
@@ -314,6 +336,9 @@ def _time_group(case: Case, mode: str, providers: Sequence[Provider], device: to
         iqr = res["q75_ms"] - res["q25_ms"]
         mem_s = "n/a" if mem is None else f"{mem / 2**20:.1f} MiB"
         extra = f" (extrapolated x{prov.extrapolate:g})" if prov.extrapolate != 1.0 else ""
+        if sub is not None:
+            extra += (f" = (call {fmt_ms(res['total_median_ms'])} - subtracted {fmt_ms(res['subtracted_median_ms'])})"
+                      f" / {prov.per:g}")
         log(f"{head} {prov.label}: median {fmt_ms(res['median_ms'])} ms{extra}, IQR {fmt_ms(iqr)} ms, peak {mem_s}")
     for prov in providers:  # put skipped ones back in provider order
         results[prov.name] = results.pop(prov.name)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +38,57 @@ def test_quick_run_writes_reports(tmp_path):
         assert {"naive", "eager", "trajops", "roofline"} <= set(e["providers"])
         assert ("skipped" in e["providers"]["naive"]) == (e["mode"] == "fwd+bwd")
     assert "trajectory_flow" in proc.stdout and "| op |" in proc.stdout  # the table is printed
+    _check_hf_generate(doc)
+
+
+def _check_hf_generate(doc):
+    """The generate() bench (when transformers is there): its context-sweep case reports decode time per token."""
+    entries = [e for e in doc["results"] if e["op"] == "hf_generate"]
+    if not entries:  # the bench file skips itself without transformers
+        assert importlib.util.find_spec("transformers") is None
+        return
+    sweep = [e for e in entries if "decoded" in e["info"]]
+    assert len(sweep) == 1 and sweep[0]["case"].startswith("context 64:")  # --quick: one tiny context
+    e = sweep[0]
+    d = e["info"]["decoded"]
+    assert set(e["providers"]) == {"eager", "trajops", "trajops_paged"}
+    for name, r in e["providers"].items():
+        assert r["per"] == d and r["total_median_ms"] > 0 and r["subtracted_median_ms"] > 0
+        # the derived time may come out <= 0 on a loaded machine (it is a difference): only finite is asserted
+        assert math.isfinite(r["median_ms"]) and len(r["samples_ms"]) == r["reps"]
+        assert r["peak_mem_bytes"] is not None and e["info"]["kv_bytes"][name] > 0
+    kv = e["info"]["kv_bytes"]  # the eviction pools hold a quarter of the prompt, the dense cache all of it
+    assert kv["trajops"] == kv["trajops_paged"] < kv["eager"]
+
+
+def test_harness_derived_time(monkeypatch):
+    """Provider(subtract=, per=): each sample is (call - the subtracted call right after it) / per, paired."""
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    monkeypatch.setattr(harness, "_timed", lambda device, run, inner: run())  # a "call" returns its own time
+    counts = {"fn": 0, "sub": 0}
+
+    def clock(kind, base):  # the k-th call of each kind lasts base + 7k s: only paired k's give a constant
+        counts[kind] += 1
+        return base + 7.0 * counts[kind]
+
+    provs = [harness.Provider("plain", "plain", lambda: 5.0, role="eager"),
+             harness.Provider("derived", "derived", lambda: clock("fn", 100.0), role="target", backward=False,
+                              subtract=lambda: clock("sub", 1.0), per=3)]
+    case = harness.Case("op", "label", torch.float32, lambda: (), modes=("fwd",))
+    st = harness.Settings(repeats=4, min_reps=4, budget_s=1.0)
+    res = harness._time_group(case, "fwd", provs, torch.device("cpu"), st, lambda msg: None)
+    r = res["derived"]
+    assert r["samples_ms"] == [33000.0] * 4 and r["median_ms"] == 33000.0 and r["per"] == 3
+    assert r["total_median_ms"] > r["subtracted_median_ms"] > 0
+    assert res["plain"]["median_ms"] == 5000.0 and "per" not in res["plain"]
+    assert counts["sub"] == 1 + 1 + 4  # warm-up, sizing, samples (peak memory times the call alone)
+    for bad in (dict(subtract=lambda: 0.0), dict(per=0)):  # subtract needs backward=False; per > 0
+        with pytest.raises(ValueError, match="Provider p"):
+            harness.Provider("p", "p", lambda: 0.0, **bad)
 
 
 def test_naive_baseline_matches_reference():
