@@ -147,5 +147,22 @@ inline void check_evict(const Tensor& traj_pool, const Tensor& ts_pool, const Te
   }
 }
 
+// kv_write_: the pools, the written slots and the new keys and values agree in shape and dtype.
+inline void check_write(const Tensor& k_pool, const Tensor& v_pool, const Tensor& written, const Tensor& k,
+                        const Tensor& v) {
+  TORCH_CHECK_VALUE(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() &&
+                        v_pool.scalar_type() == k_pool.scalar_type(),
+                    kOp, ": k_pool and v_pool must have one shape (num_pages, page_size, H, D) and dtype, got ",
+                    k_pool.sizes(), " ", py_dtype(k_pool.scalar_type()), " and ", v_pool.sizes(), " ",
+                    py_dtype(v_pool.scalar_type()));
+  TORCH_CHECK_VALUE(written.dim() == 2 && written.scalar_type() == at::kLong, kOp,
+                    ": written must be int64 (B, n), got ", py_dtype(written.scalar_type()), " ", written.sizes());
+  const auto B = written.size(0), n = written.size(1), H = k_pool.size(2), D = k_pool.size(3);
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(1) == H && k.size(2) == n && k.size(3) == D &&
+                        v.sizes() == k.sizes(),
+                    kOp, ": k and v must have shape (", B, ", ", H, ", ", n, ", ", D, "), got ", k.sizes(), " and ",
+                    v.sizes());
+}
+
 }  // namespace kv_checks
 }  // namespace trajops

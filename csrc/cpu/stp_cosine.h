@@ -1,5 +1,6 @@
-// The per-triple math of the CPU STP kernels (csrc/cpu/stp_loss.cpp): the cosine of two steps
-// without intermediate overflow, and its gradient in the reference's factored form.
+// The per-triple math of the CPU STP kernels (csrc/cpu/stp_loss.cpp, stp_loss_dense.cpp): the
+// cosine of two steps without intermediate overflow, and its gradient in the reference's factored
+// form.
 // Semantics: trajops/reference/stp_loss.py.
 #pragma once
 

@@ -2,8 +2,9 @@
 
 This module registers the ops' fake impls, autograd formulas (the backwards are their own ops) and
 kernels by device, and exposes the public functions ``sample_stp_triples``, ``stp_loss`` and
-``stp_loss_dense``. The CPU C++ kernels live in csrc/cpu/stp_loss.cpp, the Triton ones in
-triton_kernels/stp_loss.py, the semantics in trajops/reference/stp_loss.py.
+``stp_loss_dense``. The CPU C++ kernels live in csrc/cpu/stp_loss.cpp (sampled) and
+csrc/cpu/stp_loss_dense.cpp, the Triton ones behind triton_kernels/stp_loss.py, the semantics in
+trajops/reference/stp_loss.py.
 
 The ops return per-triple losses plus small ``stats`` (norms and cosines per triple) that the
 backward reuses, so that neither backward recomputes a reduction over D: the backward of the sampled

@@ -1,5 +1,5 @@
 """Argument checks of trajops::stp_loss / stp_loss_dense and their backwards (split out of
-trajops/ops/stp_loss.py; messages match csrc/cpu/stp_loss.cpp so every backend fails the same way).
+trajops/ops/stp_loss.py; messages match csrc/cpu/stp_loss_checks.h so every backend fails the same way).
 
 Shape/dtype/device checks run everywhere (fake impls too); ``_check_values`` reads index values and
 therefore runs only where that costs no device sync (the reference and the CPU kernels).
@@ -15,7 +15,7 @@ from .. import varlen
 from ..reference._common import compute_dtype as _acc_dtype
 from ._checks import DTYPES as _DTYPES
 
-# Messages match csrc/cpu/stp_loss.cpp so every backend fails the same way.
+# Messages match csrc/cpu/stp_loss_checks.h so every backend fails the same way.
 def _check_hidden(op: str, hidden: Sequence[Tensor]) -> None:
     torch._check_value(len(hidden) >= 1, lambda: f"{op}: hidden must hold at least one (B, T, D) tensor, got none")
     h0 = hidden[0]
