@@ -49,6 +49,9 @@ KNOWN_SPILLS = [
     # sm_90 with both Tritons (fp64 flow variants fall under the fp64 entries above).
     ("flow fp32", "_bwd_kernel", 90), ("flow fp32", "_bwd_kernel", 80),
     ("flow bf16 D=64 packed=True", "_bwd_kernel", 90), ("flow fp16 D=64 packed=True", "_bwd_kernel", 90),
+    # kv_topk.py's relevance kernel at the decode eviction's shape (8 rows of 2048 slots, 8 warps): an
+    # 8-byte stack frame, no local memory, on sm_80 only; not timed (no GPU).
+    ("kv_evict decode L=2048", "_relevance_kernel", 80),
 ]
 
 

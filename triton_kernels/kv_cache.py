@@ -11,9 +11,10 @@ trajops/ops/kv_cache.py. Public launchers:
   each written token's heads into its physical slot, skipping -1 (no host sync, capturable).
 
 kv_relevance and kv_topk (k <= 128) on CUDA are the fused score-and-select kernels of
-triton_kernels/kv_topk.py. The ranking and the page bookkeeping of kv_evict_append_ (and kv_topk with
-k > 128) are device-side torch ops around kv_scores (trajops/reference/kv_cache.py with this scorer):
-fixed shapes, no host sync.
+triton_kernels/kv_topk.py; kv_evict_append_ on a decode step (one token per row, rows of at most 2048
+slots) is triton_kernels/kv_evict.py. Otherwise the ranking and the page bookkeeping of kv_evict_append_
+(and kv_topk with k > 128) are device-side torch ops around kv_scores (trajops/reference/kv_cache.py with
+this scorer): fixed shapes, no host sync.
 """
 from __future__ import annotations
 

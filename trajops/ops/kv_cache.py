@@ -11,7 +11,8 @@ returns new tensors (evicted, written, ok), never aliases.
 Backends: C++ on CPU (csrc/cpu/kv_cache.cpp, registered by trajops._C). On CUDA (and on CPU tensors
 under TRAJOPS_BACKEND=triton TRITON_INTERPRET=1): kv_relevance and kv_topk (k <= 128) are fused
 score-and-select Triton kernels (triton_kernels/kv_topk.py: one launch, two for kv_topk when a row is
-split over programs); kv_write_ a Triton copy; kv_evict_append_ (and kv_topk with k > 128) the
+split over programs); kv_write_ a Triton copy; kv_evict_append_ on a decode step (n = 1) the fused
+kernels of triton_kernels/kv_evict.py (3 launches), otherwise (and kv_topk with k > 128) the
 reference's device-side torch ops around the Triton scorer (triton_kernels/kv_cache.py). All fixed
 shapes, no host sync, so CUDA-graph capturable. Anything else: the pure-PyTorch reference, which
 loops over the batch (a shape) and is vectorized over slots.
@@ -274,28 +275,37 @@ def _topk_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, d
     return out
 
 
-def _evict_append(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                  free_top, evicted_total, now, new_traj, lengths, pin: Optional[Tensor], alpha, decay, *,
-                  scorer=None):
-    _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                 free_top, evicted_total, now, new_traj, lengths, pin)
+def _checked_evict_args(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
+                        free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay) -> tuple:
+    """Checks of kv_evict_append_ (values too on CPU, where reading them costs no sync); the op's arguments."""
+    args = (traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top,
+            evicted_total, now, new_traj, lengths, pin)
+    _check_evict(*args)
     _check_weights(alpha, decay)
     if page_table.device.type == "cpu":
         P, S = traj_pool.shape[0], traj_pool.shape[1]
         _check_state_values(P, page_table.shape[1] * S, page_table, live_count, capacity, free_pages, free_top,
                             new_traj, lengths)
-    return reference.kv_evict_append_(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity,
-                                      free_pages, free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay,
-                                      scorer=scorer)
+    return args + (alpha, decay)
 
 
-def _with_triton_scorer(fn):
-    return lambda *args: fn(*args, scorer=_triton_scorer())
+def _evict_append(*args):
+    return reference.kv_evict_append_(*_checked_evict_args(*args))
+
+
+def _evict_append_triton(*args):
+    """A decode step (one new token per row): the fused kernels of triton_kernels/kv_evict.py (3 launches);
+    otherwise the reference's ranking and bookkeeping around the Triton scorer (device-side torch ops)."""
+    from ..triton_kernels import kv_evict
+
+    args = _checked_evict_args(*args)
+    out = kv_evict.kv_evict_append_decode(*args)
+    return out if out is not None else reference.kv_evict_append_(*args, scorer=_triton_scorer())
 
 
 register_kernels("kv_relevance", _relevance, _relevance_triton)
 register_kernels("kv_topk", _topk, _topk_triton)
-register_kernels("kv_evict_append_", _evict_append, _with_triton_scorer(_evict_append))
+register_kernels("kv_evict_append_", _evict_append, _evict_append_triton)
 
 
 # ---------------------------------------------------------------- kv_write_
