@@ -6,6 +6,20 @@
 // inputs); the backward's reverse scan then runs on the calling thread (O(B T)). The table
 // gradient is a scatter: it runs parallel over column blocks of E, each walking every row in
 // order, so the sums are deterministic and independent of the thread count.
+//
+// Memory traffic (B T rows of E elements, fp32 op case B=8 T=2048 E=256: 16 MiB per B T E tensor):
+//   forward:  writes out once (B T E), reads d (B T) and per row two table rows that are mostly
+//             cache hits (positions advance by ~1 row per step); 1 pass, 1 parallel region.
+//   backward: reads grad_out once (B T E) and the same table rows, writes grad_displacement and
+//             grad_position (B T each); the table gradient (need_table) is a 2nd pass over grad_out
+//             and a 3rd region. The forward and the backward's slope dot are at their floors on
+//             the 2-core Zen 4 measured (bench/results/cpu-2core-ape-issue15.md): the forward runs
+//             at ~1.2x the time of a bare 16 MiB store loop, the dot at the row's 48 vector loads.
+//   Ordinary stores, not streaming ones: there, 16 MiB written with _mm512_stream_ps took
+//   0.30-0.34 ms on 2 threads against 0.24-0.36 ms with ordinary stores (1 to 3 rotating
+//   buffers; 0.60 vs 0.43 ms on 1 thread), since a 16 MiB output fits the 32 MiB L3 and the
+//   stores evidently pay no read-for-ownership; streaming would also push the output out of
+//   the cache its consumer reads it from.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +36,10 @@
 
 #include "common.h"
 #include "py_format.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace trajops {
 namespace {
@@ -125,9 +143,10 @@ inline void lerp_row(const scalar_t* lo, const scalar_t* up, acc_t a, scalar_t* 
   }
 }
 
-// g . (up - lo), in kLanes independent partial sums added in a fixed order: a single running sum
-// compiled to a scalar add chain (latency-bound, 3.5 ms for 16K rows of 256 on one core), and
-// `omp simd reduction` was not vectorized here; independent lanes are, without reassociation.
+// g . (up - lo), in kLanes independent partial sums added in a fixed order, so the result does not
+// depend on the thread count. A single running sum compiled to a scalar add chain (latency-bound,
+// 3.5 ms for 16K rows of 256 on one core) and `omp simd reduction` was not vectorized here;
+// independent lanes are, without reassociation.
 template <typename scalar_t, typename acc_t>
 inline acc_t slope_dot(const scalar_t* g, const scalar_t* lo, const scalar_t* up, int64_t E) {
   constexpr int64_t kLanes = 16;
@@ -143,6 +162,40 @@ inline acc_t slope_dot(const scalar_t* g, const scalar_t* lo, const scalar_t* up
   for (; e < E; ++e) s += static_cast<acc_t>(g[e]) * (static_cast<acc_t>(up[e]) - static_cast<acc_t>(lo[e]));
   return s;
 }
+
+#if defined(__AVX512F__)
+// fp32 on AVX-512 (the file is built with -march=native): the loop above compiles to one 16-lane
+// accumulator, a chain of dependent FMAs, and a 16-add serial fold per row (30 ns per row of 256 on
+// the 2-core Zen 4 measured, the whole backward's time). Four accumulators over 64-element blocks and
+// a tree fold take 22 ns, which is where the row's 48 vector loads bound it. Still a fixed order.
+template <>
+inline float slope_dot<float, float>(const float* g, const float* lo, const float* up, int64_t E) {
+  const auto add_term = [&](int64_t e, __m512 acc) {  // acc + g[e:e+16] * (up - lo)[e:e+16]
+    return _mm512_fmadd_ps(_mm512_loadu_ps(g + e), _mm512_sub_ps(_mm512_loadu_ps(up + e), _mm512_loadu_ps(lo + e)),
+                           acc);
+  };
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t e = 0;
+  for (; e + 64 <= E; e += 64) {
+    for (int k = 0; k < 4; ++k) acc[k] = add_term(e + 16 * k, acc[k]);
+  }
+  for (; e + 16 <= E; e += 16) acc[0] = add_term(e, acc[0]);
+  if (e < E) {  // the last E % 16 elements, masked (masked-off lanes load as 0 and add 0)
+    const __mmask16 m = static_cast<__mmask16>((1u << (E - e)) - 1);
+    const __m512 dv = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, up + e), _mm512_maskz_loadu_ps(m, lo + e));
+    acc[1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + e), dv, acc[1]);
+  }
+  // Tree fold of the 16 lanes. The all-lanes mask forms of the shuffles: GCC 12's unmasked ones (and
+  // _mm512_reduce_add_ps) start from _mm512_undefined_ps and trip -Wmaybe-uninitialized.
+  constexpr __mmask16 kAll = 0xFFFF;
+  __m512 v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, kAll, v, v, _MM_SHUFFLE(1, 0, 3, 2)));  // 256-bit halves
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, kAll, v, v, _MM_SHUFFLE(2, 3, 0, 1)));  // 128-bit quarters
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, _MM_SHUFFLE(1, 0, 3, 2)));  // pairs in 128 bits
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, _MM_SHUFFLE(2, 3, 0, 1)));  // neighbours
+  return _mm512_cvtss_f32(v);
+}
+#endif
 
 std::vector<int64_t> out_shape(const at::Tensor& d, const at::Tensor& pe) {
   std::vector<int64_t> shape(d.sizes().begin(), d.sizes().end());
