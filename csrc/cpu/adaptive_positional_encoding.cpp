@@ -106,8 +106,8 @@ inline RowLookup lookup(double x, int64_t L) {
 // in its own t order. The sequences' positions at one t are close (t plus a drift), so they read
 // nearby table rows and each table row is fetched once per task rather than once per sequence;
 // sequence by sequence, a row read by sequence b had been evicted by the time b + 1 read it when
-// the cache was full of other data (bench/results/cpu-2core-ape-issue15.md: 0.96x -> 0.78x compile
-// for the forward on one core in that state; no change with a warm cache).
+// the cache was full of other data (bench/results/cpu-2core-ape-issue15.md: 0.91-0.98x -> 0.77-0.85x
+// compile for the forward on one core in that state; within noise with a warm cache).
 template <typename scalar_t, typename F>
 inline void for_each_row(const scalar_t* dp, const double* pp, int64_t pos_stride_b, int64_t T, int64_t L,
                          int64_t r0, int64_t r1, F&& fn) {
@@ -156,7 +156,8 @@ inline void lerp_row(const scalar_t* lo, const scalar_t* up, acc_t a, scalar_t* 
 // data, as it does inside a model or the benchmark, ordinary stores of the 16 MiB output first evict
 // it and read each destination line (read-for-ownership); streaming stores skip both, and the
 // forward took 0.60x compile's time instead of 0.96x on one core. When the previous call's output is
-// still cached (the same buffer rewritten in a loop) they cost ~10%. Outputs under kStreamMinBytes
+// still cached (the same buffer rewritten in a loop), a bare store loop is ~20% slower with them;
+// the op on one core measured no loss there (0.50x compile, 0.52x before). Outputs under kStreamMinBytes
 // are stored normally so that they stay in the caches for the op that reads them next. The ISA is
 // the one the file is compiled for (setup.py: -march=native; SSE2 with TRAJOPS_PORTABLE=1).
 #if defined(__AVX512F__)
