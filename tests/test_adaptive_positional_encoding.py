@@ -295,12 +295,16 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(xb.grad, xa.grad)
 
 
-@pytest.mark.parametrize("B,T", [(4, 700), (1, 3001)])  # (1, 3001): the C++ tasks split a sequence
+# (1, 3001): the C++ tasks split a sequence; (3, 1001): with 2 threads the second task starts inside
+# the middle sequence (re-summing its prefix) and runs on through the last one.
+@pytest.mark.parametrize("B,T", [(4, 700), (1, 3001), (3, 1001)])
 def test_deterministic_and_thread_count_independent(B, T):
     E = 65
     if INTERPRETER:
         B, T, E = min(B, 2), 40, 33
-    d, table = make(B, T, 300, E, torch.float32, seed=8)
+    # L > T: the middle sequence stays inside the table, so every row's position matters (rows
+    # clamped to an end of the table would hide a wrong running sum).
+    d, table = make(B, T, max(300, T + 100), E, torch.float32, seed=8)
     g = torch.randn(B, T, E)
     threads = torch.get_num_threads()
     try:

@@ -6,6 +6,17 @@
 // inputs); the backward's reverse scan then runs on the calling thread (O(B T)). The table
 // gradient is a scatter: it runs parallel over column blocks of E, each walking every row in
 // order, so the sums are deterministic and independent of the thread count.
+//
+// Memory traffic (B T rows of E elements; fp32 op case B=8 T=2048 E=256: 16 MiB per B T E tensor):
+//   forward:  writes out once (B T E; streaming stores from 4 MiB up, see stream_copy), reads d
+//             (B T) and per row two table rows, each table row fetched once per task (rows walked
+//             position-major); 1 pass, 1 parallel region.
+//   backward: reads grad_out once (B T E) and the same table rows, writes grad_displacement and
+//             grad_position (B T each): 1 pass, then the O(B T) reverse scan; the table gradient
+//             (need_table) is a 2nd pass over grad_out in a 3rd region.
+//   Measured (bench/results/cpu-2core-ape-issue15.md, 2-core Zen 4): with a warm cache the
+//   forward runs near a bare 16 MiB store loop; the backward's slope dot is bound by its row's 48
+//   vector loads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -22,6 +34,10 @@
 
 #include "common.h"
 #include "py_format.h"
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace trajops {
 namespace {
@@ -79,26 +95,36 @@ inline RowLookup lookup(double x, int64_t L) {
   return {fi, std::min<int64_t>(fi + 1, L - 1), p - fl, x >= 0.0 && x <= hi};
 }
 
-// The semantic positions of the flattened rows [r0, r1) of d (B, T), in order: fn(r, lookup).
+// The semantic positions of the flattened rows [r0, r1) of d (B, T): fn(r, lookup) once per row.
 // A range that starts inside a sequence first re-sums that sequence's earlier displacements in the
 // same order as a full scan, so every split gives the sequential fp64 scan bit for bit; the re-sum
 // is O(T) per task next to the task's O(rows * E) lookups. This keeps each op at one parallel
 // region: every region is a barrier that waits for the slowest thread, and on a machine whose other
 // core is busy each extra one costs a scheduler time slice (DESIGN.md "Benchmarks").
+//
+// Order: position-major across the task's sequences (t outer, b inner), each sequence still summed
+// in its own t order. The sequences' positions at one t are close (t plus a drift), so they read
+// nearby table rows and each table row is fetched once per task rather than once per sequence;
+// sequence by sequence, a row read by sequence b had been evicted by the time b + 1 read it when
+// the cache was full of other data (bench/results/cpu-2core-ape-issue15.md: 0.91-0.98x -> 0.77-0.85x
+// compile for the forward on one core in that state; within noise with a warm cache).
 template <typename scalar_t, typename F>
 inline void for_each_row(const scalar_t* dp, const double* pp, int64_t pos_stride_b, int64_t T, int64_t L,
                          int64_t r0, int64_t r1, F&& fn) {
-  int64_t r = r0;
-  while (r < r1) {
-    const int64_t b = r / T, t0 = r % T, end = std::min(r1, (b + 1) * T);
-    const scalar_t* drow = dp + b * T;
-    const double* prow = pp ? pp + b * pos_stride_b : nullptr;
-    double s = 0;
-    for (int64_t t = 0; t < t0; ++t) s += static_cast<double>(drow[t]);
-    for (int64_t t = t0; r < end; ++t, ++r) {
-      s += static_cast<double>(drow[t]);
-      fn(r, lookup(s + (prow ? prow[t] : static_cast<double>(t)), L));
+  if (r0 >= r1) return;
+  const int64_t b0 = r0 / T, b1 = (r1 - 1) / T;  // the task's first and last sequence
+  const int64_t t_first = r0 - b0 * T;           // sequence b0 starts at this t in the task
+  const int64_t t_end = r1 - b1 * T;             // sequence b1 ends (exclusive) at this t in the task
+  std::vector<double> run(b1 - b0 + 1, 0.0);     // each sequence's running sum
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t b = b0; b <= b1; ++b) {
+      if (b == b1 && t >= t_end) break;
+      double& s = run[b - b0];
+      s += static_cast<double>(dp[b * T + t]);
+      if (b == b0 && t < t_first) continue;  // b0's prefix: summed, not looked up
+      fn(b * T + t, lookup(s + (pp ? pp[b * pos_stride_b + t] : static_cast<double>(t)), L));
     }
+    if (b0 == b1 && t + 1 >= t_end) break;
   }
 }
 
@@ -125,9 +151,74 @@ inline void lerp_row(const scalar_t* lo, const scalar_t* up, acc_t a, scalar_t* 
   }
 }
 
-// g . (up - lo), in kLanes independent partial sums added in a fixed order: a single running sum
-// compiled to a scalar add chain (latency-bound, 3.5 ms for 16K rows of 256 on one core), and
-// `omp simd reduction` was not vectorized here; independent lanes are, without reassociation.
+// Streaming (non-temporal) stores for large forward outputs, which the kernel never reads back.
+// Measured on the 2-core Zen 4 (bench/results/cpu-2core-ape-issue15.md): when the cache holds other
+// data, as it does inside a model or the benchmark, ordinary stores of the 16 MiB output first evict
+// it and read each destination line (read-for-ownership); streaming stores skip both, and the
+// forward took 0.60x compile's time instead of 0.96x on one core. When the previous call's output is
+// still cached (the same buffer rewritten in a loop), a bare store loop is ~20% slower with them;
+// the op on one core measured no loss there (0.50x compile, 0.52x before). Outputs under kStreamMinBytes
+// are stored normally so that they stay in the caches for the op that reads them next. The ISA is
+// the one the file is compiled for (setup.py: -march=native; SSE2 with TRAJOPS_PORTABLE=1).
+#if defined(__AVX512F__)
+constexpr int64_t kStreamBytes = 64;
+inline void stream_store(char* dst, const char* src) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+}
+#elif defined(__AVX__)
+constexpr int64_t kStreamBytes = 32;
+inline void stream_store(char* dst, const char* src) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
+#elif defined(__SSE2__)
+constexpr int64_t kStreamBytes = 16;
+inline void stream_store(char* dst, const char* src) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+#else
+constexpr int64_t kStreamBytes = 0;  // no streaming stores on this target: every output is stored normally
+inline void stream_store(char*, const char*) {}
+#endif
+constexpr int64_t kStreamMinBytes = int64_t(4) << 20;  // 2x the per-core L2 of the machine measured
+
+// n bytes to dst: streaming stores for the kStreamBytes-aligned body, memcpy for the unaligned head
+// and tail (a row of E elements need not start on an aligned address).
+inline void stream_copy(char* dst, const char* src, int64_t n) {
+  if constexpr (kStreamBytes > 0) {
+    const auto mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & (kStreamBytes - 1));
+    const int64_t head = std::min(n, mis ? kStreamBytes - mis : 0);
+    std::memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    for (; n >= kStreamBytes; n -= kStreamBytes, dst += kStreamBytes, src += kStreamBytes) stream_store(dst, src);
+  }
+  std::memcpy(dst, src, n);
+}
+
+// Streaming stores are weakly ordered: each thread fences its own before the region's barrier.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  if constexpr (kStreamBytes > 0) _mm_sfence();
+#endif
+}
+
+// One output row computed by lerp_row into an L1-resident buffer, then streamed out: the values are
+// those of the direct path bit for bit, whichever path writes them.
+template <typename scalar_t, typename acc_t>
+inline void lerp_row_streamed(const scalar_t* lo, const scalar_t* up, acc_t a, scalar_t* o, int64_t E) {
+  constexpr int64_t kBuf = 4096 / sizeof(scalar_t);
+  alignas(64) scalar_t buf[kBuf];
+  for (int64_t e0 = 0; e0 < E; e0 += kBuf) {
+    const int64_t n = std::min(kBuf, E - e0);
+    lerp_row<scalar_t, acc_t>(lo + e0, up + e0, a, buf, n);
+    stream_copy(reinterpret_cast<char*>(o + e0), reinterpret_cast<const char*>(buf),
+                n * static_cast<int64_t>(sizeof(scalar_t)));
+  }
+}
+
+// g . (up - lo), in kLanes independent partial sums added in a fixed order, so the result does not
+// depend on the thread count. A single running sum compiled to a scalar add chain (latency-bound,
+// 3.5 ms for 16K rows of 256 on one core) and `omp simd reduction` was not vectorized here;
+// independent lanes are, without reassociation.
 template <typename scalar_t, typename acc_t>
 inline acc_t slope_dot(const scalar_t* g, const scalar_t* lo, const scalar_t* up, int64_t E) {
   constexpr int64_t kLanes = 16;
@@ -143,6 +234,40 @@ inline acc_t slope_dot(const scalar_t* g, const scalar_t* lo, const scalar_t* up
   for (; e < E; ++e) s += static_cast<acc_t>(g[e]) * (static_cast<acc_t>(up[e]) - static_cast<acc_t>(lo[e]));
   return s;
 }
+
+#if defined(__AVX512F__)
+// fp32 on AVX-512 (the file is built with -march=native): the loop above compiles to one 16-lane
+// accumulator, a chain of dependent FMAs, and a 16-add serial fold per row (30 ns per row of 256 on
+// the 2-core Zen 4 measured, the whole backward's time). Four accumulators over 64-element blocks and
+// a tree fold take 22 ns, which is where the row's 48 vector loads bound it. Still a fixed order.
+template <>
+inline float slope_dot<float, float>(const float* g, const float* lo, const float* up, int64_t E) {
+  const auto add_term = [&](int64_t e, __m512 acc) {  // acc + g[e:e+16] * (up - lo)[e:e+16]
+    return _mm512_fmadd_ps(_mm512_loadu_ps(g + e), _mm512_sub_ps(_mm512_loadu_ps(up + e), _mm512_loadu_ps(lo + e)),
+                           acc);
+  };
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t e = 0;
+  for (; e + 64 <= E; e += 64) {
+    for (int k = 0; k < 4; ++k) acc[k] = add_term(e + 16 * k, acc[k]);
+  }
+  for (; e + 16 <= E; e += 16) acc[0] = add_term(e, acc[0]);
+  if (e < E) {  // the last E % 16 elements, masked (masked-off lanes load as 0 and add 0)
+    const __mmask16 m = static_cast<__mmask16>((1u << (E - e)) - 1);
+    const __m512 dv = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, up + e), _mm512_maskz_loadu_ps(m, lo + e));
+    acc[1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + e), dv, acc[1]);
+  }
+  // Tree fold of the 16 lanes. The all-lanes mask forms of the shuffles: GCC 12's unmasked ones (and
+  // _mm512_reduce_add_ps) start from _mm512_undefined_ps and trip -Wmaybe-uninitialized.
+  constexpr __mmask16 kAll = 0xFFFF;
+  __m512 v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, kAll, v, v, _MM_SHUFFLE(1, 0, 3, 2)));  // 256-bit halves
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, kAll, v, v, _MM_SHUFFLE(2, 3, 0, 1)));  // 128-bit quarters
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, _MM_SHUFFLE(1, 0, 3, 2)));  // pairs in 128 bits
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, _MM_SHUFFLE(2, 3, 0, 1)));  // neighbours
+  return _mm512_cvtss_f32(v);
+}
+#endif
 
 std::vector<int64_t> out_shape(const at::Tensor& d, const at::Tensor& pe) {
   std::vector<int64_t> shape(d.sizes().begin(), d.sizes().end());
@@ -166,10 +291,18 @@ at::Tensor apenc_cpu(const at::Tensor& d_in, const at::Tensor& pe_in, const std:
     const scalar_t* dp = d2.const_data_ptr<scalar_t>();
     const scalar_t* tp = pe.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const bool stream = kStreamBytes > 0 && static_cast<int64_t>(out.nbytes()) >= kStreamMinBytes;
     at::parallel_for(0, rows, row_grain(E), [&](int64_t r0, int64_t r1) {
-      for_each_row(dp, pp, pos_stride_b, T, L, r0, r1, [&](int64_t r, const RowLookup& lk) {
-        lerp_row<scalar_t, acc_t>(tp + lk.f * E, tp + lk.c * E, static_cast<acc_t>(lk.a), op + r * E, E);
-      });
+      if (stream) {
+        for_each_row(dp, pp, pos_stride_b, T, L, r0, r1, [&](int64_t r, const RowLookup& lk) {
+          lerp_row_streamed<scalar_t, acc_t>(tp + lk.f * E, tp + lk.c * E, static_cast<acc_t>(lk.a), op + r * E, E);
+        });
+        stream_fence();
+      } else {
+        for_each_row(dp, pp, pos_stride_b, T, L, r0, r1, [&](int64_t r, const RowLookup& lk) {
+          lerp_row<scalar_t, acc_t>(tp + lk.f * E, tp + lk.c * E, static_cast<acc_t>(lk.a), op + r * E, E);
+        });
+      }
     });
   });
   return out;
