@@ -120,6 +120,7 @@ class ForwardKVCache:
         self._paged = False  # this forward uses stage + attend
         self._staged: Optional[Tuple[int, Tensor, Tensor]] = None  # (layer, keys, values) awaiting attend
         self._paged_view: Optional[Tuple[Tensor, Tensor]] = None  # (page_table, live) before this forward
+        self._hidden_pins: Optional[Tuple[Tensor, Tensor]] = None  # (hidden (B, live), their slots' flags)
 
     def _lazy_init(self, key_states: Tensor) -> None:
         if self.store is not None:
@@ -250,13 +251,30 @@ class ForwardKVCache:
                     "the paged path masks old entries per key only (key padding). Use update() (the gather path) or "
                     "another attention implementation for such masks")
             hidden = ~part[:, 0, -1]
-            if store.device.type == "cpu" and not bool(hidden.any()):  # nothing hidden (no padding): no mapping
+            cpu = store.device.type == "cpu"  # host reads are free there (on CUDA they would sync the step)
+            if cpu and not bool(hidden.any()):  # nothing hidden (no padding): no mapping
+                return store.page_table[:B].clone(), visible
+            cached = self._hidden_pins
+            if cpu and cached is not None and cached[0].shape == hidden.shape and torch.equal(cached[0], hidden):
+                visible &= cached[1]
                 return store.page_table[:B].clone(), visible
             old = store.live_entries(B, live)[0]  # (B, live) physical slots in the mask's key order
             flat = torch.ones(visible.numel() + 1, dtype=torch.bool, device=store.device)  # [0]: spare, for no-ops
             flat[torch.where(hidden & (old >= 0), old + 1, 0)] = False
-            visible &= flat[1:].view_as(visible)
+            keep = flat[1:].view_as(visible)
+            visible &= keep
+            if cpu:  # reusable while the mask hides the same ranks, if those are pinned (see _pinned_prefix)
+                self._hidden_pins = (hidden.clone(), keep) if self._pinned_prefix(hidden, old) else None
         return store.page_table[:B].clone(), visible
+
+    def _pinned_prefix(self, hidden: Tensor, old: Tensor) -> bool:
+        """Whether every hidden rank of each row lies in the row's leading run of pinned entries (old: the live
+        slots in position order). Pinned entries (the prefill's padding and sinks) have the row's smallest
+        positions and are never evicted, so those ranks keep their slots in later forwards: the slots the mask
+        hides can be reused while the mask hides the same ranks (left padding, every decode step)."""
+        pinned = (old >= 0) & self.store.pinned_pool.view(-1)[old.clamp_min(0)]
+        prefix = torch.cumprod(pinned.to(torch.uint8), dim=1).bool()
+        return not bool((hidden & ~prefix).any())
 
     def _begin_layer(self, key_states: Tensor, value_states: Tensor, layer_idx: int, paged: bool) -> None:
         name = f"{type(self).__name__}.{'stage' if paged else 'update'}"
@@ -369,6 +387,7 @@ class ForwardKVCache:
             self._rows = nb if self._seen else self._rows
             return
         self.store.select_rows(indices)
+        self._hidden_pins = None  # rows moved: the cached slots are stale
         idx = indices.to(device=self.store.device, dtype=torch.long)
         fresh = torch.zeros_like(self._last_feat)
         fresh[:nb] = self._last_feat[idx]
