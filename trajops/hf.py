@@ -140,6 +140,7 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
             if traj_dim is None:
                 raise ValueError("TrajectoryEvictionCache: traj_dim is needed (the config has no head_dim)")
         self._text_config, self._paged_attention = text, paged_attention
+        self._paged_now = False  # the protocol of the forward in flight (read at its layer 0)
         Cache.__init__(self, layers=[_EvictionLayer(self, i) for i in range(num_layers)])
         ForwardKVCache.__init__(self, num_layers, capacity, traj_dim, max_batch_size=max_batch_size,
                                 page_size=page_size, alpha=alpha, decay=decay, device=device, dtype=dtype,
@@ -164,7 +165,11 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
         With paged attention (see the class args): stages the layer and returns only this forward's K/V, the keys
         tagged for the "trajops_paged" attention, which attends over the pools and then writes the layer.
         """
-        if self.uses_paged_attention:
+        # the config is read at layer 0 of each forward only (its attribute access is slow); one forward uses
+        # one protocol anyway
+        if layer_idx == 0:
+            self._paged_now = self.uses_paged_attention
+        if self._paged_now:
             self.stage(key_states, value_states, layer_idx)
             return tag_keys(self, key_states), value_states
         return ForwardKVCache.update(self, key_states, value_states, layer_idx)
