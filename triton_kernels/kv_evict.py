@@ -8,8 +8,8 @@ Public launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
 
 Why. The unfused path is the reference run as device-side torch ops: about 60 small kernels per row plus
 30 for the checks and the commit, launch-bound on a GPU (a decode step of the evicting transformers cache
-took 1.9x the dense cache's time on an H100). Here a decode step is 3 launches whatever B is: the
-relevance of every slot (triton_kernels/kv_topk.py's kv_relevance, many programs: it reads the stored
+took 1.9x the dense cache's time on an H100). Here a decode step is 5 launches whatever B is: the
+query mask (2 elementwise ops), the relevance of every slot (triton_kernels/kv_topk.py's kv_relevance, many programs: it reads the stored
 trajectories, the only large read), a zero-fill of a (P + 1) int32 scratch, and one single-program
 bookkeeping kernel below that reads the (B, L) scores and the small metadata and writes the step.
 
