@@ -9,9 +9,9 @@ Public launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
 Why. The unfused path is the reference run as device-side torch ops: about 60 small kernels per row plus
 30 for the checks and the commit, launch-bound on a GPU (a decode step of the evicting transformers cache
 took 1.9x the dense cache's time on an H100). Here a decode step is 5 launches whatever B is: the
-query mask (2 elementwise ops), the relevance of every slot (triton_kernels/kv_topk.py's kv_relevance, many programs: it reads the stored
-trajectories, the only large read), a zero-fill of a (P + 1) int32 scratch, and one single-program
-bookkeeping kernel below that reads the (B, L) scores and the small metadata and writes the step.
+query mask (2 elementwise ops), the relevance of every slot (triton_kernels/kv_topk.py's kv_relevance,
+many programs: it reads the stored trajectories, the only large read), a zero-fill of a (P + 1) int32
+scratch, and one single-program bookkeeping kernel below that reads the (B, L) scores and the small metadata and writes the step.
 
 The bookkeeping kernel (one program, rows in order: they share the free-page stack):
   checks   the reference's ok conditions (page-table entries in [-1, P), free_top in [0, P], stack entries
@@ -169,8 +169,8 @@ def _evict_decode_kernel(sc_ptr, traj_ptr, ts_ptr, live_ptr, pin_ptr, pt_ptr, cn
     for b in range(B):
         if ok:
             chosen, first, e, n_write, m, new_pt, new_page, tok, need = _row_plan(
-                b, sc_ptr, live_ptr, pin_ptr, pt_ptr, ts_ptr, cnt_ptr, cap_ptr, len_ptr, free_ptr, scr_pt_ptr, top, P, S,
-                MP, L, BLOCK_L, BLOCK_MP)
+                b, sc_ptr, live_ptr, pin_ptr, pt_ptr, ts_ptr, cnt_ptr, cap_ptr, len_ptr, free_ptr, scr_pt_ptr, top,
+                P, S, MP, L, BLOCK_L, BLOCK_MP)
             ok = ok & (need <= top)
             top = top - tl.minimum(need, top)
             # releases: pages of the new table without a live slot after the step go back on the stack
@@ -189,8 +189,8 @@ def _evict_decode_kernel(sc_ptr, traj_ptr, ts_ptr, live_ptr, pin_ptr, pt_ptr, cn
         tl.store(wr_ptr + b, -1)
         if ok:
             chosen, first, e, n_write, m, new_pt, new_page, tok, need = _row_plan(
-                b, sc_ptr, live_ptr, pin_ptr, pt_ptr, ts_ptr, cnt_ptr, cap_ptr, len_ptr, free_ptr, scr_pt_ptr, top, P, S,
-                MP, L, BLOCK_L, BLOCK_MP)
+                b, sc_ptr, live_ptr, pin_ptr, pt_ptr, ts_ptr, cnt_ptr, cap_ptr, len_ptr, free_ptr, scr_pt_ptr, top,
+                P, S, MP, L, BLOCK_L, BLOCK_MP)
             top = top - need
             j = tl.arange(0, BLOCK_L)
             old_page = tl.load(pt_ptr + b * MP + j // S, mask=j < L, other=-1)

@@ -12,7 +12,7 @@ Backends: C++ on CPU (csrc/cpu/kv_cache.cpp, registered by trajops._C). On CUDA 
 under TRAJOPS_BACKEND=triton TRITON_INTERPRET=1): kv_relevance and kv_topk (k <= 128) are fused
 score-and-select Triton kernels (triton_kernels/kv_topk.py: one launch, two for kv_topk when a row is
 split over programs); kv_write_ a Triton copy; kv_evict_append_ on a decode step (n = 1) the fused
-kernels of triton_kernels/kv_evict.py (3 launches), otherwise (and kv_topk with k > 128) the
+kernels of triton_kernels/kv_evict.py (5 launches), otherwise (and kv_topk with k > 128) the
 reference's device-side torch ops around the Triton scorer (triton_kernels/kv_cache.py). All fixed
 shapes, no host sync, so CUDA-graph capturable. Anything else: the pure-PyTorch reference, which
 loops over the batch (a shape) and is vectorized over slots.
@@ -294,7 +294,7 @@ def _evict_append(*args):
 
 
 def _evict_append_triton(*args):
-    """A decode step (one new token per row): the fused kernels of triton_kernels/kv_evict.py (3 launches);
+    """A decode step (one new token per row): the fused kernels of triton_kernels/kv_evict.py (5 launches);
     otherwise the reference's ranking and bookkeeping around the Triton scorer (device-side torch ops)."""
     from ..triton_kernels import kv_evict
 
