@@ -11,7 +11,8 @@ Why. The unfused path is the reference run as device-side torch ops: about 60 sm
 took 1.9x the dense cache's time on an H100). Here a decode step is 5 launches whatever B is: the
 query mask (2 elementwise ops), the relevance of every slot (triton_kernels/kv_topk.py's kv_relevance,
 many programs: it reads the stored trajectories, the only large read), a zero-fill of a (P + 1) int32
-scratch, and one single-program bookkeeping kernel below that reads the (B, L) scores and the small metadata and writes the step.
+scratch, and one single-program bookkeeping kernel below that reads the (B, L) scores and the small
+metadata and writes the step.
 
 The bookkeeping kernel (one program, rows in order: they share the free-page stack):
   checks   the reference's ok conditions (page-table entries in [-1, P), free_top in [0, P], stack entries
