@@ -11,7 +11,7 @@ CUDA: hidden 1024, 8 layers, 16 heads / 4 KV heads, prompt 256 + 768 new (capaci
 (The padded prompt must fit the capacity: the cache pins the padding, see trajops.hf.)
 
 **Context sweep** "context 1k / 4k / 8k" (decode time per token, the prefill taken out). Batch 1, an
-unpadded prompt of N = 1024 / 4096 / 8192 random tokens, then D greedy tokens (D = 64 on CPU, 256 on
+unpadded prompt of N = 1024 / 4096 / 8192 random tokens, then D greedy tokens (D = 64 on CPU and on
 CUDA); eviction capacity N // 4. Each sample times generate(max_new_tokens=1 + D) and, right after it,
 generate(max_new_tokens=1) (the prefill and the first token), and reports their difference / D: the time
 per decoded token at that context (harness ``Provider.subtract`` / ``per``). The ratio column is thus
@@ -154,8 +154,8 @@ def _context_case(models, cfg_kw, dtype, dev, n, d):
     def prov(name, label, role, fn, note):
         return Provider(name, label, lambda *_: fn(1 + d), role=role, backward=False,
                         subtract=lambda *_: fn(1), per=d,
-                        note=note + f"; decode ms/token = (generate(max_new_tokens={1 + d}) - generate(max_new_tokens=1))"
-                                    f" / {d}")
+                        note=note + f"; decode ms/token = (generate(max_new_tokens={1 + d}) - "
+                                    f"generate(max_new_tokens=1)) / {d}")
 
     case = Case(OP, f"context {_ctx_name(n)}: LlamaForCausalLM {cfg.num_hidden_layers}L h={cfg.hidden_size} B=1 "
                     f"prompt={n} + {d} decoded, capacity={capacity}; ms per decoded token", dtype, lambda: (),
@@ -184,7 +184,7 @@ def benchmarks(ctx: Context):
     if dev.type == "cuda":
         short_kw = dict(vocab_size=4096, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                         num_key_value_heads=4, intermediate_size=2816, max_position_embeddings=4096)
-        prompt, new, dtype, d = 256, 768, torch.bfloat16, 256
+        prompt, new, dtype, d = 256, 768, torch.bfloat16, 64  # 64 tokens: the sweep must fit make gpu
         sweep_kw = dict(SMOLLM2)
     else:
         short_kw = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
