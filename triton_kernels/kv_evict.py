@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
 from . import kv_topk as _topk
 
 __all__ = ["MAX_SLOTS", "kv_evict_append_decode"]

@@ -27,7 +27,6 @@ slots outside the pool: no host sync, no access outside a tensor.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
