@@ -43,7 +43,7 @@ def _oracle(q, c, layer, tau, scale, slots=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 5])
 def test_new_keys_match_reference(dtype, n):
-    """k_new / v_new on CUDA (the paged kernels + the dense causal kernel + a log-sum-exp merge)."""
+    """k_new / v_new on CUDA (the split kernel + the merge kernel, which scores the new keys)."""
     gen = torch.Generator().manual_seed(2)
     B, Hq, Hkv, D, S = 3, 8, 2, 64, 16
     c = _stream(B, Hkv, D, S, 2000, [900, 1, 1100, 2], dtype, gen)

@@ -63,7 +63,7 @@ def _attention(dtype, D, Dv, mask_kind, causal, Tq=1024, Tk=1024, Hq=4, Hkv=1, b
     return run
 
 
-def _paged(dtype, D, G, n=1):
+def _paged(dtype, D, G, n=1, new=False):
     def run():
         dt = DTYPES[dtype]
         P, S, Hkv, B = 64, 16, 2, 2
@@ -71,7 +71,8 @@ def _paged(dtype, D, G, n=1):
         kp = torch.empty(P, S, Hkv, D, dtype=dt)
         pt = torch.zeros(B, 32, dtype=torch.int64)
         live = torch.ones(P, S, dtype=torch.bool)
-        paged.paged_attention(q, kp, kp, pt, live, torch.ones(1), D ** -0.5, None)
+        kn = torch.empty(B, Hkv, n, D, dtype=dt) if new else None  # the merge kernel scores the new keys
+        paged.paged_attention(q, kp, kp, pt, live, torch.ones(1), D ** -0.5, None, k_new=kn, v_new=kn)
     return run
 
 
@@ -233,6 +234,8 @@ def variants(full: bool = False):
         out.append((f"attn fp32 D={D} fullmask causal", _attention("fp32", D, D, 2, True)))
     for dtype, D in (("bf16", 128), ("fp32", 256), ("fp64", 128)):
         out.append((f"paged {dtype} D={D} G=8", _paged(dtype, D, 8)))
+    out.append(("paged bf16 D=256 G=8 n=4 k_new", _paged("bf16", 256, 8, n=4, new=True)))
+    out.append(("paged fp32 D=256 G=4 n=16 k_new", _paged("fp32", 256, 4, n=16, new=True)))
     out += _kv_variants(full)
     out.extend(varlen_variants(full))
     if full:

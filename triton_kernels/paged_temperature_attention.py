@@ -25,7 +25,11 @@ CUDA-graph capturable):
                 read), runs an online softmax in base 2 in fp32 (fp64 for fp64), and writes its
                 partial (m, l, acc) to scratch; with a single split it normalizes and writes out/lse
                 itself (no scratch, no merge).
-  merge kernel  grid (B * Hq * n,): combines the splits' partials of one row.
+  merge kernel  grid (B * Hq * n,): combines the splits' partials of one row; with new tokens
+                (k_new / v_new, query i sees new keys 0..i) it then scores them itself, one
+                online-softmax step per 16 new keys (elementwise products: one query row), so that a
+                decode step is 2 launches and never the dense kernel + a log-sum-exp merge. With new
+                keys the merge always runs (no direct path); with no pool key (L = 0) it runs alone.
   num_splits    from the row's slot count (MP * S or k, known from shapes), so that the split grid
                 holds about TARGET_PROGRAMS_PER_SM (2) programs per SM; chunks are whole BLOCK_N blocks.
   tiles         fixed (no autotuning): 4 warps, BLOCK_M = G * n padded to 16..64 rows (tl.dot needs 16),
@@ -190,16 +194,23 @@ def _split_kernel(Q, K, V, PT, LIVE, SLOTS, TAU, O, LSE, MPART, LPART, APART,
 
 
 @triton.jit
-def _merge_kernel(TAU, O, LSE, MPART, LPART, APART, Dv, NS, Hq, n, stb, sth, stn, scale_hi, scale_lo,
-                  BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One output row: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over its NS splits."""
+def _merge_kernel(Q, KN, VN, TAU, O, LSE, MPART, LPART, APART, D, Dv, NS, Hq, G, n,
+                  sqb, sqh, sqm, sqd, sknb, sknh, sknm, sknd, svnb, svnh, svnm, svnd, stb, sth, stn, scale_hi, scale_lo,
+                  HAS_NEW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One output row: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over its NS splits (NS may be
+    0: no pool key), then, with HAS_NEW, the online-softmax update over the row's new keys 0..i (query i)."""
     row = tl.program_id(0)
     cdt = LSE.dtype.element_ty
     LN2 = tl.full([], 0.6931471805599453, cdt)
+    LOG2E = tl.full([], 1.4426950408889634, cdt)
+    b = row // (Hq * n)
+    head = (row // n) % Hq
+    qi = row % n
     offs_s = tl.arange(0, BLOCK_S)
     m_all = tl.load(MPART + row * NS + offs_s, mask=offs_s < NS, other=float("-inf"))
-    m_max = tl.max(m_all, 0)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max).to(cdt)
+    m_i = tl.max(m_all, 0)
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i).to(cdt)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < Dv
     l_i = tl.zeros([], cdt)
@@ -212,14 +223,39 @@ def _merge_kernel(TAU, O, LSE, MPART, LPART, APART, Dv, NS, Hq, n, stb, sth, stn
         a = tl.load(APART + (row * NS + sc)[:, None] * Dv + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
                     other=0.0)
         acc += tl.sum(w[:, None] * a, 0)
-    t = tl.load(TAU + (row // (Hq * n)) * stb + ((row // n) % Hq) * sth + (row % n) * stn).to(cdt)
+    t = tl.load(TAU + b * stb + head * sth + qi * stn).to(cdt)
     c = (tl.zeros_like(t) + scale_hi + scale_lo) / t
+    bad_tau = ~((t > 0) & (t < float("inf")) & (tl.abs(c) < float("inf")))
+    if HAS_NEW:
+        # the row's new keys 0..qi (same rules as _softmax_block; bad-tau rows with c = 0): at most n keys of
+        # one kv head, products elementwise in cdt (one query row: no tile for tl.dot)
+        c2 = tl.where(bad_tau, 0.0, c).to(cdt) * LOG2E
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q = tl.load(Q + b * sqb + head * sqh + qi * sqm + offs_d * sqd, mask=d_ok, other=0.0).to(cdt)
+        KN += b * sknb + (head // G) * sknh
+        VN += b * svnb + (head // G) * svnh
+        for j0 in range(0, qi + 1, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            ok = j <= qi
+            k = tl.load(KN + j[:, None] * sknm + offs_d[None, :] * sknd, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(VN + j[:, None] * svnm + offs_dv[None, :] * svnd, mask=ok[:, None] & dv_ok[None, :],
+                        other=0.0)
+            s = tl.sum(q[None, :] * k.to(cdt), 1) * c2
+            s = tl.where(ok, tl.where(tl.abs(s) < float("inf"), s, float("nan")), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new).to(cdt)
+            p = tl.math.exp2(s - m_use)
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(cdt), 0)
+            m_i = m_new
     empty = l_i == 0
     l_safe = tl.where(empty, 1.0, l_i).to(cdt)
     out = acc / l_safe
     # (a NaN/Inf in the v row of a key)
     finite = tl.min((tl.abs(tl.where(dv_ok, out, 0.0)) < float("inf")).to(tl.int32), 0) != 0
-    bad = (~((t > 0) & (t < float("inf")) & (tl.abs(c) < float("inf"))) | ~finite) & (~empty)
+    bad = (bad_tau | ~finite) & (~empty)
     out = tl.where(bad, float("nan"), out)
     lse = tl.where(empty, float("-inf"), (m_use + tl.math.log2(l_safe)) * LN2)
     lse = tl.where(bad, float("nan"), lse)
@@ -281,13 +317,17 @@ def _config(dtype: torch.dtype, R: int, D: int, Dv: int) -> dict:
     # tl.dot needs >= 16 rows/cols; groups of more than 64 rows take several row blocks (keys reloaded)
     bm = min(64, max(16, triton.next_power_of_2(R)))
     bd, bdv = max(16, bd), max(16, bdv)
+    esize = torch.finfo(dtype).bits // 8
+    # the q tile and the fp32 accumulator live in registers across the key loop: past ~128 words per
+    # thread (4 warps) ptxas spills (AOT, sm_90: fp32 D = 256 with 64 rows took 255 registers + 1 KB of stack)
+    while bm > 16 and bm * (bd * esize // 4 + bdv) > 128 * 128:
+        bm //= 2
     cfg = dict(USE_DOT=True, BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv)
     if INTERPRET:
         # the interpreter's bf16 tl.dot returns garbage (numpy has no bf16): products elementwise there
         return dict(cfg, BLOCK_N=16, USE_DOT=dtype != torch.bfloat16)
     # K + V tiles of one stage <= 32 KB (fp32 with D = 128 takes 32 keys), up to 3 stages in 96 KB:
     # two programs then fit an SM's shared memory (228 KB on an H100)
-    esize = torch.finfo(dtype).bits // 8
     bn = 64
     while bn > 16 and bn * (bd + bdv) * esize > 32 * 1024:
         bn //= 2
@@ -305,10 +345,16 @@ def _num_splits(device: torch.device, programs: int, L: int, block_n: int) -> Tu
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
                     live_pool: torch.Tensor, tau: torch.Tensor, scale: float, slots: Optional[torch.Tensor],
-                    num_splits: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    num_splits: Optional[int] = None, k_new: Optional[torch.Tensor] = None,
+                    v_new: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, n, Dv) in q's dtype and lse (B, Hq, n) in the compute dtype (fp64 for fp64 q, else
     fp32); see the module docstring. tau: any float dtype, broadcastable to (B, Hq, n), read through
     its (broadcast) strides; c = scale / tau is formed in the kernels (no extra launches).
+
+    k_new, v_new: None or (B, Hkv, n, D) / (B, Hkv, n, Dv), any strides, q's dtype: the new tokens'
+    keys, query i also attending new keys 0..i in the same softmax. The merge kernel scores them
+    (n(n+1)/2 dot products per kv head: meant for a decode step or a short chunk), so a decode step
+    is these two launches, with no dense attention and no log-sum-exp merge of separate results.
 
     ``num_splits`` forces the number of key chunks per row (tests of the merge); None picks it from
     the shapes. No host sync: the launch depends on shapes only (CUDA-graph capturable).
@@ -323,47 +369,59 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     L = L_logical if slots is None else slots.shape[1]
     if B * Hq * n == 0:
         return out, lse
-    if L == 0:
+    has_new = k_new is not None
+    if L == 0 and not has_new:
         return out.zero_(), lse.fill_(float("-inf"))
     tau = tau.expand(B, Hq, n)  # a view: stride 0 on the broadcast dimensions
     scale_hi = struct.unpack("f", struct.pack("f", scale))[0]
     scale_lo = scale - scale_hi
     G = Hq // Hkv
     R = G * n
-    cands = _candidates(q.dtype, R, D, Dv)
-    key = (q.dtype, cands[0]["BLOCK_M"], cands[0]["BLOCK_D"], cands[0]["BLOCK_DV"], slots is not None)
-    what = f"paged_temperature_attention on {q.device} ({q.dtype}, D={D}, Dv={Dv}, {G * n} rows per kv head)"
-    cfg = plan(_split_kernel, cands, key, q.device, what)
-    # chunks are whole planned key blocks; a fallback to a shorter block keeps them whole
-    m_blocks = triton.cdiv(R, cfg["BLOCK_M"])
-    if num_splits is None:
-        ns, chunk = _num_splits(q.device, B * Hkv * m_blocks, L, cfg["BLOCK_N"])
+    rows = B * Hq * n
+    if L == 0:  # only the new keys: the merge kernel alone, over zero splits
+        ns, direct = 0, False
+        mpart = lpart = apart = lse  # never read (NS = 0)
     else:
-        chunk = triton.cdiv(triton.cdiv(L, max(1, min(num_splits, _MAX_SPLITS))), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        ns = triton.cdiv(L, chunk)
-    direct = ns == 1
-    if direct:
-        mpart = lpart = apart = lse  # never written
-    else:
-        rows = B * Hq * n
-        mpart = torch.empty((rows, ns), dtype=cdt, device=q.device)
-        lpart = torch.empty((rows, ns), dtype=cdt, device=q.device)
-        apart = torch.empty((rows, ns, Dv), dtype=cdt, device=q.device)
-    live8 = live_pool.view(torch.uint8)
-    slots_t = page_table if slots is None else slots  # never read without slots
-    slot_strides = (0, 0) if slots is None else tuple(slots.stride())
-    launch(_split_kernel, lambda c: (B * Hkv, ns, m_blocks),
-           (q, k_pool, v_pool, page_table, live8, slots_t, tau, out, lse, mpart, lpart, apart,
-            *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *live8.stride(), *slot_strides,
-            *tau.stride(), scale_hi, scale_lo,
-            Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns, k_pool.shape[0]),
-           cands, key, q.device, what,
-           HAS_SLOTS=slots is not None, DIRECT=direct,
-           PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)
-           SKIP_EMPTY=SKIP_EMPTY)
+        cands = _candidates(q.dtype, R, D, Dv)
+        key = (q.dtype, cands[0]["BLOCK_M"], cands[0]["BLOCK_D"], cands[0]["BLOCK_DV"], slots is not None)
+        what = f"paged_temperature_attention on {q.device} ({q.dtype}, D={D}, Dv={Dv}, {G * n} rows per kv head)"
+        cfg = plan(_split_kernel, cands, key, q.device, what)
+        # chunks are whole planned key blocks; a fallback to a shorter block keeps them whole
+        m_blocks = triton.cdiv(R, cfg["BLOCK_M"])
+        if num_splits is None:
+            ns, chunk = _num_splits(q.device, B * Hkv * m_blocks, L, cfg["BLOCK_N"])
+        else:
+            chunk = triton.cdiv(triton.cdiv(L, max(1, min(num_splits, _MAX_SPLITS))), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+            ns = triton.cdiv(L, chunk)
+        direct = ns == 1 and not has_new  # the new keys are scored by the merge kernel
+        if direct:
+            mpart = lpart = apart = lse  # never written
+        else:
+            mpart = torch.empty((rows, ns), dtype=cdt, device=q.device)
+            lpart = torch.empty((rows, ns), dtype=cdt, device=q.device)
+            apart = torch.empty((rows, ns, Dv), dtype=cdt, device=q.device)
+        live8 = live_pool.view(torch.uint8)
+        slots_t = page_table if slots is None else slots  # never read without slots
+        slot_strides = (0, 0) if slots is None else tuple(slots.stride())
+        launch(_split_kernel, lambda c: (B * Hkv, ns, m_blocks),
+               (q, k_pool, v_pool, page_table, live8, slots_t, tau, out, lse, mpart, lpart, apart,
+                *q.stride(), *k_pool.stride(), *v_pool.stride(), *page_table.stride(), *live8.stride(), *slot_strides,
+                *tau.stride(), scale_hi, scale_lo,
+                Hkv, G, n, R, S, L, L_logical, chunk, D, Dv, ns, k_pool.shape[0]),
+               cands, key, q.device, what,
+               HAS_SLOTS=slots is not None, DIRECT=direct,
+               PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)
+               SKIP_EMPTY=SKIP_EMPTY)
     if not direct:
-        block_s = triton.next_power_of_2(ns)
-        _merge_kernel[(B * Hq * n,)](tau, out, lse, mpart, lpart, apart, Dv, ns, Hq, n, *tau.stride(),
-                                     scale_hi, scale_lo, BLOCK_S=block_s, BLOCK_SC=min(16, block_s),
-                                     BLOCK_DV=triton.next_power_of_2(Dv))
+        block_s = triton.next_power_of_2(max(ns, 1))
+        kn, vn = (k_new, v_new) if has_new else (q, q)  # never read without new keys
+        kn_strides = tuple(kn.stride()) if has_new else (0,) * 4
+        vn_strides = tuple(vn.stride()) if has_new else (0,) * 4
+        _merge_kernel[(rows,)](q, kn, vn, tau, out, lse, mpart, lpart, apart, D, Dv, ns, Hq, G, n,
+                               *q.stride(), *kn_strides, *vn_strides, *tau.stride(), scale_hi, scale_lo,
+                               HAS_NEW=has_new, BLOCK_S=block_s, BLOCK_SC=min(16, block_s),
+                               BLOCK_DV=triton.next_power_of_2(Dv),
+                               # (1: unused without new keys, so that those launches compile once per Dv)
+                               BLOCK_D=triton.next_power_of_2(D) if has_new else 1,
+                               BLOCK_J=min(16, triton.next_power_of_2(n)) if has_new else 1)
     return out, lse

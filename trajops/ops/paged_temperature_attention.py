@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from .._library import register_kernels
-from ..reference._common import compute_dtype, merge_by_lse
+from ..reference._common import compute_dtype
 from ._checks import broadcastable as _broadcastable
 
 __all__ = ["paged_temperature_attention"]
@@ -158,17 +158,10 @@ def _triton(q, k_pool, v_pool, page_table, live_pool, tau, slots=None, scale=Non
     _check_pages(q, k_pool, page_table)
     from ..triton_kernels import paged_temperature_attention as kernels
 
-    # the kernels read tau through its broadcast strides and form c = scale / tau themselves
-    out, lse = kernels.paged_attention(q, k_pool, v_pool, page_table, live_pool, tau, _scale(q, scale), slots)
-    if k_new is None:
-        return out, lse
-    # the new keys: the dense op (causal) and a log-sum-exp merge, device-side torch ops (no sync, capturable)
-    from .temperature_attention import temperature_attention
-
-    out_new, lse_new = temperature_attention(q, k_new, v_new, tau, causal=True, scale=_scale(q, scale),
-                                             return_lse=True)
-    out, lse = merge_by_lse(out, lse, out_new, lse_new)
-    return out.to(q.dtype), lse
+    # the kernels read tau through its broadcast strides and form c = scale / tau themselves; the merge
+    # kernel scores the new keys (k_new / v_new) in the same softmax: a decode step is two launches
+    return kernels.paged_attention(q, k_pool, v_pool, page_table, live_pool, tau, _scale(q, scale), slots,
+                                   k_new=k_new, v_new=v_new)
 
 
 def _has_triton_kernels() -> bool:
