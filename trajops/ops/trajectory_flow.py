@@ -338,8 +338,9 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6, *, cu_seqlens
     gradient follows the same rule on every backend (full rule: :mod:`trajops.reference.trajectory_flow`).
     Any ``window`` >= T - 1 (up to 2**63 - 1) means the whole prefix.
     """
-    # x.device is static under torch.compile: the branch costs no graph break.
-    if x.device.type == "cuda":
+    # x.device is static under torch.compile: the branch costs no graph break. A non-tensor x goes
+    # on to the op, whose schema rejects it (TypeError) as before.
+    if isinstance(x, Tensor) and x.device.type == "cuda":
         if cu_seqlens is None:
             return torch.ops.trajops.trajectory_flow_with_stats(x, window, eps)[0]
         return torch.ops.trajops.trajectory_flow_with_stats(x, window, eps, cu_seqlens)[0]
