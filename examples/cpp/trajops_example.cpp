@@ -69,7 +69,7 @@ struct TrajectoryFlow : torch::autograd::Function<TrajectoryFlow> {
     const Tensor x = ctx->get_saved_variables()[0];
     const Tensor dx = op<FlowBackwardFn>("trajops::trajectory_flow_backward")
                           .call(grads[0], x, ctx->saved_data["window"].toInt(), ctx->saved_data["eps"].toDouble(),
-                                std::nullopt, std::nullopt);  // no cu_seqlens; no stats (the CPU kernel recomputes them)
+                                std::nullopt, std::nullopt);  // no cu_seqlens, no stats (CPU recomputes)
     return {dx, Tensor(), Tensor()};
   }
 };
