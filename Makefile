@@ -25,7 +25,8 @@ OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_s
             tests/test_trajectory_flow_nonfinite.py tests/test_stp_loss_nonfinite.py \
             tests/test_adaptive_positional_encoding_nonfinite.py tests/test_hostile_flow_stp_ape.py \
             tests/test_attention_nonfinite.py tests/test_stp_inject.py tests/test_stp_loss_varlen.py \
-            tests/test_trajectory_flow_varlen.py tests/test_temperature_attention_triton_varlen.py
+            tests/test_trajectory_flow_varlen.py tests/test_temperature_attention_triton_varlen.py \
+            tests/test_trajectory_flow_stats.py
 # Class-level tests of the KV cache: too slow for the interpreter, they run on C++ and the reference.
 REF_TESTS := $(OP_TESTS) tests/test_kv_cache.py tests/test_kv_cache_rows.py tests/test_nn_kv_cache.py
 

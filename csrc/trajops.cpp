@@ -20,9 +20,14 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(trajops, m) {
   m.def("trajectory_flow(Tensor x, int window=8, float eps=1e-06, Tensor? cu_seqlens=None) -> Tensor");
+  // The forward that also returns its per-row stats (2, B, T) for the backward (no CPU kernel: the
+  // reference serves CPU; CPU callers use trajectory_flow).
+  m.def(
+      "trajectory_flow_with_stats(Tensor x, int window=8, float eps=1e-06, Tensor? cu_seqlens=None) -> "
+      "(Tensor, Tensor)");
   m.def(
       "trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps, "
-      "Tensor? cu_seqlens=None) -> Tensor");
+      "Tensor? cu_seqlens=None, Tensor? stats=None) -> Tensor");
   m.def(
       "stp_loss(Tensor[] hidden, Tensor triples, Tensor? lengths=None, Tensor? cu_seqlens=None) -> "
       "(Tensor, Tensor)");

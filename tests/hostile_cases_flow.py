@@ -160,6 +160,60 @@ def _bwd_noncontiguous():
 register("trajectory_flow_backward.noncontiguous", _bwd_noncontiguous, RESULT, BWD)
 
 
+# ---------------------------------------------------------------- trajectory_flow_with_stats + stats
+WS = "torch.ops.trajops.trajectory_flow_with_stats"
+
+
+def _ws_huge_window():
+    x = torch.randn(2, 5, 3)
+    out, stats = torch.ops.trajops.trajectory_flow_with_stats(x, 2**63 - 1, 1e-6)
+    want_out, want_stats = torch.ops.trajops.trajectory_flow_with_stats(x, 5, 1e-6)
+    same(out, want_out, "with_stats out with window=2**63-1 vs window=T", TOL)
+    same(stats, want_stats, "with_stats stats with window=2**63-1 vs window=T", TOL)
+    g = torch.ones_like(x)
+    same(torch.ops.trajops.trajectory_flow_backward(g, x, 2**63 - 1, 1e-6, None, stats),
+         torch.ops.trajops.trajectory_flow_backward(g, x, 5, 1e-6), "backward with stats, huge window", TOL)
+
+
+register("trajectory_flow_with_stats.window_int64_max", _ws_huge_window, RESULT, WS, BWD)
+register("trajectory_flow_with_stats.window_zero",
+         lambda: torch.ops.trajops.trajectory_flow_with_stats(torch.ones(1, 3, 2), 0, 1e-6), raises("window"), WS)
+register("trajectory_flow_with_stats.x_int64",
+         lambda: torch.ops.trajops.trajectory_flow_with_stats(torch.ones(1, 3, 2, dtype=torch.long)),
+         raises("x", also=("torch.int64",)), WS)
+register("trajectory_flow_with_stats.cu_decreasing",
+         lambda: torch.ops.trajops.trajectory_flow_with_stats(torch.ones(6, 2), 3, 1e-6, torch.tensor([0, 4, 2, 6])),
+         raises("cu_seqlens", also=("non-decreasing",)), WS)
+
+
+def _bwd_stats(make):
+    def fn():
+        x = torch.randn(1, 3, 2)
+        torch.ops.trajops.trajectory_flow_backward(torch.ones_like(x), x, 8, 1e-6, None, make(x))
+    return fn
+
+
+# A bad stats tensor is rejected before any kernel reads it (the Triton kernel trusts its shape).
+for _name, _make, _also in (("stats_short", lambda x: torch.zeros(2, 1, 2), "[2, 1, 2]"),
+                            ("stats_huge_T", lambda x: torch.zeros(2, 1, 2**20), "[2, 1, 1048576]"),
+                            ("stats_1d", lambda x: torch.zeros(6), "[6]"),
+                            ("stats_float64", lambda x: torch.zeros(2, 1, 3, dtype=torch.float64), "torch.float64"),
+                            ("stats_int", lambda x: torch.zeros(2, 1, 3, dtype=torch.long), "torch.int64"),
+                            ("stats_meta", lambda x: torch.zeros(2, 1, 3, device="meta"), "on meta")):
+    register(f"trajectory_flow_backward.{_name}", _bwd_stats(_make), raises("stats", also=(_also,)), BWD)
+
+
+def _bwd_stats_noncontiguous():
+    x, g = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    stats = torch.ops.trajops.trajectory_flow_with_stats(x, 3, 1e-6)[1]
+    nstats = stats.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    same(torch.ops.trajops.trajectory_flow_backward(g, x, 3, 1e-6, None, nstats),
+         torch.ops.trajops.trajectory_flow_backward(g, x, 3, 1e-6), "backward with non-contiguous stats", TOL)
+
+
+register("trajectory_flow_backward.stats_noncontiguous", _bwd_stats_noncontiguous, RESULT, BWD)
+
+
 # ---------------------------------------------------------------- nn.TrajectoryGuidedMoERouter
 ROUTER = "trajops.nn.TrajectoryGuidedMoERouter"
 

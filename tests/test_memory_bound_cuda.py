@@ -88,6 +88,27 @@ def test_trajectory_flow_packed(dtype):
     _compare(f"flow packed {dtype}", lambda t: trajops.trajectory_flow(t, 8, cu_seqlens=cu.to(t.device)), [x])
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_trajectory_flow_public_backward_uses_the_stats(dtype, packed):
+    """The public function keeps the forward's stats on CUDA (trajectory_flow_with_stats, one
+    backward launch); its values and gradient equal the raw op's (whose backward recomputes them)."""
+    lengths = [5, 1, 600, 300]
+    x = _rand(sum(lengths) if packed else 2, *(() if packed else (517,)), 256, dtype=dtype).cumsum(-2).to(DEV)
+    cu = _packing(lengths) if packed else None
+    args = (8, 1e-6) + ((cu,) if packed else ())
+    g = _rand(*x.shape, dtype=dtype, seed=7).to(DEV)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = trajops.trajectory_flow(xa, 8, cu_seqlens=cu)
+    if DEV == "cuda":
+        assert "trajectory_flow_with_stats" in type(out.grad_fn).__name__
+    (out * g).sum().backward()
+    want = torch.ops.trajops.trajectory_flow(xb, *args)
+    (want * g).sum().backward()
+    _close(f"flow public vs op {dtype} packed={packed} out", out, want, 0.0)
+    _close(f"flow public vs op {dtype} packed={packed} grad", xa.grad, xb.grad, TOL[dtype])
+
+
 # ------------------------------------------------------------------------------ STP
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("B,T,D", [(4, 2048, 1024), (3, 37, 4096), (2, 3, 1)])

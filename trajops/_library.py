@@ -21,8 +21,10 @@ __all__ = ["BACKEND", "HAS_EXTENSION", "HAS_TRITON", "SCHEMAS", "backends", "reg
 # The C++ TORCH_LIBRARY block in csrc/trajops.cpp defines the same strings; tests compare them.
 SCHEMAS: Dict[str, str] = {
     "trajectory_flow": "trajectory_flow(Tensor x, int window=8, float eps=1e-06, Tensor? cu_seqlens=None) -> Tensor",
+    "trajectory_flow_with_stats": "trajectory_flow_with_stats(Tensor x, int window=8, float eps=1e-06, "
+    "Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
     "trajectory_flow_backward": "trajectory_flow_backward(Tensor grad_out, Tensor x, int window, float eps, "
-    "Tensor? cu_seqlens=None) -> Tensor",
+    "Tensor? cu_seqlens=None, Tensor? stats=None) -> Tensor",
     "stp_loss": "stp_loss(Tensor[] hidden, Tensor triples, Tensor? lengths=None, Tensor? cu_seqlens=None) -> "
     "(Tensor, Tensor)",
     "stp_loss_backward": "stp_loss_backward(Tensor grad_loss, Tensor stats, Tensor[] hidden, Tensor triples, "

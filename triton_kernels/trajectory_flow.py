@@ -9,7 +9,9 @@ see trajops/varlen.py):
 * :func:`trajectory_flow_fwd`        ``x -> out``
 * :func:`trajectory_flow_fwd_stats`  ``x -> (out, stats)``, stats (2, B, T) in the compute dtype:
   ``stats[0, b, i] = n_i`` (step norms), ``stats[1, b, p] = a_p = 1 / S_p`` (0 where S_p = 0).
-  Not differentiable; the op layer may save it for the backward.
+  Not differentiable; trajops::trajectory_flow_with_stats returns it and saves it for the backward.
+  ``n`` at i = T-1 is 0 (no step); with cu_seqlens the step across a document boundary keeps its
+  plain norm (in no window, never read). :func:`trajops.reference.trajectory_flow_stats` defines it.
 * :func:`trajectory_flow_bwd`        ``(grad_out, x[, stats]) -> dL/dx``
 
 Notation (per sequence or document): step ``d_i = x[i+1] - x[i]``, ``n_i = ||d_i||``,
@@ -38,8 +40,12 @@ backward        4 launches; x 3x, grad_out 2x, dx 1x:        1 launch with the f
                 6 N e (ideal 3 N e)                          x 1x + L2, grad_out 1x + L2, dx 1x:
                                                              3 N e (+ 8 B/row); without stats one
                                                              more launch reads x once: 4 N e
-fwd + bwd       9 N e                                        5 N e, the issue's floor (6 N e while
-                                                             the op layer does not pass the stats)
+fwd + bwd       9 N e                                        5 N e, the issue's floor: the public
+                                                             trajops.trajectory_flow on CUDA calls
+                                                             trajops::trajectory_flow_with_stats,
+                                                             which saves the stats; the raw op
+                                                             trajops::trajectory_flow saves only x
+                                                             (its backward recomputes them: 6 N e)
 ==============  ==========================================  =====================================
 
 The second walk hits L2 only while the programs in flight fit in it: a program touches

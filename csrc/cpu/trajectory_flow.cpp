@@ -289,8 +289,26 @@ at::Tensor trajectory_flow_cpu(const at::Tensor& x_in, int64_t window, double ep
   return out;
 }
 
+// The forward's stats (2, B, T) in the compute dtype, as trajops/ops/trajectory_flow.py checks them
+// (same message). Validated although this kernel does not read them: every backend rejects the
+// same bad tensor.
+void check_stats(const at::Tensor& x, const Shape& s, const std::optional<at::Tensor>& stats) {
+  if (!stats.has_value()) return;
+  const at::ScalarType cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> want{2, s.B, s.T};
+  TORCH_CHECK_VALUE(stats->sizes() == at::IntArrayRef(want) && stats->scalar_type() == cdt &&
+                        stats->device() == x.device(),
+                    "trajectory_flow_backward: stats must be a ", py_dtype(cdt), " tensor of shape ",
+                    at::IntArrayRef(want), " on x's device (", x.device(), "), got ", py_dtype(stats->scalar_type()),
+                    " ", stats->sizes(), " on ", stats->device());
+}
+
+// stats (the forward's per-row step norms and 1 / S) is accepted and ignored: a task here recomputes
+// the norms of its rows from x while they are in cache, which costs less than reading a second
+// array; the GPU kernel is the one that saves a pass over x with it.
 at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, int64_t window,
-                                        double eps, const std::optional<at::Tensor>& cu_seqlens) {
+                                        double eps, const std::optional<at::Tensor>& cu_seqlens,
+                                        const std::optional<at::Tensor>& stats) {
   check_flow_args(x_in, window, eps);
   TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "trajectory_flow_backward: grad_out must have the shape of x ",
                     x_in.sizes(), ", got ", grad_in.sizes());
@@ -300,6 +318,7 @@ at::Tensor trajectory_flow_backward_cpu(const at::Tensor& grad_in, const at::Ten
   TORCH_CHECK(grad_in.device() == x_in.device(), "trajectory_flow_backward: grad_out and x must be on one device, got ",
               grad_in.device(), " and ", x_in.device());
   const Shape s = shape_of(x_in);
+  check_stats(x_in, s, stats);
   const std::vector<Segment> segs = segments_of("trajectory_flow_backward", x_in, s, cu_seqlens);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor g = grad_in.contiguous();

@@ -42,7 +42,8 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 // The last optional of flow and STP is cu_seqlens (packed sequences); this example runs padded
 // batches (nullopt).
 using FlowFn = Tensor(const Tensor&, int64_t, double, const std::optional<Tensor>&);
-using FlowBackwardFn = Tensor(const Tensor&, const Tensor&, int64_t, double, const std::optional<Tensor>&);
+using FlowBackwardFn = Tensor(const Tensor&, const Tensor&, int64_t, double, const std::optional<Tensor>&,
+                              const std::optional<Tensor>&);
 using StpFn = std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&, const std::optional<Tensor>&,
                                          const std::optional<Tensor>&);
 using StpBackwardFn = std::vector<Tensor>(const Tensor&, const Tensor&, at::TensorList, const Tensor&,
@@ -68,7 +69,7 @@ struct TrajectoryFlow : torch::autograd::Function<TrajectoryFlow> {
     const Tensor x = ctx->get_saved_variables()[0];
     const Tensor dx = op<FlowBackwardFn>("trajops::trajectory_flow_backward")
                           .call(grads[0], x, ctx->saved_data["window"].toInt(), ctx->saved_data["eps"].toDouble(),
-                                std::nullopt);
+                                std::nullopt, std::nullopt);  // no cu_seqlens, no stats (CPU recomputes)
     return {dx, Tensor(), Tensor()};
   }
 };

@@ -2,6 +2,8 @@
 
 This module registers the op's fake impl, its autograd formula (the backward is its own op,
 trajops::trajectory_flow_backward) and its kernels by device, and exposes the public function.
+trajops::trajectory_flow_with_stats is the same forward that also returns the per-row stats
+(n_i, a_p) and saves them, so that on CUDA the backward is one launch (see the public function).
 The CPU C++ kernels live in csrc/cpu/trajectory_flow.cpp, the Triton ones in
 triton_kernels/trajectory_flow.py, the semantics in trajops/reference/trajectory_flow.py.
 
@@ -12,13 +14,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from .._library import register_kernels
+from ..reference._common import compute_dtype
 from ..varlen import check_cu_seqlens, cu_seqlens_invalid
 
 __all__ = ["trajectory_flow"]
@@ -55,6 +58,27 @@ def _check_packed(op: str, x: Tensor, cu_seqlens: Optional[Tensor]) -> None:
     check_cu_seqlens(op, cu_seqlens, x.shape[-2], x.device)
 
 
+def _stats_shape(x: Tensor) -> list:
+    """[2, B, T] of the stats of x (B = 1 for a 2-D or packed x)."""
+    return [2, 1 if x.dim() == 2 else x.shape[0], x.shape[-2]]
+
+
+def _check_stats(x: Tensor, stats: Optional[Tensor]) -> None:
+    """The backward's stats: (2, B, T) in the compute dtype on x's device (message as in C++).
+
+    Every backend checks it, also those that ignore it, so that a bad tensor fails the same way
+    everywhere and the Triton kernel (which trusts the shape) never reads out of bounds.
+    """
+    if stats is None:
+        return
+    want, cdt = _stats_shape(x), compute_dtype(x.dtype)
+    torch._check_value(
+        list(stats.shape) == want and stats.dtype == cdt and stats.device == x.device,
+        lambda: f"trajectory_flow_backward: stats must be a {cdt} tensor of shape "
+        f"{want} on x's device ({x.device}), got {stats.dtype} {list(stats.shape)} on {stats.device}",
+    )
+
+
 def _check_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> None:
     _check(x, window, eps)
     torch._check_value(
@@ -81,11 +105,22 @@ def _flow_fake(x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Option
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("trajops::trajectory_flow_with_stats")
+def _flow_stats_fake(
+    x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    _check(x, window, eps)
+    _check_packed("trajectory_flow", x, cu_seqlens)
+    return x.new_empty(x.shape), x.new_empty(_stats_shape(x), dtype=compute_dtype(x.dtype))
+
+
 @torch.library.register_fake("trajops::trajectory_flow_backward")
 def _flow_backward_fake(
-    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None
+    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
 ) -> Tensor:
     _check_backward(grad_out, x, window, eps)
+    _check_stats(x, stats)
     _check_packed("trajectory_flow_backward", x, cu_seqlens)
     return x.new_empty(x.shape)
 
@@ -112,6 +147,27 @@ def _backward(ctx, grad: Tensor):
 
 
 torch.library.register_autograd("trajops::trajectory_flow", _backward, setup_context=_setup_context)
+
+
+def _stats_setup_context(ctx, inputs, output) -> None:
+    x, window, eps = inputs[:3]
+    cu_seqlens = inputs[3] if len(inputs) > 3 else None
+    _, stats = output
+    ctx.window, ctx.eps = window, eps
+    ctx.mark_non_differentiable(stats)
+    # 8 bytes per row (fp32) saved instead of re-reading x in the backward (a full N e pass on CUDA).
+    ctx.save_for_backward(x, cu_seqlens, stats)
+
+
+def _stats_backward(ctx, grad: Tensor, _grad_stats: Optional[Tensor]):
+    x, cu_seqlens, stats = ctx.saved_tensors
+    dx = torch.ops.trajops.trajectory_flow_backward(grad, x, ctx.window, ctx.eps, cu_seqlens, stats)
+    return (dx,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+torch.library.register_autograd(
+    "trajops::trajectory_flow_with_stats", _stats_backward, setup_context=_stats_setup_context
+)
 
 
 # ---------------------------------------------------------------- kernels
@@ -148,10 +204,24 @@ def _reference_forward(x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens
     return _nan_if(reference.trajectory_flow(x, window, eps, cu_seqlens=cu), bad).contiguous()
 
 
+def _reference_with_stats(
+    x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    _check(x, window, eps)
+    _check_packed("trajectory_flow", x, cu_seqlens)
+    cu, bad = _sanitized(cu_seqlens, x.shape[-2])
+    out = reference.trajectory_flow(x, window, eps, cu_seqlens=cu)
+    stats = reference.trajectory_flow_stats(x, window, eps, cu_seqlens=cu)
+    return _nan_if(out, bad).contiguous(), _nan_if(stats, bad).contiguous()
+
+
 def _reference_backward(
-    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None
+    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
 ) -> Tensor:
+    # The reference recomputes everything from x: stats are only validated.
     _check_backward(grad_out, x, window, eps)
+    _check_stats(x, stats)
     _check_packed("trajectory_flow_backward", x, cu_seqlens)
     cu, bad = _sanitized(cu_seqlens, x.shape[-2])
     return _nan_if(reference.trajectory_flow_backward(grad_out, x, window, eps, cu_seqlens=cu), bad).contiguous()
@@ -189,20 +259,39 @@ def _triton_forward(x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: O
     return fn(_as_3d(x), window, eps, **_packed_kwargs(fn, cu_seqlens)).view(x.shape)
 
 
+def _triton_with_stats(
+    x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    _check(x, window, eps)
+    _check_packed("trajectory_flow", x, cu_seqlens)
+    if x.numel() == 0:
+        return x.new_empty(x.shape), x.new_zeros(_stats_shape(x), dtype=compute_dtype(x.dtype))
+    from ..triton_kernels import trajectory_flow as kernels
+
+    fn = kernels.trajectory_flow_fwd_stats
+    out, stats = fn(_as_3d(x), window, eps, **_packed_kwargs(fn, cu_seqlens))
+    return out.view(x.shape), stats
+
+
 def _triton_backward(
-    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None
+    grad_out: Tensor, x: Tensor, window: int, eps: float, cu_seqlens: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
 ) -> Tensor:
     _check_backward(grad_out, x, window, eps)
+    _check_stats(x, stats)
     _check_packed("trajectory_flow_backward", x, cu_seqlens)
     if x.numel() == 0:
         return x.new_empty(x.shape)
     from ..triton_kernels import trajectory_flow as kernels
 
     fn = kernels.trajectory_flow_bwd
-    return fn(_as_3d(grad_out), _as_3d(x), window, eps, **_packed_kwargs(fn, cu_seqlens)).view(x.shape)
+    # With the forward's stats the launcher skips its recomputing launch (x read once less).
+    extra = {} if stats is None else {"stats": stats.contiguous()}
+    return fn(_as_3d(grad_out), _as_3d(x), window, eps, **_packed_kwargs(fn, cu_seqlens), **extra).view(x.shape)
 
 
 register_kernels("trajectory_flow", _reference_forward, _triton_forward)
+register_kernels("trajectory_flow_with_stats", _reference_with_stats, _triton_with_stats)
 register_kernels("trajectory_flow_backward", _reference_backward, _triton_backward)
 
 
@@ -235,6 +324,12 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6, *, cu_seqlens
         unit vectors, so its norm is at most 1. Computed in fp32 (fp64 for fp64 inputs).
 
     Differentiable in x (backward: ``torch.ops.trajops.trajectory_flow_backward``); not twice.
+    On CUDA this calls ``torch.ops.trajops.trajectory_flow_with_stats`` and keeps its per-row stats
+    (8 bytes per row) for the backward, which is then one launch: forward + backward move 5 N e
+    (N = x.numel(), e its element size; the Triton kernels' floor). Elsewhere it calls
+    ``torch.ops.trajops.trajectory_flow`` (the CPU C++ kernel recomputes the norms cheaply). The raw
+    op ``torch.ops.trajops.trajectory_flow`` keeps its semantics on every device: it saves only x,
+    so its CUDA backward recomputes the stats (6 N e for forward + backward).
 
     NaN / Inf: a step touching a NaN row has a NaN norm, which fails ``n > eps``, so it is skipped
     like a zero step and the output stays finite (the seed's comparison does the same). A step with
@@ -243,6 +338,12 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6, *, cu_seqlens
     gradient follows the same rule on every backend (full rule: :mod:`trajops.reference.trajectory_flow`).
     Any ``window`` >= T - 1 (up to 2**63 - 1) means the whole prefix.
     """
+    # x.device is static under torch.compile: the branch costs no graph break. A non-tensor x goes
+    # on to the op, whose schema rejects it (TypeError) as before.
+    if isinstance(x, Tensor) and x.device.type == "cuda":
+        if cu_seqlens is None:
+            return torch.ops.trajops.trajectory_flow_with_stats(x, window, eps)[0]
+        return torch.ops.trajops.trajectory_flow_with_stats(x, window, eps, cu_seqlens)[0]
     if cu_seqlens is None:
         return torch.ops.trajops.trajectory_flow(x, window, eps)
     return torch.ops.trajops.trajectory_flow(x, window, eps, cu_seqlens)

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..varlen import positions_in_document
 from ._common import compute_dtype as _compute_dtype
 
-__all__ = ["trajectory_flow", "trajectory_flow_backward"]
+__all__ = ["trajectory_flow", "trajectory_flow_backward", "trajectory_flow_stats"]
 
 
 def _recency_weights(
@@ -147,6 +147,36 @@ def trajectory_flow(x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: O
         out = torch.where(pos.unsqueeze(-1), num / S_safe.unsqueeze(-1), torch.zeros_like(num))
     out = out.to(x.dtype)
     return out.squeeze(0) if squeeze else out
+
+
+def trajectory_flow_stats(
+    x: Tensor, window: int = 8, eps: float = 1e-6, cu_seqlens: Optional[Tensor] = None
+) -> Tensor:
+    """The forward's per-row stats (2, B, T) in the compute dtype (B = 1 for 2-D or packed x).
+
+    Not differentiable (computed without autograd). Exactly what the Triton forward writes:
+
+    * ``stats[0, b, i] = n_i = ||x[i+1] - x[i]||`` for i < T-1, NaN for a step touching a NaN row,
+      and 0 at i = T-1 (there is no step). With cu_seqlens the rows are the packed tokens and the
+      step from a document's last token into the next document's first is still its plain norm
+      (stored, but in no window: the backward never reads it).
+    * ``stats[1, b, p] = a_p = 1 / S_p``, S_p = sum of r tanh(n) over p's counted steps (n > eps,
+      inside p's window and document); 0 where S_p = 0, so 0 at p = 0 and at a document's first
+      token. S_p is never NaN (skipped steps add nothing, tanh(inf) = 1).
+    * T < 2 (or no element): zeros.
+    """
+    squeeze = x.dim() == 2
+    xb = (x.unsqueeze(0) if squeeze else x).detach()
+    pos = _packed_positions("trajectory_flow", xb, cu_seqlens)
+    B, T, D = xb.shape
+    cdt = _compute_dtype(x.dtype)
+    stats = torch.zeros((2, B, T), device=x.device, dtype=cdt)
+    if T < 2 or xb.numel() == 0:
+        return stats
+    _, n, _, _, _, _, S = _flow_terms(xb.to(cdt), window, eps, pos)
+    stats[0, :, : T - 1] = n
+    stats[1] = torch.where(S > 0, 1.0 / torch.where(S > 0, S, torch.ones_like(S)), torch.zeros_like(S))
+    return stats
 
 
 def trajectory_flow_backward(
