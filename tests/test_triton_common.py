@@ -106,3 +106,13 @@ def test_attention_tiles_count_the_mask_tile_and_the_stages():
     assert first.num_stages < 3 or first["BLOCK_N"] < 128
     # a key-padding mask is read as one vector per key block: no tile, the unmasked plan
     assert ta._candidates("fwd", 2, 128, 128, 1, 4096)[0].smem == ta._candidates("fwd", 2, 128, 128, 0, 4096)[0].smem
+
+
+def test_host_cdiv_and_next_power_of_2_equal_tritons():
+    # the launchers use these plain-Python twins of triton's constexpr_functions (~2 us each per host
+    # call); a difference would change tiles and grids
+    for n in list(range(0, 4100)) + [2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 40 + 3]:
+        assert _common.next_power_of_2(n) == triton.next_power_of_2(n), n
+    for a in list(range(0, 600, 7)) + [2 ** 31 + 5, 2 ** 40]:
+        for b in (1, 2, 3, 16, 64, 127, 128):
+            assert _common.cdiv(a, b) == triton.cdiv(a, b), (a, b)

@@ -31,10 +31,22 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import triton
 
-__all__ = ["INTERPRET", "compute_dtypes", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
+__all__ = ["INTERPRET", "cdiv", "next_power_of_2", "compute_dtypes", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
            "resource_usage", "device_spec", "plan", "Captured"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code. triton.cdiv and triton.next_power_of_2 are ``constexpr_function``s
+    (Triton >= 3.6): ~2 us of Python per host call, and a launcher makes up to a dozen, on the decode
+    path that is launch-bound. Inside @triton.jit code keep using triton's."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n for host code (0 for n = 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def compute_dtypes(dtype) -> tuple:

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtypes
+from ._common import INTERPRET, cdiv, compute_dtypes, next_power_of_2
 
 # Tests set this to {"block_t": .., "block_e": .., "tiles": .., "splits": ..} to force several
 # programs per sequence (the interpreter's default plan gives one), None for the normal plan.
@@ -227,7 +227,7 @@ def _plan(B: int, T: int, E: int, itemsize: int, split_e: bool) -> dict:
     hits); tiles x splits <= E / 8 per sequence keeps those reads under 1/16 of the output bytes.
     """
     def np2(n: int) -> int:
-        return triton.next_power_of_2(max(n, 1))
+        return next_power_of_2(max(n, 1))
 
     if PLAN_OVERRIDE is not None:
         p = dict(PLAN_OVERRIDE)
@@ -240,17 +240,17 @@ def _plan(B: int, T: int, E: int, itemsize: int, split_e: bool) -> dict:
         # tiles cost occupancy (8K-element tiles compiled to 162-254 registers a thread on sm_90)
         block_t = min(np2(T), max(1, (2048 if itemsize == 8 else 4096) // block_e))
         budget = max(1, E // 8)
-        tiles = max(1, min(triton.cdiv(T, block_t), budget))
+        tiles = max(1, min(cdiv(T, block_t), budget))
         splits = 1
         if split_e:
-            want = triton.cdiv(_MIN_PROGRAMS, B * tiles)
-            splits = max(1, min(want, triton.cdiv(E, block_e), budget // tiles))
+            want = cdiv(_MIN_PROGRAMS, B * tiles)
+            splits = max(1, min(want, cdiv(E, block_e), budget // tiles))
         p = {"block_e": block_e, "block_t": block_t, "tiles": tiles, "splits": splits}
     bt, be = p["block_t"], p["block_e"]
-    rows = triton.cdiv(triton.cdiv(T, max(1, p["tiles"])), bt) * bt  # whole register tiles per program
-    e_per_split = max(be, triton.cdiv(triton.cdiv(E, max(1, p["splits"] if split_e else 1)), be) * be)
-    return {"block_t": bt, "block_e": be, "rows": rows, "tiles": triton.cdiv(T, rows),
-            "e_per_split": e_per_split, "splits": max(1, triton.cdiv(E, e_per_split)),
+    rows = cdiv(cdiv(T, max(1, p["tiles"])), bt) * bt  # whole register tiles per program
+    e_per_split = max(be, cdiv(cdiv(E, max(1, p["splits"] if split_e else 1)), be) * be)
+    return {"block_t": bt, "block_e": be, "rows": rows, "tiles": cdiv(T, rows),
+            "e_per_split": e_per_split, "splits": max(1, cdiv(E, e_per_split)),
             "block_p": min(np2(T), 4096 if INTERPRET else 1024),
             "num_warps": max(1, min(8, bt * be // 512))}
 
@@ -306,7 +306,7 @@ def adaptive_positional_encoding_bwd(grad_out: torch.Tensor, displacement: torch
     if E > 0:
         # one warp, >= 32 columns: every column belongs to exactly one thread (no replicated lanes
         # racing on the read-modify-write)
-        be = max(32, min(256, triton.next_power_of_2(E)))
-        _table_grad_kernel[(triton.cdiv(E, be),)](displacement, pos, grad_out, gt, B, T, L, E, POS_MODE=mode,
+        be = max(32, min(256, next_power_of_2(E)))
+        _table_grad_kernel[(cdiv(E, be),)](displacement, pos, grad_out, gt, B, T, L, E, POS_MODE=mode,
                                                   CDT=tcdt, BLOCK_E=be, num_warps=1)
     return gd, gso, gt.to(pe_table.dtype)

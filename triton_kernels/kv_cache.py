@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, next_power_of_2
+
 __all__ = ["kv_scores", "kv_write"]
 
 
@@ -65,8 +67,8 @@ def kv_scores(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.T
     if B * L == 0:
         return out
     BLOCK_L = 64
-    BLOCK_D = min(64, triton.next_power_of_2(max(Dt, 1)))
-    grid = (B, triton.cdiv(L, BLOCK_L))
+    BLOCK_D = min(64, next_power_of_2(max(Dt, 1)))
+    grid = (B, cdiv(L, BLOCK_L))
     _scores_kernel[grid](traj_pool.contiguous(), ts_pool.contiguous(), live_pool.contiguous().view(torch.uint8),
                          phys.contiguous(), unit_query.float().contiguous(), now.reshape(1), out, L, Dt,
                          *_split(alpha), *_split(1.0 - alpha), *_split(decay), BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
@@ -105,10 +107,10 @@ def kv_write(k_pool: torch.Tensor, v_pool: torch.Tensor, written: torch.Tensor, 
     H, D = k_pool.shape[2], k_pool.shape[3]
     if B * n == 0 or H * D == 0:
         return
-    BLOCK_H = min(16, triton.next_power_of_2(H))
-    BLOCK_D = min(128, triton.next_power_of_2(D))
+    BLOCK_H = min(16, next_power_of_2(H))
+    BLOCK_D = min(128, next_power_of_2(D))
     w = written.contiguous()
     for pool, src in ((k_pool, k), (v_pool, v)):
         src = src.to(pool.dtype)  # torch's rounding (the interpreter's bf16 cast truncates); new tokens only
-        _write_kernel[(B * n, triton.cdiv(H, BLOCK_H))](pool, src, w, n, k_pool.shape[0] * k_pool.shape[1], H, D, *src.stride(),
+        _write_kernel[(B * n, cdiv(H, BLOCK_H))](pool, src, w, n, k_pool.shape[0] * k_pool.shape[1], H, D, *src.stride(),
                                                          BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D)

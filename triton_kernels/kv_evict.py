@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from . import kv_topk as _topk
+from ._common import next_power_of_2
 
 __all__ = ["MAX_SLOTS", "kv_evict_append_decode"]
 
@@ -267,7 +268,7 @@ def kv_evict_append_decode(traj_pool, ts_pool, live_pool, pinned_pool, page_tabl
         scores, traj_pool, ts_pool, live_pool.view(torch.uint8), pinned_pool.view(torch.uint8), page_table,
         live_count, capacity, free_pages, free_top, evicted_total, now, q, lengths, newpin, evicted, written, ok8,
         hist, scr_pt, scr_live, B, P, S, MP, L, Dt, _topk._EPS_BITS, HAS_PIN=pin is not None,
-        BLOCK_L=triton.next_power_of_2(L), BLOCK_MP=triton.next_power_of_2(MP), BLOCK_S=triton.next_power_of_2(S),
-        BLOCK_P=min(1024, triton.next_power_of_2(P)), BLOCK_D=_topk._block_d(Dt),
+        BLOCK_L=next_power_of_2(L), BLOCK_MP=next_power_of_2(MP), BLOCK_S=next_power_of_2(S),
+        BLOCK_P=min(1024, next_power_of_2(P)), BLOCK_D=_topk._block_d(Dt),
         num_warps=8 if L >= 1024 else 4, **_topk._FLAGS)
     return evicted, written, ok

@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import cdiv, next_power_of_2
 
 __all__ = ["K_MAX", "kv_relevance", "kv_topk"]
 
@@ -337,7 +338,7 @@ _FLAGS = {} if _common.INTERPRET else {"enable_fp_fusion": False}
 
 
 def _block_d(Dt: int) -> int:
-    return min(16, triton.next_power_of_2(max(Dt, 1)))
+    return min(16, next_power_of_2(max(Dt, 1)))
 
 
 def kv_relevance(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Tensor, page_table: torch.Tensor,
@@ -350,8 +351,8 @@ def kv_relevance(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torc
     if B * L == 0:
         return out
     traj, ts, live, pt, q = _prepare(traj_pool, ts_pool, live_pool, page_table, query)
-    block = min(BLOCK, triton.next_power_of_2(L))
-    n_chunks, per = _chunks(B, triton.cdiv(L, block), query.device)
+    block = min(BLOCK, next_power_of_2(L))
+    n_chunks, per = _chunks(B, cdiv(L, block), query.device)
     cfg = _common.Config.make(num_warps=8 if block >= 256 else 4, BLOCK=block, BLOCK_D=_block_d(Dt))
     _common.launch(_relevance_kernel, lambda c: (B, n_chunks),
                    (traj, ts, live, pt, q, now.reshape(1), out, P, S, MP, L, Dt, per, *_weights(alpha, decay)),
@@ -378,10 +379,10 @@ def kv_topk(traj_pool: torch.Tensor, ts_pool: torch.Tensor, live_pool: torch.Ten
         return slots, scores
     # K = 2^log_k >= min(k, L) candidates are kept (a row has no more than L; the rest is padding)
     log_k = max(min(k, L) - 1, 0).bit_length()
-    block = max(min(BLOCK, triton.next_power_of_2(max(L, 1))), 1 << log_k)
+    block = max(min(BLOCK, next_power_of_2(max(L, 1))), 1 << log_k)
     log_block = block.bit_length() - 1
     traj, ts, live, pt, q = _prepare(traj_pool, ts_pool, live_pool, page_table, query)
-    n_chunks, per = _chunks(B, max(triton.cdiv(L, block), 1), dev)
+    n_chunks, per = _chunks(B, max(cdiv(L, block), 1), dev)
     final = n_chunks == 1  # (S = 0 below: L = 0, every slot masked; 1 keeps j // S defined)
     small = final and per == 1 and block <= SMALL
     cand = torch.empty((B, n_chunks, 2, 1 << log_k) if not final else (1,), dtype=torch.long, device=dev)

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, Config, launch, plan
+from ._common import INTERPRET, Config, cdiv, launch, next_power_of_2, plan
 
 __all__ = ["paged_attention"]
 
@@ -308,14 +308,14 @@ def _candidates(dtype: torch.dtype, R: int, D: int, Dv: int) -> Tuple[Config, ..
 
 
 def _config(dtype: torch.dtype, R: int, D: int, Dv: int) -> dict:
-    bd, bdv = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    bd, bdv = next_power_of_2(D), next_power_of_2(Dv)
     if dtype == torch.float64:
         # elementwise products on (BLOCK_M, BLOCK_N, BLOCK_D) tiles: keep them near 4k elements
-        bm = min(16, triton.next_power_of_2(R))
+        bm = min(16, next_power_of_2(R))
         bn = max(1, min(16, 4096 // (bm * max(bd, bdv))))
         return dict(USE_DOT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=4, num_stages=1)
     # tl.dot needs >= 16 rows/cols; groups of more than 64 rows take several row blocks (keys reloaded)
-    bm = min(64, max(16, triton.next_power_of_2(R)))
+    bm = min(64, max(16, next_power_of_2(R)))
     bd, bdv = max(16, bd), max(16, bdv)
     esize = torch.finfo(dtype).bits // 8
     # the q tile and the fp32 accumulator live in registers across the key loop: past ~128 words per
@@ -337,10 +337,10 @@ def _config(dtype: torch.dtype, R: int, D: int, Dv: int) -> dict:
 
 def _num_splits(device: torch.device, programs: int, L: int, block_n: int) -> Tuple[int, int]:
     """(num_splits, chunk): chunk a multiple of block_n, every split non-empty."""
-    blocks = triton.cdiv(L, block_n)
-    want = max(1, min(_MAX_SPLITS, blocks, triton.cdiv(_target_programs(device), programs)))
-    chunk = triton.cdiv(blocks, want) * block_n
-    return triton.cdiv(L, chunk), chunk
+    blocks = cdiv(L, block_n)
+    want = max(1, min(_MAX_SPLITS, blocks, cdiv(_target_programs(device), programs)))
+    chunk = cdiv(blocks, want) * block_n
+    return cdiv(L, chunk), chunk
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
@@ -387,12 +387,12 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         what = f"paged_temperature_attention on {q.device} ({q.dtype}, D={D}, Dv={Dv}, {G * n} rows per kv head)"
         cfg = plan(_split_kernel, cands, key, q.device, what)
         # chunks are whole planned key blocks; a fallback to a shorter block keeps them whole
-        m_blocks = triton.cdiv(R, cfg["BLOCK_M"])
+        m_blocks = cdiv(R, cfg["BLOCK_M"])
         if num_splits is None:
             ns, chunk = _num_splits(q.device, B * Hkv * m_blocks, L, cfg["BLOCK_N"])
         else:
-            chunk = triton.cdiv(triton.cdiv(L, max(1, min(num_splits, _MAX_SPLITS))), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-            ns = triton.cdiv(L, chunk)
+            chunk = cdiv(cdiv(L, max(1, min(num_splits, _MAX_SPLITS))), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+            ns = cdiv(L, chunk)
         direct = ns == 1 and not has_new  # the new keys are scored by the merge kernel
         if direct:
             mpart = lpart = apart = lse  # never written
@@ -413,15 +413,15 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                PREC=FP32_PRECISION if q.dtype == torch.float32 else "tf32",  # (halves ignore it)
                SKIP_EMPTY=SKIP_EMPTY)
     if not direct:
-        block_s = triton.next_power_of_2(max(ns, 1))
+        block_s = next_power_of_2(max(ns, 1))
         kn, vn = (k_new, v_new) if has_new else (q, q)  # never read without new keys
         kn_strides = tuple(kn.stride()) if has_new else (0,) * 4
         vn_strides = tuple(vn.stride()) if has_new else (0,) * 4
         _merge_kernel[(rows,)](q, kn, vn, tau, out, lse, mpart, lpart, apart, D, Dv, ns, Hq, G, n,
                                *q.stride(), *kn_strides, *vn_strides, *tau.stride(), scale_hi, scale_lo,
                                HAS_NEW=has_new, BLOCK_S=block_s, BLOCK_SC=min(16, block_s),
-                               BLOCK_DV=triton.next_power_of_2(Dv),
+                               BLOCK_DV=next_power_of_2(Dv),
                                # (1: unused without new keys, so that those launches compile once per Dv)
-                               BLOCK_D=triton.next_power_of_2(D) if has_new else 1,
-                               BLOCK_J=min(16, triton.next_power_of_2(n)) if has_new else 1)
+                               BLOCK_D=next_power_of_2(D) if has_new else 1,
+                               BLOCK_J=min(16, next_power_of_2(n)) if has_new else 1)
     return out, lse

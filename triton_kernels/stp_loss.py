@@ -62,9 +62,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import triton
 
-from ._common import INTERPRET, compute_dtypes
+from ._common import INTERPRET, cdiv, compute_dtypes, next_power_of_2
 from .stp_loss_dense import _stp_dense_bwd_kernel, _stp_dense_fwd_kernel
 from .stp_loss_sampled import _stp_bwd_kernel, _stp_fwd_kernel
 
@@ -103,11 +102,11 @@ def _rows_cols(n_rows: int, n_programs_per_row_block: int, D: int, elem_size: in
     """(BLOCK_ROWS, BLOCK_D) for kernels that loop over D: rows fill the tile D leaves free, then
     shrink until there are enough programs; columns then take back the room rows gave up."""
     tile = _tile_elems(D, elem_size)
-    block_d = min(triton.next_power_of_2(D), tile // 16 if n_rows > 1 else tile)
-    block_r = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
-    while block_r > 1 and n_programs_per_row_block * triton.cdiv(n_rows, block_r) < _MIN_PROGRAMS:
+    block_d = min(next_power_of_2(D), tile // 16 if n_rows > 1 else tile)
+    block_r = max(1, min(tile // block_d, next_power_of_2(n_rows)))
+    while block_r > 1 and n_programs_per_row_block * cdiv(n_rows, block_r) < _MIN_PROGRAMS:
         block_r //= 2
-    block_d = min(triton.next_power_of_2(D), tile // block_r)
+    block_d = min(next_power_of_2(D), tile // block_r)
     return block_r, block_d
 
 
@@ -188,7 +187,7 @@ def stp_fwd(hidden: List[torch.Tensor], triples: torch.Tensor, lengths: Optional
     base_t, has_base = _opt_arg(row_base, triples)
     es = h0.element_size()
     bn, bd = _rows_cols(N, 1, D, es)
-    _stp_fwd_kernel[(triton.cdiv(N, bn),)](
+    _stp_fwd_kernel[(cdiv(N, bn),)](
         h0, offs, triples, len_t, base_t, loss, stats, N, S * B, B, T, D,
         HAS_LEN=has_len, HAS_BASE=has_base, MULTI=L > 1, OFF_ALIGNED=aligned, IS_D1=D == 1, EPS=STP_EPS, CDT=tcdt,
         BLOCK_N=bn, BLOCK_D=bd, num_warps=_num_warps(bn * bd, D, es))
@@ -224,13 +223,13 @@ def stp_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[torch.Ten
     es = h0.element_size()
     pt = _per_thread(D, es)
     if _INTERPRET:
-        bd = min(triton.next_power_of_2(D), _tile_elems(D, es))
+        bd = min(next_power_of_2(D), _tile_elems(D, es))
     else:
         # One program walks all S spans (latency-bound): prefer more, narrower programs.
-        bd = min(triton.next_power_of_2(D), 128 * pt)
-        while bd > 32 * pt and L * B * triton.cdiv(D, bd) < _MIN_PROGRAMS:
+        bd = min(next_power_of_2(D), 128 * pt)
+        while bd > 32 * pt and L * B * cdiv(D, bd) < _MIN_PROGRAMS:
             bd //= 2
-    nd = triton.cdiv(D, bd)
+    nd = cdiv(D, bd)
     _stp_bwd_kernel[(L * B * nd,)](
         h0, grads[0], hoffs, goffs, triples, len_t, base_t, grad_loss, stats, S, B, T, D, nd,
         HAS_LEN=has_len, HAS_BASE=has_base, MULTI=L > 1, H_ALIGNED=h_al, G_ALIGNED=g_al, EPS=STP_EPS, CDT=tcdt,
@@ -267,7 +266,7 @@ def stp_dense_fwd(hidden: List[torch.Tensor], lengths: Optional[torch.Tensor] = 
     loss_arg = loss if T > 2 else stats  # T == 2: nothing is stored into loss (empty)
     es = h0.element_size()
     bp, bd = _rows_cols(T - 1, L * B, D, es)
-    nq = triton.cdiv(T - 1, bp)
+    nq = cdiv(T - 1, bp)
     _stp_dense_fwd_kernel[(L * B * nq,)](
         h0, offs, len_t, end_t, loss_arg, stats, B, T, D, nq,
         HAS_LEN=has_len, HAS_END=has_end, MULTI=L > 1, OFF_ALIGNED=aligned, IS_D1=D == 1, EPS=STP_EPS, CDT=tcdt,
@@ -298,13 +297,13 @@ def stp_dense_bwd(grad_loss: torch.Tensor, stats: torch.Tensor, hidden: List[tor
     es = h0.element_size()
     tile = _tile_elems(D, es)
     if _INTERPRET:
-        bd = min(triton.next_power_of_2(D), tile)
-        bt = min(tile // bd, triton.next_power_of_2(T))
+        bd = min(next_power_of_2(D), tile)
+        bt = min(tile // bd, next_power_of_2(T))
     else:
         # 16-row tiles: each tile also reads 4 halo rows (mostly L2 hits), 1.25x its rows.
-        bt = min(16, triton.next_power_of_2(T))
-        bd = min(triton.next_power_of_2(D), max(tile // bt, 16))
-    nt, nd = triton.cdiv(T, bt), triton.cdiv(D, bd)
+        bt = min(16, next_power_of_2(T))
+        bd = min(next_power_of_2(D), max(tile // bt, 16))
+    nt, nd = cdiv(T, bt), cdiv(D, bd)
     _stp_dense_bwd_kernel[(L * B * nt * nd,)](
         h0, grads[0], hoffs, goffs, len_t, end_t, grad_loss, stats, B, T, D, nt, nd,
         HAS_LEN=has_len, HAS_END=has_end, MULTI=L > 1, H_ALIGNED=h_al, G_ALIGNED=g_al, EPS=STP_EPS, CDT=tcdt,

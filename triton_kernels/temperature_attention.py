@@ -79,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, _capturing, device_spec, launch
+from ._common import INTERPRET, _capturing, cdiv, device_spec, launch, next_power_of_2
 from .temperature_attention_nonfinite import (_doc_span, _key_bad, _key_bias, _nan_on_bad_q, _serves, any_hostile,
                                               key_flags)
 from .temperature_attention_tiles import TILE_OVERRIDES, _candidates, _estimate, _hostile_tiles  # noqa: F401
@@ -404,7 +404,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
@@ -460,7 +460,7 @@ def attention_fwd(q, k, v, tau, scale: float, mask, causal: bool) -> Tuple[torch
     cands = _candidates("fwd", es, bd, bdv, mk, Tq, device_spec(q.device).capability[0])
     key = ("fwd", q.dtype, bd, bdv, mk, bool(causal), Tq <= 16)
     what = _what(q, k, v, mk, causal)
-    grid = lambda cfg: (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid = lambda cfg: (cdiv(Tq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
     common = (*tau.stride(), *ms, *out.stride(), *_scale_pair(scale), Hq, Hkv, Hq // Hkv, Tq, Tk)
     tma = _tma_eligible(q, k, v, bd, bdv)
     if tma:

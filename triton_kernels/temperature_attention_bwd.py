@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, device_spec, launch
+from ._common import INTERPRET, cdiv, device_spec, launch, next_power_of_2
 from .temperature_attention import (_allowed, _block, _candidates, _coefficient, _hostile_tiles, _key_ranges,
                                     _mask_args, _precision, _query_block, _scale_pair, _tile, _tile_rows, _what)
 from .temperature_attention_nonfinite import _doc_span, _key_bad, _serves, any_hostile, key_flags
@@ -409,8 +409,8 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
     dlse = grad_lse.contiguous() if grad_lse is not None else delta
     bd, bdv = _block(D), _block(Dv)
     # O, dO (BLOCK_R, Dv) and q (BLOCK_R, D) in fp32: about 96 registers per thread (4 warps)
-    block_r = 16 if INTERPRET else max(16, min(64, triton.next_power_of_2(12288 // (2 * bdv + bd) + 1) // 2))
-    _delta_kernel[(triton.cdiv(R, block_r),)](out, grad_out, dlse, lse, q, delta, lse2, rf, host, host, R, Hq, Hkv,
+    block_r = 16 if INTERPRET else max(16, min(64, next_power_of_2(12288 // (2 * bdv + bd) + 1) // 2))
+    _delta_kernel[(cdiv(R, block_r),)](out, grad_out, dlse, lse, q, delta, lse2, rf, host, host, R, Hq, Hkv,
                                              Hq // Hkv, Tq, D, Dv, *q.stride(), 0, HAS_DLSE=grad_lse is not None,
                                              VARLEN=False, BLOCK_R=block_r, BLOCK_D=bd, BLOCK_DV=bdv)
     m8, ms, mk = _mask_args(mask, q)
@@ -423,11 +423,11 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
     major = device_spec(q.device).capability[0]
     atomic = use_atomic_dq(q)
     dqacc = torch.zeros((R, D), dtype=torch.float32, device=q.device) if atomic else delta  # never read if not
-    dkdv_grid = lambda cfg: (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)  # noqa: E731
+    dkdv_grid = lambda cfg: (cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)  # noqa: E731
     dkdv_args = (q, k, v, tau, m8, grad_out, lse2, delta, rf, kf, first, host, dk, dv, dqacc, host, host,
                  *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dk.stride(),
                  *dv.stride(), *sp, Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv, 0, 0)
-    dq_grid = lambda cfg: (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
+    dq_grid = lambda cfg: (cdiv(Tq, cfg["BLOCK_M"]), B * Hq)  # noqa: E731
     dq_args = (q, k, v, tau, m8, grad_out, lse2, delta, rf, kf, first, host, dq, dtau, host, host,
                *q.stride(), *k.stride(), *v.stride(), *tau.stride(), *ms, *grad_out.stride(), *dq.stride(),
                *sp, Hq, Hkv, Hq // Hkv, Tq, Tk, D, Dv, 0, 0)
@@ -438,7 +438,7 @@ def attention_bwd(grad_out, grad_lse, q, k, v, tau, scale: float, mask, causal: 
            ATOMIC_DQ=atomic, HOSTILE=False, **flags)
     if atomic:
         block_r = 16 if INTERPRET else 32
-        _dq_finalize_kernel[(triton.cdiv(R, block_r),)](
+        _dq_finalize_kernel[(cdiv(R, block_r),)](
             q, dqacc, tau, lse2, dq, dtau, *q.stride(), *tau.stride(), *dq.stride(), *sp, Hq, Tq, R, D,
             BLOCK_R=block_r, BLOCK_D=bd)
     else:

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, next_power_of_2
+
 __all__ = ["any_hostile", "key_flags", "key_flags_varlen", "NO_FLAGGED_KEY"]
 
 
@@ -123,10 +125,10 @@ def key_flags(k, v) -> Tuple[torch.Tensor, torch.Tensor]:
     Dv = v.shape[3]
     flags = torch.empty((B * Hkv, Tk), dtype=torch.uint8, device=k.device)
     first = torch.full((B * Hkv,), Tk, dtype=torch.int32, device=k.device)
-    bd, bdv = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
-    block_t = max(1, min(triton.next_power_of_2(Tk), 4096 // max(bd, bdv)))
+    bd, bdv = next_power_of_2(D), next_power_of_2(Dv)
+    block_t = max(1, min(next_power_of_2(Tk), 4096 // max(bd, bdv)))
     cdt = tl.float64 if k.dtype == torch.float64 else tl.float32
-    _key_flags_kernel[(B * Hkv, triton.cdiv(Tk, block_t))](
+    _key_flags_kernel[(B * Hkv, cdiv(Tk, block_t))](
         k, v, flags, first, first, *k.stride(), *v.stride(), Hkv, Tk, D, Dv, 0,
         VARLEN=False, BLOCK_T=block_t, BLOCK_D=bd, BLOCK_DV=bdv, cdt=cdt)
     return flags, first
@@ -147,11 +149,11 @@ def key_flags_varlen(k, v, cu_k, max_k: int) -> Tuple[torch.Tensor, torch.Tensor
     first = torch.full((N * Hkv,), NO_FLAGGED_KEY, dtype=torch.int32, device=k.device)
     if N == 0:
         return flags, first
-    bd, bdv = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
-    block_t = max(1, min(triton.next_power_of_2(max_k), 4096 // max(bd, bdv)))
+    bd, bdv = next_power_of_2(D), next_power_of_2(Dv)
+    block_t = max(1, min(next_power_of_2(max_k), 4096 // max(bd, bdv)))
     cdt = tl.float64 if k.dtype == torch.float64 else tl.float32
     # (B, H, T, D) strides with a zero batch stride: the document start comes from cu_k
-    _key_flags_kernel[(N * Hkv, triton.cdiv(max_k, block_t))](
+    _key_flags_kernel[(N * Hkv, cdiv(max_k, block_t))](
         k, v, flags, first, cu_k, 0, k.stride(1), k.stride(0), k.stride(2), 0, v.stride(1), v.stride(0), v.stride(2),
         Hkv, max_k, D, Dv, total_k, VARLEN=True, BLOCK_T=block_t, BLOCK_D=bd, BLOCK_DV=bdv, cdt=cdt)
     return flags, first

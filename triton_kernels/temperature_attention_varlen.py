@@ -69,9 +69,8 @@ import dataclasses
 from typing import Optional, Tuple
 
 import torch
-import triton
 
-from ._common import INTERPRET, device_spec, launch
+from ._common import INTERPRET, cdiv, device_spec, launch, next_power_of_2
 from .temperature_attention import _block, _candidates, _fwd_kernel, _hostile_tiles, _precision, _scale_pair
 from .temperature_attention_bwd import _delta_kernel, _dkdv_kernel, _dq_kernel
 from .temperature_attention_nonfinite import NO_FLAGGED_KEY, any_hostile, key_flags_varlen
@@ -167,7 +166,7 @@ def attention_varlen_fwd(q, k, v, tau, scale: float, cu_q, cu_k, max_q: int, max
         es = q.element_size()
         cands = _candidates("fwd", es, bd, bdv, 0, max_q, device_spec(q.device).capability[0])
         key = ("fwd", q.dtype, bd, bdv, 0, bool(causal), max_q <= 16, "varlen")
-        grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), N * Hq)  # noqa: E731
+        grid = lambda cfg: (cdiv(max_q, cfg["BLOCK_M"]), N * Hq)  # noqa: E731
         args = (q, k, v, tau, q, out, lse, kf, first, cu_q, cu_k, *_strides(q), *_strides(k), *_strides(v),
                 0, tau.stride(1), tau.stride(0), 0, 0, 0, 0, *_strides(out), *_scale_pair(scale),
                 Hq, Hkv, Hq // Hkv, max_q, max_k, D, Dv, total_q, total_k)
@@ -211,8 +210,8 @@ def attention_varlen_bwd(grad_out, grad_lse: Optional[torch.Tensor], q, k, v, ta
     host = torch.zeros((N * Hkv,), dtype=torch.int32, device=q.device)  # (document, kv head)s with an rf row
     dlse = grad_lse.contiguous() if grad_lse is not None else delta
     bd, bdv = _block(D), _block(Dv)
-    block_r = 16 if INTERPRET else max(16, min(64, triton.next_power_of_2(12288 // (2 * bdv + bd) + 1) // 2))
-    _delta_kernel[(triton.cdiv(max_q * Hq, block_r), N)](
+    block_r = 16 if INTERPRET else max(16, min(64, next_power_of_2(12288 // (2 * bdv + bd) + 1) // 2))
+    _delta_kernel[(cdiv(max_q * Hq, block_r), N)](
         out, grad_out, dlse, lse, q, delta, lse2, rf, host, cu_q, total_q * Hq, Hq, Hkv, Hq // Hkv, max_q, D, Dv,
         *_strides(q), total_q, HAS_DLSE=grad_lse is not None, VARLEN=True, BLOCK_R=block_r, BLOCK_D=bd,
         BLOCK_DV=bdv)
@@ -226,11 +225,11 @@ def attention_varlen_bwd(grad_out, grad_lse: Optional[torch.Tensor], q, k, v, ta
     tau_st = (0, tau.stride(1), tau.stride(0))
     no_mask = (0, 0, 0, 0)
     tail = (*sp, Hq, Hkv, Hq // Hkv, max_q, max_k, D, Dv, total_q, total_k)
-    dkdv_grid = lambda cfg: (triton.cdiv(max_k, cfg["BLOCK_N"]), N * Hkv)  # noqa: E731
+    dkdv_grid = lambda cfg: (cdiv(max_k, cfg["BLOCK_N"]), N * Hkv)  # noqa: E731
     dkdv_args = (q, k, v, tau, q, grad_out, lse2, delta, rf, kf, first, host, dk, dv, delta, cu_q, cu_k,
                  *_strides(q), *_strides(k), *_strides(v), *tau_st, *no_mask, *_strides(grad_out), *_strides(dk),
                  *_strides(dv), *tail)
-    dq_grid = lambda cfg: (triton.cdiv(max_q, cfg["BLOCK_M"]), N * Hq)  # noqa: E731
+    dq_grid = lambda cfg: (cdiv(max_q, cfg["BLOCK_M"]), N * Hq)  # noqa: E731
     dq_args = (q, k, v, tau, q, grad_out, lse2, delta, rf, kf, first, host, dq, dtau, cu_q, cu_k,
                *_strides(q), *_strides(k), *_strides(v), *tau_st, *no_mask, *_strides(grad_out), *_strides(dq),
                *tail)

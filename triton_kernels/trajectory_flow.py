@@ -73,9 +73,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import triton
 
-from ._common import INTERPRET, compute_dtypes
+from ._common import INTERPRET, cdiv, compute_dtypes, next_power_of_2
 from .trajectory_flow_bwd import _bwd_kernel
 from .trajectory_flow_fwd import _fwd_kernel
 
@@ -104,11 +103,11 @@ def _blocks(B: int, T: int, D: int, K: int, elem: int, backward: bool) -> Tuple[
     scalars (the register budget that kept the previous kernels spill-free); rows of D <= 512 are
     whole in a tile. The halo tile (BLOCK_H rows) shares BLOCK_D.
     """
-    bh = min(64, triton.next_power_of_2(max(K, 1)))
-    tp = triton.next_power_of_2(T)
+    bh = min(64, next_power_of_2(max(K, 1)))
+    tp = next_power_of_2(T)
     if INTERPRET:  # programs run one by one in Python: few, large tiles (and halos rarely needed)
         bt = min(INTERPRET_BLOCK_T, tp)
-        return bt, bh, min(triton.next_power_of_2(D), max(16, 8192 // max(bt, bh))), 4
+        return bt, bh, min(next_power_of_2(D), max(16, 8192 // max(bt, bh))), 4
     per_thread = 16 // elem if D % 16 == 0 else 2
     # 8 warps, except short rows and fp64: ptxas gave those 64 (128) registers and a stack frame at
     # 8 (4) warps with 8-warp tiles on sm_90 (tests/triton_resources.py); 4-warp tiles have none
@@ -116,13 +115,13 @@ def _blocks(B: int, T: int, D: int, K: int, elem: int, backward: bool) -> Tuple[
     tile = 32 * warps * per_thread
     row = D * elem * (2 if backward else 1)
     rows = _FOOTPRINT // max(row, 1) - (2 * K + 1 if backward else K + 1)
-    bt = min(64, triton.next_power_of_2(max(rows, 1) + 1) // 2)
+    bt = min(64, next_power_of_2(max(rows, 1) + 1) // 2)
     # short rows: whole rows per tile (coalesced), rows filling the rest of the register tile
-    bt = max(16 if backward else 8, min(bt, tile // min(triton.next_power_of_2(D), max(16, tile // 8))))
-    while bt > 8 and B * triton.cdiv(T, bt) < _MIN_PROGRAMS:
+    bt = max(16 if backward else 8, min(bt, tile // min(next_power_of_2(D), max(16, tile // 8))))
+    while bt > 8 and B * cdiv(T, bt) < _MIN_PROGRAMS:
         bt //= 2
     bt = max(1, min(bt, tp))
-    bd = max(16, min(triton.next_power_of_2(D), tile // max(bt, bh)))
+    bd = max(16, min(next_power_of_2(D), tile // max(bt, bh)))
     warps = max(1, min(warps, max(bt, bh) * bd // (32 * per_thread)))
     return bt, bh, bd, warps
 
@@ -162,8 +161,8 @@ def _forward(x: torch.Tensor, window: int, eps: float, vl, want_out: bool):
     window = min(int(window), T)  # every window >= T - 1 means the whole prefix; keeps int32 math safe
     K = min(window, T - 1)
     bt, bh, bd, warps = _blocks(B, T, D, K, x.element_size(), backward=False)
-    nt = triton.cdiv(T, bt)
-    KH = triton.cdiv(K, bh) * bh
+    nt = cdiv(T, bt)
+    KH = cdiv(K, bh) * bh
     slot = KH + bt
     scr = torch.empty(B * nt * 3 * slot, device=x.device, dtype=cdt)
     out = torch.empty_like(x) if want_out else x
@@ -211,11 +210,11 @@ def trajectory_flow_bwd(grad_out: torch.Tensor, x: torch.Tensor, window: int, ep
     window = min(int(window), T)
     K = min(window, T - 1)
     bt, bh, bd, warps = _blocks(B, T, D, K, x.element_size(), backward=True)
-    nt = triton.cdiv(T, bt)
-    KH = triton.cdiv(K, bh) * bh
+    nt = cdiv(T, bt)
+    KH = cdiv(K, bh) * bh
     slot_q = 1 + bt + KH
-    bs = min(128, triton.next_power_of_2(2 * KH + bt))
-    slot_u = triton.cdiv(2 * KH + bt, bs) * bs
+    bs = min(128, next_power_of_2(2 * KH + bt))
+    slot_u = cdiv(2 * KH + bt, bs) * bs
     scr = torch.empty(B * nt * (2 * slot_q + slot_u), device=x.device, dtype=cdt)
     dx = torch.empty_like(x)
     st, bad = vl if vl is not None else (x, x)
