@@ -176,3 +176,31 @@ def test_forward_cache_fused_path_equals_the_merge_path(monkeypatch, masked):
 
     for a, b in zip(run(True), run(False)):
         assert_close(a, b)
+
+
+def test_forward_cache_rereads_a_layer_given_another_mask(monkeypatch):
+    """ForwardKVCache.attend decides once per forward whether the new keys are causal (transformers hands
+    every layer one mask object); a layer given another mask (here: row 0's decode token hidden from
+    itself) must be decided again, i.e. equal the merge path layer by layer."""
+    import trajops.kv_attention as KA
+
+    def run(fused):
+        monkeypatch.setattr(KA, "_MAX_FUSED_NEW", 16 if fused else 0)
+        gen = torch.Generator().manual_seed(1)
+        c = ForwardKVCache(2, 12, 8, max_batch_size=2)
+        outs = []
+        with torch.no_grad():
+            for n in (5, 1, 1):
+                live = c.live
+                causal = torch.ones(2, 1, n, live + n, dtype=torch.bool).tril(live)
+                other = causal.clone()
+                other[0, :, :, live:] = False  # row 0: no new key (only the old ones)
+                for layer, mask in enumerate((causal, other) if live else (causal, causal)):
+                    k, v = torch.randn(2, 2, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
+                    q = torch.randn(2, 4, n, 8, generator=gen)
+                    c.stage(k, v, layer)
+                    outs.append(c.attend(q, layer, scale=0.3, attn_mask=mask))
+        return outs
+
+    for a, b in zip(run(True), run(False)):
+        assert_close(a, b)

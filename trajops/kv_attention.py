@@ -28,7 +28,7 @@ from .ops.temperature_attention import temperature_attention
 from .reference._common import compute_dtype as _compute_dtype
 from .reference._common import merge_by_lse
 
-__all__ = ["attend_old_and_new", "merge_by_lse"]
+__all__ = ["attend_old_and_new", "causal_new_keys", "merge_by_lse"]
 
 
 def _attend_new(query: Tensor, keys: Tensor, values: Tensor, scale: float,
@@ -51,7 +51,7 @@ def _attend_new(query: Tensor, keys: Tensor, values: Tensor, scale: float,
 
 def attend_old_and_new(query: Tensor, store, layer: int, page_table: Tensor, visible: Tensor, keys: Tensor,
                        values: Tensor, *, has_old: bool = True, scale: Optional[float] = None,
-                       new_mask: Optional[Tensor] = None) -> Tensor:
+                       new_mask: Optional[Tensor] = None, new_causal: Optional[bool] = None) -> Tensor:
     """Attention (tau = 1) of ``query`` over the old entries of one layer of ``store`` ++ the new ``keys``/``values``.
 
     query: (B, Hq, n, D). store: a :class:`~trajops.PagedTrajectoryKVCache` whose ``layer`` pools still hold the old
@@ -59,24 +59,28 @@ def attend_old_and_new(query: Tensor, store, layer: int, page_table: Tensor, vis
     bool, the pages and the old entries the queries may see (not the store's own tensors if layer 0 of this forward
     has already evicted). keys, values: (B, Hkv, n, D) / (B, Hkv, n, Dv) the forward's tokens. has_old: False skips
     the pool read (nothing live before this forward). scale: default 1/sqrt(D). new_mask: None (causal) or bool
-    (B, 1 or Hq, n, n), True = attend, over the new keys.
+    (B, 1 or Hq, n, n), True = attend, over the new keys. new_causal: :func:`causal_new_keys` of new_mask if the
+    caller already knows it (the layers of one forward share one mask: ForwardKVCache asks once per forward).
     Returns (B, Hq, n, Dv) in query's dtype.
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     n = query.shape[2]
-    if has_old and _causal_new_keys(new_mask, n, query.device):
+    if new_causal is None:
+        new_causal = causal_new_keys(new_mask, n, query.device)
+    k_pool, v_pool = store.layer_pools(layer)
+    if has_old and new_causal:
         # one op: the pools and the new tokens (k_new / v_new, causal) in a single softmax, no merge
         q = query.to(store.dtype)  # the paged op reads the pools in their dtype
         out, _ = torch.ops.trajops.paged_temperature_attention(
-            q, store.k_pool[layer], store.v_pool[layer], page_table, visible, _unit_tau(q), None, scale,
-            keys.to(store.dtype), values.to(store.dtype))
+            q, k_pool, v_pool, page_table, visible, _unit_tau(q), None, scale, keys.to(store.dtype),
+            values.to(store.dtype))
         return out.to(query.dtype)
     out_new, lse_new = _attend_new(query, keys, values, scale, new_mask)
     if not has_old:
         return out_new.to(query.dtype)
     q = query.to(store.dtype)
     out_old, lse_old = torch.ops.trajops.paged_temperature_attention(
-        q, store.k_pool[layer], store.v_pool[layer], page_table, visible, _unit_tau(q), None, scale)
+        q, k_pool, v_pool, page_table, visible, _unit_tau(q), None, scale)
     return merge_by_lse(out_old, lse_old, out_new, lse_new)[0].to(query.dtype)
 
 
@@ -97,7 +101,7 @@ def _unit_tau(q: Tensor) -> Tensor:
 _MAX_FUSED_NEW = 16
 
 
-def _causal_new_keys(new_mask: Optional[Tensor], n: int, device: torch.device) -> bool:
+def causal_new_keys(new_mask: Optional[Tensor], n: int, device: torch.device) -> bool:
     """Whether the new keys are seen causally (query i: new keys 0..i), what the paged op's k_new/v_new compute.
 
     None is causal. A given mask is read on CPU only (on CUDA the read would sync the decode step; there the

@@ -107,6 +107,7 @@ class PagedTrajectoryKVCache:
         P, S = num_pages, page_size
         self.k_pool = torch.zeros((num_layers, P, S, num_kv_heads, head_dim), dtype=dtype, device=dev)
         self.v_pool = torch.zeros_like(self.k_pool)
+        self._layer_views: Optional[tuple] = None  # see layer_pools
         self.traj_pool = torch.zeros((P, S, traj_dim), dtype=torch.float32, device=dev)
         self.ts_pool = torch.zeros((P, S), dtype=torch.long, device=dev)
         self.live_pool = torch.zeros((P, S), dtype=torch.bool, device=dev)
@@ -232,8 +233,23 @@ class PagedTrajectoryKVCache:
         return evicted
 
     def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
-        # detached: the cache stores values, it must not keep the caller's autograd graph alive
-        torch.ops.trajops.kv_write_(self.k_pool[layer], self.v_pool[layer], self._written, k.detach(), v.detach())
+        # detached: the cache stores values, it must not keep the caller's autograd graph alive (under no_grad
+        # there is nothing to detach: two ops per layer saved on the launch-bound decode path)
+        k_pool, v_pool = self.layer_pools(layer)
+        if k.requires_grad or v.requires_grad:
+            k, v = k.detach(), v.detach()
+        torch.ops.trajops.kv_write_(k_pool, v_pool, self._written, k, v)
+
+    def layer_pools(self, layer: int) -> Tuple[Tensor, Tensor]:
+        """(k_pool[layer], v_pool[layer]): views (P, S, num_kv_heads, head_dim) of one layer's pools, made once.
+
+        A decode step reads and writes every layer's pools: indexing ``k_pool[layer]`` each time is an op per
+        access (on a GPU a host-side dispatch each). The views stay valid because the pools are only ever
+        modified in place; they are rebuilt if ``k_pool``/``v_pool`` were replaced."""
+        views = self._layer_views
+        if views is None or views[0] is not self.k_pool or views[1] is not self.v_pool:
+            views = self._layer_views = (self.k_pool, self.v_pool, self.k_pool.unbind(0), self.v_pool.unbind(0))
+        return views[2][layer], views[3][layer]
 
     def step(self) -> None:
         """Advance the clock by one (timestamps of later appends are one larger)."""

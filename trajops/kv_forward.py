@@ -120,6 +120,7 @@ class ForwardKVCache:
         self._paged = False  # this forward uses stage + attend
         self._staged: Optional[Tuple[int, Tensor, Tensor]] = None  # (layer, keys, values) awaiting attend
         self._paged_view: Optional[Tuple[Tensor, Tensor]] = None  # (page_table, live) before this forward
+        self._causal_seen: tuple = (None, True)  # (the mask of the last attend, whether its new keys are causal)
         self._hidden_pins: Optional[Tuple[Tensor, Tensor]] = None  # (hidden (B, live), their slots' flags)
 
     def _lazy_init(self, key_states: Tensor) -> None:
@@ -211,7 +212,7 @@ class ForwardKVCache:
             one host read per prefill; a decode step's (B, 1, 1, live + 1) mask has nothing to compare).
         Returns (B, Hq, n, head_dim) in query's dtype. Inference only (the paged op has no backward).
         """
-        from .kv_attention import attend_old_and_new  # the attention math lives next door
+        from .kv_attention import attend_old_and_new, causal_new_keys  # the attention math lives next door
 
         name = f"{type(self).__name__}.attend"
         if self._staged is None or self._staged[0] != layer_idx:
@@ -227,12 +228,17 @@ class ForwardKVCache:
             raise ValueError(f"{name}: attn_mask must be bool (B, 1 or Hq, n, live + n) = ({keys.shape[0]}, 1 or "
                              f"{query.shape[1]}, {keys.shape[2]}, {self._live + keys.shape[2]}), got "
                              f"{getattr(attn_mask, 'dtype', None)} {list(attn_mask.shape)}")
+        new_mask = None if attn_mask is None else attn_mask[..., self._live:]
         if layer_idx == 0:  # what every layer of this forward may read: the store before layer 0's write
             self._paged_view = self._visible_before(attn_mask)
         page_table, visible = self._paged_view
+        # whether the new keys are causal: transformers hands every layer of a forward the same mask object, so
+        # the host read is made once per forward (again for a layer given another mask)
+        if layer_idx == 0 or attn_mask is not self._causal_seen[0]:
+            self._causal_seen = (attn_mask, causal_new_keys(new_mask, keys.shape[2], query.device))
+        new_causal = self._causal_seen[1]
         out = attend_old_and_new(query, self.store, layer_idx, page_table, visible, keys, values,
-                                 has_old=self._live > 0, scale=scale,
-                                 new_mask=None if attn_mask is None else attn_mask[..., self._live:])
+                                 has_old=self._live > 0, scale=scale, new_mask=new_mask, new_causal=new_causal)
         self._staged = None
         self._write_layer(layer_idx, keys, values)
         return out
@@ -308,7 +314,7 @@ class ForwardKVCache:
             self._live = min(self._live + self._n, self.capacity)
             self.store.step()
             self._next_layer = 0
-            self._paged_view = None
+            self._paged_view, self._causal_seen = None, (None, True)
 
     def _begin_forward(self, keys: Tensor, values: Tensor, paged: bool) -> None:
         self._lazy_init(keys)
