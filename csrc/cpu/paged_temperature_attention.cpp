@@ -263,7 +263,11 @@ Keys collect_keys(const Tensor& k_pool, const Tensor& v_pool, const Tensor& page
   };
   Keys keys;
   keys.begin.assign(B + 1, 0);
-  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+  // Listing is ~1 ns per slot: threads only for rows of many slots (a decode step of a short context would
+  // spend more on waking the pool's threads, twice, than on the list)
+  const int64_t per_row = std::max<int64_t>(1, listed ? K : L);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / per_row);
+  at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       int64_t count = 0;
       for_row(b, [&](int64_t, int64_t) { ++count; });
@@ -274,7 +278,7 @@ Keys collect_keys(const Tensor& k_pool, const Tensor& v_pool, const Tensor& page
   keys.koff.resize(keys.begin[B]);
   keys.voff.resize(keys.begin[B]);
   const int64_t k0 = k_pool.stride(0), k1 = k_pool.stride(1), v0 = v_pool.stride(0), v1 = v_pool.stride(1);
-  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       int64_t at_ = keys.begin[b];
       for_row(b, [&](int64_t page, int64_t s) {
