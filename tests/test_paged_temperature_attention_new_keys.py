@@ -151,56 +151,50 @@ def test_bad_new_keys():
         OP(*base, k_new.to("meta"), v_new)
 
 
+def _attend_stream(monkeypatch, fused, seed, spans, masks):
+    """Outputs of ForwardKVCache.stage + attend over forwards of ``spans`` new tokens (2 layers), with the
+    op's new keys (fused) or the merge path; masks(n, live) gives each layer's attn_mask."""
+    import trajops.kv_attention as KA
+
+    monkeypatch.setattr(KA, "_MAX_FUSED_NEW", 16 if fused else 0)
+    gen = torch.Generator().manual_seed(seed)
+    c = ForwardKVCache(2, 12, 8, max_batch_size=2)
+    outs = []
+    with torch.no_grad():
+        for n in spans:
+            for layer, mask in enumerate(masks(n, c.live)):
+                k, v = torch.randn(2, 2, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
+                q = torch.randn(2, 4, n, 8, generator=gen)
+                c.stage(k, v, layer)
+                outs.append(c.attend(q, layer, scale=0.3, attn_mask=mask))
+    return outs
+
+
 @pytest.mark.skipif(INTERPRETER, reason="class-level decode loop: the C++ and reference passes cover it")
 @pytest.mark.parametrize("masked", [False, True])
 def test_forward_cache_fused_path_equals_the_merge_path(monkeypatch, masked):
     """ForwardKVCache.attend uses the op's new keys for short spans; the merge path (new keys apart + a
     log-sum-exp merge) must give the same attention."""
-    import trajops.kv_attention as KA
+    def masks(n, live):
+        mask = torch.ones(2, 1, n, live + n, dtype=torch.bool).tril(live) if masked else None
+        return mask, mask
 
-    def run(fused):
-        monkeypatch.setattr(KA, "_MAX_FUSED_NEW", 16 if fused else 0)
-        gen = torch.Generator().manual_seed(0)
-        c = ForwardKVCache(2, 12, 8, max_batch_size=2)
-        outs = []
-        with torch.no_grad():
-            for n in (7, 3, 1, 1, 2, 1):
-                live = c.live
-                mask = torch.ones(2, 1, n, live + n, dtype=torch.bool).tril(live) if masked else None
-                for layer in range(2):
-                    k, v = torch.randn(2, 2, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
-                    q = torch.randn(2, 4, n, 8, generator=gen)
-                    c.stage(k, v, layer)
-                    outs.append(c.attend(q, layer, scale=0.3, attn_mask=mask))
-        return outs
-
-    for a, b in zip(run(True), run(False)):
+    runs = [_attend_stream(monkeypatch, fused, 0, (7, 3, 1, 1, 2, 1), masks) for fused in (True, False)]
+    for a, b in zip(*runs):
         assert_close(a, b)
 
 
+@pytest.mark.skipif(INTERPRETER, reason="class-level decode loop: the C++ and reference passes cover it")
 def test_forward_cache_rereads_a_layer_given_another_mask(monkeypatch):
     """ForwardKVCache.attend decides once per forward whether the new keys are causal (transformers hands
     every layer one mask object); a layer given another mask (here: row 0's decode token hidden from
     itself) must be decided again, i.e. equal the merge path layer by layer."""
-    import trajops.kv_attention as KA
+    def masks(n, live):
+        causal = torch.ones(2, 1, n, live + n, dtype=torch.bool).tril(live)
+        other = causal.clone()
+        other[0, :, :, live:] = False  # row 0: no new key (only the old ones)
+        return (causal, other) if live else (causal, causal)
 
-    def run(fused):
-        monkeypatch.setattr(KA, "_MAX_FUSED_NEW", 16 if fused else 0)
-        gen = torch.Generator().manual_seed(1)
-        c = ForwardKVCache(2, 12, 8, max_batch_size=2)
-        outs = []
-        with torch.no_grad():
-            for n in (5, 1, 1):
-                live = c.live
-                causal = torch.ones(2, 1, n, live + n, dtype=torch.bool).tril(live)
-                other = causal.clone()
-                other[0, :, :, live:] = False  # row 0: no new key (only the old ones)
-                for layer, mask in enumerate((causal, other) if live else (causal, causal)):
-                    k, v = torch.randn(2, 2, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
-                    q = torch.randn(2, 4, n, 8, generator=gen)
-                    c.stage(k, v, layer)
-                    outs.append(c.attend(q, layer, scale=0.3, attn_mask=mask))
-        return outs
-
-    for a, b in zip(run(True), run(False)):
+    runs = [_attend_stream(monkeypatch, fused, 1, (5, 1, 1), masks) for fused in (True, False)]
+    for a, b in zip(*runs):
         assert_close(a, b)
