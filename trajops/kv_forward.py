@@ -336,8 +336,12 @@ class ForwardKVCache:
             raise ValueError(f"{type(self).__name__}: trajectory_fn must return (B, n, traj_dim) = ({B}, {n}, "
                              f"{self.traj_dim}), got {getattr(feat, 'shape', type(feat))}")
         feat = feat.to(device=store.device, dtype=torch.float32)
-        traj = feat - torch.cat([self._last_feat[:B, None], feat[:, :-1]], dim=1)
-        self._last_feat[:B] = feat[:, -1]
+        last = self._last_feat[:B]
+        if n == 1:  # a decode step: one step per row, from the row's last feature (no cat: fewer ops per token)
+            traj = feat - last.unsqueeze(1)
+        else:
+            traj = feat - torch.cat([last.unsqueeze(1), feat[:, :-1]], dim=1)
+        last.copy_(feat[:, -1])
         if self._pending_traj is not None:
             given, self._pending_traj = self._pending_traj, None
             if tuple(given.shape) != (B, n, self.traj_dim):
