@@ -153,3 +153,39 @@ def test_cuda_graph_decode_step_replays_like_eager():
         torch.cuda.synchronize()
         assert torch.equal(out_static, want), i
         assert torch.equal(graphed.live_pool, eager.live_pool)
+
+
+def test_forward_cache_with_a_padding_mask_fuses_the_new_keys(monkeypatch):
+    """On CUDA a mask over the new keys is read once per forward (one sync), so a decode step with left padding
+    takes the one-call path (k_new / v_new); its attention equals the merge path's (new keys apart + lse merge).
+    While a CUDA graph is captured the mask is not read (causal_new_keys says False)."""
+    import trajops.kv_attention as KA
+    from trajops.kv_forward import ForwardKVCache
+
+    def run(fused):
+        monkeypatch.setattr(KA, "_MAX_FUSED_NEW", 16 if fused else 0)
+        gen = torch.Generator().manual_seed(4)
+        c = ForwardKVCache(2, 12, 8, max_batch_size=2, device="cuda")
+        outs = []
+        with torch.no_grad():
+            for n in (5, 1, 1, 2, 1):
+                live = c.live
+                mask = torch.ones(2, 1, n, live + n, dtype=torch.bool).tril(live)
+                mask[1, :, :, :min(2, live)] = False  # row 1: two padded old keys
+                for layer in range(2):
+                    k, v = torch.randn(2, 2, n, 8, generator=gen), torch.randn(2, 2, n, 8, generator=gen)
+                    q = torch.randn(2, 4, n, 8, generator=gen)
+                    c.stage(k.cuda(), v.cuda(), layer)
+                    outs.append(c.attend(q.cuda(), layer, scale=0.3, attn_mask=mask.cuda()))
+        return outs
+
+    for a, b in zip(run(True), run(False)):
+        _close(a, b.cpu().double(), 2e-5)
+    monkeypatch.setattr(KA, "_MAX_FUSED_NEW", 16)
+    mask = torch.ones(2, 1, 1, 1, dtype=torch.bool, device="cuda")
+    assert KA.causal_new_keys(mask, 1, mask.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seen = KA.causal_new_keys(mask, 1, mask.device)
+        mask.logical_and(mask)  # (a graph with one kernel)
+    assert seen is False

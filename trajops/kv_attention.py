@@ -8,7 +8,7 @@ Used by :meth:`trajops.kv_forward.ForwardKVCache.attend` (and through it by the 
   pools (given a page table and a live mask that describe the store *before* this forward);
 * the forward's **new** tokens, dense (B, Hkv, n, D): causal among themselves (or as a given mask says). The
   paged op takes them as ``k_new``/``v_new`` (query i: new keys 0..i) in the same softmax: one call for a decode
-  step or a short causal chunk. Otherwise (long chunks, other masks, a mask on CUDA that reading would sync)
+  step or a short causal chunk. Otherwise (long chunks, other masks, a mask during a CUDA-graph capture)
   ``trajops.temperature_attention`` attends them apart (a decode step needs no kernel: one key, out = v).
 
 Then both halves return their log-sum-exp, and the exact softmax over the union is their log-sum-exp merge:
@@ -104,14 +104,19 @@ _MAX_FUSED_NEW = 16
 def causal_new_keys(new_mask: Optional[Tensor], n: int, device: torch.device) -> bool:
     """Whether the new keys are seen causally (query i: new keys 0..i), what the paged op's k_new/v_new compute.
 
-    None is causal. A given mask is read on CPU only (on CUDA the read would sync the decode step; there the
-    attention over the new keys runs apart and is merged by log-sum-exp)."""
+    None is causal. A given mask is read on the host: free on CPU; on CUDA one sync, which ForwardKVCache makes
+    once per forward (transformers has already synced that step to build the mask), and which then saves every
+    layer the separate attention over the new keys and the log-sum-exp merge (~15 launches). Not while a CUDA
+    graph is being captured (a read cannot be captured): the new keys then run apart. Other devices: apart."""
     if n > _MAX_FUSED_NEW:
         return False
     if new_mask is None:
         return True
-    if device.type != "cpu":
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return False
+    elif device.type != "cpu":
         return False
     if n == 1:  # a decode step: its one query sees its own token
         return bool(new_mask.all())
-    return bool((new_mask == torch.ones(n, n, dtype=torch.bool).tril()).all())
+    return bool((new_mask == torch.ones(n, n, dtype=torch.bool, device=new_mask.device).tril()).all())
