@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from .._library import register_kernels
+from ._checks import check, check_type, check_value
 
 __all__ = ["adaptive_positional_encoding"]
 
@@ -24,23 +25,23 @@ _NAME = "adaptive_positional_encoding"
 
 def _check(displacement: Tensor, pe_table: Tensor, positions: Optional[Tensor]) -> None:
     # Messages match csrc/cpu/adaptive_positional_encoding.cpp so every backend fails the same way.
-    torch._check_value(
+    check_value(
         displacement.dim() in (1, 2),
         lambda: f"{_NAME}: displacement must have shape (B, T) or (T,), got shape {list(displacement.shape)}",
     )
-    torch._check_type(
+    check_type(
         displacement.dtype in _DTYPES,
         lambda: f"{_NAME}: displacement must be float32, float64, float16 or bfloat16, got {displacement.dtype}",
     )
-    torch._check_value(
+    check_value(
         pe_table.dim() == 2 and pe_table.shape[0] >= 1,
         lambda: f"{_NAME}: pe_table must have shape (max_len, E) with max_len >= 1, got shape {list(pe_table.shape)}",
     )
-    torch._check_type(
+    check_type(
         pe_table.dtype == displacement.dtype,
         lambda: f"{_NAME}: pe_table must have the dtype of displacement ({displacement.dtype}), got {pe_table.dtype}",
     )
-    torch._check(
+    check(
         pe_table.device == displacement.device,
         lambda: f"{_NAME}: displacement and pe_table must be on one device, got {displacement.device} and "
         f"{pe_table.device}",
@@ -48,16 +49,16 @@ def _check(displacement: Tensor, pe_table: Tensor, positions: Optional[Tensor]) 
     if positions is None:
         return
     T = displacement.shape[-1]
-    torch._check_value(
+    check_value(
         tuple(positions.shape) in ((T,), tuple(displacement.shape)),
         lambda: f"{_NAME}: positions must have shape (T,) = ({T},) or the shape of displacement "
         f"{list(displacement.shape)}, got shape {list(positions.shape)}",
     )
-    torch._check_type(
+    check_type(
         positions.dtype != torch.bool and not positions.dtype.is_complex,
         lambda: f"{_NAME}: positions must be a real (integer or floating) tensor, got {positions.dtype}",
     )
-    torch._check(
+    check(
         positions.device == displacement.device,
         lambda: f"{_NAME}: displacement and positions must be on one device, got {displacement.device} and "
         f"{positions.device}",
@@ -71,15 +72,15 @@ def _out_shape(displacement: Tensor, pe_table: Tensor) -> list:
 def _check_backward(grad_out: Tensor, displacement: Tensor, pe_table: Tensor, positions: Optional[Tensor]) -> None:
     _check(displacement, pe_table, positions)
     shape = _out_shape(displacement, pe_table)
-    torch._check_value(
+    check_value(
         list(grad_out.shape) == shape,
         lambda: f"{_NAME}_backward: grad_out must have the output's shape {shape}, got {list(grad_out.shape)}",
     )
-    torch._check_type(
+    check_type(
         grad_out.dtype == pe_table.dtype,
         lambda: f"{_NAME}_backward: grad_out must have the dtype of pe_table ({pe_table.dtype}), got {grad_out.dtype}",
     )
-    torch._check(
+    check(
         grad_out.device == displacement.device,
         lambda: f"{_NAME}_backward: grad_out and displacement must be on one device, got {grad_out.device} and "
         f"{displacement.device}",

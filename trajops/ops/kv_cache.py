@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .. import reference
 from .._library import register_kernels
+from ._checks import check, check_value
 
 __all__: list = []
 
@@ -42,21 +43,21 @@ _MAX_K = 2**31 - 1
 
 def _check_pool(traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, page_table: Tensor) -> None:
     """Ranks, shapes and dtypes of the pools and the page table (no values: fake impls run this too)."""
-    torch._check_value(
+    check_value(
         traj_pool.dim() == 3 and traj_pool.dtype == torch.float32,
         lambda: f"{_OP}: traj_pool must be float32 (num_pages, page_size, traj_dim), got {traj_pool.dtype} "
         f"{list(traj_pool.shape)}",
     )
     P, S, Dt = traj_pool.shape
-    torch._check_value(
+    check_value(
         tuple(ts_pool.shape) == (P, S) and ts_pool.dtype == torch.long,
         lambda: f"{_OP}: ts_pool must be int64 ({P}, {S}), got {ts_pool.dtype} {list(ts_pool.shape)}",
     )
-    torch._check_value(
+    check_value(
         tuple(live_pool.shape) == (P, S) and live_pool.dtype == torch.bool,
         lambda: f"{_OP}: live_pool must be bool ({P}, {S}), got {live_pool.dtype} {list(live_pool.shape)}",
     )
-    torch._check_value(
+    check_value(
         page_table.dim() == 2 and page_table.dtype == torch.long,
         lambda: f"{_OP}: page_table must be int64 (max_batch, max_pages), got {page_table.dtype} "
         f"{list(page_table.shape)}",
@@ -67,14 +68,14 @@ def _check_trajectories(name: str, t: Tensor, dims: int, traj_pool: Tensor, page
     """query (B, Dt) or new_traj (B, n, Dt), floating point, B <= max_batch."""
     Dt, MB = traj_pool.shape[2], page_table.shape[0]
     want = f"(B, {Dt})" if dims == 2 else f"(B, n, {Dt})"
-    torch._check_value(
+    check_value(
         t.dim() == dims and t.shape[-1] == Dt and t.shape[0] <= MB and t.dtype.is_floating_point,
         lambda: f"{_OP}: {name} must be a floating-point {want} tensor with B <= {MB}, got {t.dtype} {list(t.shape)}",
     )
 
 
 def _check_int(name: str, t: Tensor, shape: tuple, what: str) -> None:
-    torch._check_value(
+    check_value(
         tuple(t.shape) == shape and t.dtype == torch.long,
         lambda: f"{_OP}: {name} must be int64 {what}, got {t.dtype} {list(t.shape)}",
     )
@@ -85,7 +86,7 @@ def _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_
     """Shapes and dtypes of kv_evict_append_'s state and per-call arguments (C++: the same checks, same order)."""
     P, S = traj_pool.shape[0], traj_pool.shape[1]
     MB = page_table.shape[0]
-    torch._check_value(
+    check_value(
         tuple(pinned_pool.shape) == (P, S) and pinned_pool.dtype == torch.bool,
         lambda: f"{_OP}: pinned_pool must be bool ({P}, {S}), got {pinned_pool.dtype} {list(pinned_pool.shape)}",
     )
@@ -98,23 +99,23 @@ def _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_
     B, n = new_traj.shape[0], new_traj.shape[1]
     _check_int("lengths", lengths, (B,), f"({B},)")
     if pin is not None:
-        torch._check_value(
+        check_value(
             tuple(pin.shape) == (B, n) and pin.dtype == torch.bool,
             lambda: f"{_OP}: pin must be bool ({B}, {n}), got {pin.dtype} {list(pin.shape)}",
         )
 
 
 def _check_k(k: int) -> None:
-    torch._check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
+    check_value(k >= 0, lambda: f"{_OP}: k must be >= 0, got {k}")
     # outputs are (B, k): a k beyond int32 is a bug, not an allocation to attempt
-    torch._check_value(k <= _MAX_K, lambda: f"{_OP}: k must be <= {_MAX_K}, got {k}")
+    check_value(k <= _MAX_K, lambda: f"{_OP}: k must be <= {_MAX_K}, got {k}")
 
 
 def _check_weights(alpha: float, decay: float) -> None:
     """The relevance weights the cache itself accepts (alpha in [0, 1], decay finite >= 0): beyond them
     scores overflow or lose the meaning the rankings rely on."""
-    torch._check_value(0.0 <= alpha <= 1.0, lambda: f"{_OP}: alpha must be in [0, 1], got {alpha!r}")
-    torch._check_value(math.isfinite(decay) and decay >= 0.0,
+    check_value(0.0 <= alpha <= 1.0, lambda: f"{_OP}: alpha must be in [0, 1], got {alpha!r}")
+    check_value(math.isfinite(decay) and decay >= 0.0,
                        lambda: f"{_OP}: decay must be a finite number >= 0, got {decay!r}")
 
 
@@ -122,7 +123,7 @@ def _check_devices(tensors: dict) -> None:
     devs = {name: t.device for name, t in tensors.items() if t is not None}
     first = next(iter(devs.values()))
     bad = [name for name, d in devs.items() if d != first]
-    torch._check_value(not bad, lambda: f"{_OP}: every tensor must be on {first}, got {bad[0]} on {devs[bad[0]]}")
+    check_value(not bad, lambda: f"{_OP}: every tensor must be on {first}, got {bad[0]} on {devs[bad[0]]}")
 
 
 def _first_bad(bad: Tensor) -> tuple:
@@ -202,7 +203,7 @@ def _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_co
     _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top, evicted_total, now,
                  new_traj, lengths, pin)
     for t in (traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, free_pages, evicted_total):
-        torch._check(t.is_contiguous(), lambda: f"{_OP}: the cache state tensors must be contiguous")
+        check(t.is_contiguous(), lambda: f"{_OP}: the cache state tensors must be contiguous")
     _check_devices({"traj_pool": traj_pool, "ts_pool": ts_pool, "live_pool": live_pool, "pinned_pool": pinned_pool,
                     "page_table": page_table, "live_count": live_count, "capacity": capacity,
                     "free_pages": free_pages, "free_top": free_top, "evicted_total": evicted_total, "now": now,
@@ -309,17 +310,17 @@ register_kernels("kv_evict_append_", _evict_append, _evict_append_triton)
 
 # ---------------------------------------------------------------- kv_write_
 def _check_write(k_pool: Tensor, v_pool: Tensor, written: Tensor, k: Tensor, v: Tensor) -> None:
-    torch._check_value(
+    check_value(
         k_pool.dim() == 4 and v_pool.shape == k_pool.shape and v_pool.dtype == k_pool.dtype,
         lambda: f"{_OP}: k_pool and v_pool must have one shape (num_pages, page_size, H, D) and dtype, got "
         f"{list(k_pool.shape)} {k_pool.dtype} and {list(v_pool.shape)} {v_pool.dtype}",
     )
-    torch._check_value(
+    check_value(
         written.dim() == 2 and written.dtype == torch.long,
         lambda: f"{_OP}: written must be int64 (B, n), got {written.dtype} {list(written.shape)}",
     )
     shape = (written.shape[0], k_pool.shape[2], written.shape[1], k_pool.shape[3])
-    torch._check_value(
+    check_value(
         tuple(k.shape) == shape and v.shape == k.shape,
         lambda: f"{_OP}: k and v must have shape {shape}, got {list(k.shape)} and {list(v.shape)}",
     )
@@ -349,7 +350,7 @@ def _write(k_pool, v_pool, written, k, v):
 def _write_triton(k_pool, v_pool, written, k, v):
     _check_write(k_pool, v_pool, written, k, v)
     _check_written_values(k_pool, written)
-    torch._check(k_pool.is_contiguous() and v_pool.is_contiguous(),
+    check(k_pool.is_contiguous() and v_pool.is_contiguous(),
                  lambda: f"{_OP}: k_pool and v_pool must be contiguous")
     from ..triton_kernels import kv_cache as kernels
 

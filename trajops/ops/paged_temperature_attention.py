@@ -27,6 +27,7 @@ from .. import reference
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from ._checks import broadcastable as _broadcastable
+from ._checks import check, check_type, check_value
 
 __all__ = ["paged_temperature_attention"]
 
@@ -38,71 +39,71 @@ _OP = "paged_temperature_attention"
 def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_pool: Tensor, tau: Tensor,
            slots: Optional[Tensor], scale: Optional[float], k_new: Optional[Tensor] = None,
            v_new: Optional[Tensor] = None) -> None:
-    torch._check_value(q.dim() == 4, lambda: f"{_OP}: q must have shape (B, Hq, n, D), got {list(q.shape)}")
-    torch._check_value(
+    check_value(q.dim() == 4, lambda: f"{_OP}: q must have shape (B, Hq, n, D), got {list(q.shape)}")
+    check_value(
         k_pool.dim() == 4 and v_pool.dim() == 4,
         lambda: f"{_OP}: k_pool and v_pool must have shape (P, S, Hkv, D), got {list(k_pool.shape)} and "
         f"{list(v_pool.shape)}",
     )
-    torch._check_type(
+    check_type(
         q.dtype in _DTYPES, lambda: f"{_OP}: q must be float32, float64, float16 or bfloat16, got {q.dtype}"
     )
-    torch._check_type(
+    check_type(
         k_pool.dtype == q.dtype and v_pool.dtype == q.dtype,
         lambda: f"{_OP}: q, k_pool and v_pool must have one dtype, got {q.dtype}, {k_pool.dtype} and {v_pool.dtype}",
     )
     B, Hq, _, D = q.shape
     P, S, Hkv = k_pool.shape[0], k_pool.shape[1], k_pool.shape[2]
-    torch._check_value(
+    check_value(
         tuple(v_pool.shape[:3]) == (P, S, Hkv) and v_pool.shape[3] >= 1,
         lambda: f"{_OP}: v_pool must have shape (P, S, Hkv, Dv) = ({P}, {S}, {Hkv}, Dv) like k_pool, got "
         f"{list(v_pool.shape)}",
     )
-    torch._check_value(
+    check_value(
         k_pool.shape[3] == D and D >= 1 and S >= 1,
         lambda: f"{_OP}: q and k_pool must have one head size D >= 1, got q {list(q.shape)} and k_pool "
         f"{list(k_pool.shape)}",
     )
-    torch._check_value(
+    check_value(
         Hkv >= 1 and Hq % Hkv == 0,
         lambda: f"{_OP}: the pools' Hkv={Hkv} heads must divide q's Hq={Hq}",
     )
-    torch._check_type(
+    check_type(
         page_table.dtype == torch.long and live_pool.dtype == torch.bool,
         lambda: f"{_OP}: page_table must be int64 and live_pool bool, got {page_table.dtype} and {live_pool.dtype}",
     )
-    torch._check_value(
+    check_value(
         page_table.dim() == 2 and page_table.shape[0] >= B,
         lambda: f"{_OP}: page_table must have shape (>= B, MP) with B={B}, got {list(page_table.shape)}",
     )
-    torch._check_value(
+    check_value(
         tuple(live_pool.shape) == (P, S),
         lambda: f"{_OP}: live_pool must have shape (P, S) = ({P}, {S}), got {list(live_pool.shape)}",
     )
-    torch._check_type(tau.is_floating_point(), lambda: f"{_OP}: tau must be a floating-point tensor, got {tau.dtype}")
-    torch._check_value(
+    check_type(tau.is_floating_point(), lambda: f"{_OP}: tau must be a floating-point tensor, got {tau.dtype}")
+    check_value(
         _broadcastable(tau.shape, (B, Hq, q.shape[2])),
         lambda: f"{_OP}: tau must be broadcastable to (B, Hq, n) = ({B}, {Hq}, {q.shape[2]}), got shape "
         f"{list(tau.shape)}",
     )
     if slots is not None:
-        torch._check_type(slots.dtype == torch.long, lambda: f"{_OP}: slots must be int64, got {slots.dtype}")
-        torch._check_value(
+        check_type(slots.dtype == torch.long, lambda: f"{_OP}: slots must be int64, got {slots.dtype}")
+        check_value(
             slots.dim() == 2 and slots.shape[0] == B,
             lambda: f"{_OP}: slots must have shape (B, k) with B={B}, got {list(slots.shape)}",
         )
-    torch._check_value((k_new is None) == (v_new is None), lambda: f"{_OP}: k_new and v_new must be given together")
+    check_value((k_new is None) == (v_new is None), lambda: f"{_OP}: k_new and v_new must be given together")
     if k_new is not None:
-        torch._check_type(
+        check_type(
             k_new.dtype == q.dtype and v_new.dtype == q.dtype,
             lambda: f"{_OP}: q, k_new and v_new must have one dtype, got {q.dtype}, {k_new.dtype} and {v_new.dtype}",
         )
         n, Dv = q.shape[2], v_pool.shape[3]
-        torch._check_value(
+        check_value(
             tuple(k_new.shape) == (B, Hkv, n, D),
             lambda: f"{_OP}: k_new must have shape (B, Hkv, n, D) = ({B}, {Hkv}, {n}, {D}), got {list(k_new.shape)}",
         )
-        torch._check_value(
+        check_value(
             tuple(v_new.shape) == (B, Hkv, n, Dv),
             lambda: f"{_OP}: v_new must have shape (B, Hkv, n, Dv) = ({B}, {Hkv}, {n}, {Dv}), got "
             f"{list(v_new.shape)}",
@@ -110,12 +111,12 @@ def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_p
     devices = (k_pool.device, v_pool.device, page_table.device, live_pool.device, tau.device) + (
         () if slots is None else (slots.device,)
     ) + (() if k_new is None else (k_new.device, v_new.device))
-    torch._check(
+    check(
         all(d == q.device for d in devices),
         lambda: f"{_OP}: every tensor must be on q's device ({q.device}), got {[str(d) for d in devices]}",
     )
     if scale is not None:
-        torch._check_value(
+        check_value(
             math.isfinite(scale) and scale > 0, lambda: f"{_OP}: scale must be a finite number > 0, got {scale}"
         )
 

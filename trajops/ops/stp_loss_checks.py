@@ -14,28 +14,29 @@ from torch import Tensor
 from .. import varlen
 from ..reference._common import compute_dtype as _acc_dtype
 from ._checks import DTYPES as _DTYPES
+from ._checks import check, check_type, check_value
 
 # Messages match csrc/cpu/stp_loss_checks.h so every backend fails the same way.
 def _check_hidden(op: str, hidden: Sequence[Tensor]) -> None:
-    torch._check_value(len(hidden) >= 1, lambda: f"{op}: hidden must hold at least one (B, T, D) tensor, got none")
+    check_value(len(hidden) >= 1, lambda: f"{op}: hidden must hold at least one (B, T, D) tensor, got none")
     h0 = hidden[0]
-    torch._check_value(
+    check_value(
         h0.dim() == 3, lambda: f"{op}: hidden[0] must have shape (B, T, D), got shape {list(h0.shape)}"
     )
-    torch._check_type(
+    check_type(
         h0.dtype in _DTYPES, lambda: f"{op}: hidden must be float32, float64, float16 or bfloat16, got {h0.dtype}"
     )
     for i, h in enumerate(hidden[1:], 1):
-        torch._check_value(
+        check_value(
             h.shape == h0.shape,
             lambda: f"{op}: every layer must have the shape of hidden[0] {list(h0.shape)}, "
             f"got {list(h.shape)} for hidden[{i}]",
         )
-        torch._check_type(
+        check_type(
             h.dtype == h0.dtype,
             lambda: f"{op}: every layer must have the dtype of hidden[0] ({h0.dtype}), got {h.dtype} for hidden[{i}]",
         )
-        torch._check(
+        check(
             h.device == h0.device,
             lambda: f"{op}: every layer must be on the device of hidden[0] ({h0.device}), "
             f"got {h.device} for hidden[{i}]",
@@ -43,11 +44,11 @@ def _check_hidden(op: str, hidden: Sequence[Tensor]) -> None:
 
 
 def _check_index(op: str, name: str, t: Tensor, shape: Tuple[int, ...], spec: str, h0: Tensor) -> None:
-    torch._check_type(t.dtype == torch.int64, lambda: f"{op}: {name} must be int64, got {t.dtype}")
-    torch._check_value(
+    check_type(t.dtype == torch.int64, lambda: f"{op}: {name} must be int64, got {t.dtype}")
+    check_value(
         tuple(t.shape) == shape, lambda: f"{op}: {name} must have shape {spec}, got shape {list(t.shape)}"
     )
-    torch._check(
+    check(
         t.device == h0.device, lambda: f"{op}: {name} must be on the device of hidden ({h0.device}), got {t.device}"
     )
 
@@ -62,7 +63,7 @@ def _check_triples(op: str, triples: Tensor, h0: Tensor, n_rows: int, packed: bo
     # The rows of a packed batch are its N documents.
     spec = "(n_spans, N, 3)" if packed else "(n_spans, B, 3)"
     S = triples.shape[0] if triples.dim() == 3 else 0
-    torch._check_value(
+    check_value(
         triples.dim() == 3 and S >= 1,
         lambda: f"{op}: triples must have shape {spec} with n_spans >= 1, got shape {list(triples.shape)}",
     )
@@ -74,22 +75,22 @@ def _check_packed(op: str, h0: Tensor, lengths: Optional[Tensor], cu_seqlens: Op
     rows of the loss (B, or N documents)."""
     if cu_seqlens is None:
         return h0.shape[0]
-    torch._check_value(
+    check_value(
         h0.shape[0] == 1,
         lambda: f"{op}: with cu_seqlens, hidden must be one packed row (1, total, D), got batch size {h0.shape[0]}",
     )
-    torch._check_value(lengths is None, lambda: f"{op}: pass either lengths or cu_seqlens, not both")
+    check_value(lengths is None, lambda: f"{op}: pass either lengths or cu_seqlens, not both")
     varlen.check_cu_seqlens(op, cu_seqlens, h0.shape[1], h0.device)
     return cu_seqlens.shape[0] - 1
 
 
 def _check_grad(op: str, name: str, t: Tensor, shape: Tuple[int, ...], h0: Tensor) -> None:
     acc = _acc_dtype(h0.dtype)
-    torch._check_type(t.dtype == acc, lambda: f"{op}: {name} must be {acc}, got {t.dtype}")
-    torch._check_value(
+    check_type(t.dtype == acc, lambda: f"{op}: {name} must be {acc}, got {t.dtype}")
+    check_value(
         tuple(t.shape) == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}"
     )
-    torch._check(t.device == h0.device, lambda: f"{op}: {name} must be on the device of hidden ({h0.device})")
+    check(t.device == h0.device, lambda: f"{op}: {name} must be on the device of hidden ({h0.device})")
 
 
 def _check_sampled(

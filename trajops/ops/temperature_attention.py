@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .. import reference
 from .. import varlen
-from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_head_sizes, check_qkv
+from ._checks import broadcastable as _broadcastable
+from ._checks import check, check_backward_tensors, check_head_sizes, check_qkv, check_type, check_value
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from . import temperature_attention_varlen as _varlen  # noqa: F401  (registers the packed op)
@@ -39,38 +40,38 @@ def _check(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, attn_mask: Optional[Ten
     check_qkv(_OP, q, k, v, tau, 4, "(B, H, T, D)")
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    torch._check_value(
+    check_value(
         k.shape[0] == B and v.shape[0] == B,
         lambda: f"{_OP}: q, k and v must have one batch size, got {B}, {k.shape[0]} and {v.shape[0]}",
     )
-    torch._check_value(
+    check_value(
         Hkv >= 1 and v.shape[1] == Hkv and Hq % Hkv == 0,
         lambda: f"{_OP}: k and v must have the same number of heads Hkv >= 1 dividing q's Hq, got Hq={Hq}, "
         f"k {list(k.shape)} and v {list(v.shape)}",
     )
-    torch._check_value(
+    check_value(
         v.shape[2] == Tk, lambda: f"{_OP}: k and v must have one length Tk, got k {list(k.shape)} and v {list(v.shape)}"
     )
     check_head_sizes(_OP, q, k, v, tau)
-    torch._check_value(
+    check_value(
         _broadcastable(tau.shape, (B, Hq, Tq)),
         lambda: f"{_OP}: tau must be broadcastable to (B, Hq, Tq) = ({B}, {Hq}, {Tq}), got shape {list(tau.shape)}",
     )
     if attn_mask is not None:
-        torch._check_type(
+        check_type(
             attn_mask.dtype == torch.bool, lambda: f"{_OP}: attn_mask must be bool (True = attend), got {attn_mask.dtype}"
         )
-        torch._check(
+        check(
             attn_mask.device == q.device,
             lambda: f"{_OP}: attn_mask must be on q's device ({q.device}), got {attn_mask.device}",
         )
-        torch._check_value(
+        check_value(
             attn_mask.dim() == 4 and _broadcastable(attn_mask.shape, (B, Hq, Tq, Tk)),
             lambda: f"{_OP}: attn_mask must have rank 4 and be broadcastable to (B, Hq, Tq, Tk) = "
             f"({B}, {Hq}, {Tq}, {Tk}), got shape {list(attn_mask.shape)}",
         )
     if scale is not None:
-        torch._check_value(
+        check_value(
             math.isfinite(scale) and scale > 0, lambda: f"{_OP}: scale must be a finite number > 0, got {scale}"
         )
 

@@ -33,7 +33,8 @@ from .. import reference
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from ..varlen import _is_fake, check_cu_seqlens, cu_seqlens_invalid
-from ._checks import broadcastable as _broadcastable, check_backward_tensors, check_head_sizes, check_qkv
+from ._checks import broadcastable as _broadcastable
+from ._checks import check_backward_tensors, check_head_sizes, check_qkv, check_value
 
 __all__: list = []
 
@@ -50,39 +51,39 @@ def _check(q, k, v, tau, cu_q, cu_k, max_q, max_k, scale) -> None:
     check_qkv(_OP, q, k, v, tau, 3, "(total, H, D) (packed tokens)")
     total_q, Hq, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
-    torch._check_value(
+    check_value(
         Hkv >= 1 and v.shape[1] == Hkv and Hq % Hkv == 0,
         lambda: f"{_OP}: k and v must have the same number of heads Hkv >= 1 dividing q's Hq, got Hq={Hq}, "
         f"k {list(k.shape)} and v {list(v.shape)}",
     )
-    torch._check_value(
+    check_value(
         v.shape[0] == total_k,
         lambda: f"{_OP}: k and v must have one number of packed tokens total_k, got k {list(k.shape)} and "
         f"v {list(v.shape)}",
     )
     check_head_sizes(_OP, q, k, v, tau)
-    torch._check_value(
+    check_value(
         _broadcastable(tau.shape, (total_q, Hq)),
         lambda: f"{_OP}: tau must be broadcastable to (total_q, Hq) = ({total_q}, {Hq}), got shape "
         f"{list(tau.shape)}",
     )
     check_cu_seqlens(_OP, cu_q, total_q, q.device, name="cu_seqlens_q")
     check_cu_seqlens(_OP, cu_k, total_k, q.device, name="cu_seqlens_k")
-    torch._check_value(
+    check_value(
         cu_q.shape[0] == cu_k.shape[0],
         lambda: f"{_OP}: cu_seqlens_q and cu_seqlens_k must have one length N + 1 (N documents), got "
         f"{cu_q.shape[0]} and {cu_k.shape[0]}",
     )
     for name, m, cu in (("max_seqlen_q", max_q, cu_q), ("max_seqlen_k", max_k, cu_k)):
-        torch._check_value(m >= 0, lambda: f"{_OP}: {name} must be >= 0, got {m}")
+        check_value(m >= 0, lambda: f"{_OP}: {name} must be >= 0, got {m}")
         if cu.device.type == "cpu" and not _is_fake(cu):  # values already read on CPU: free to check
             longest = _longest(cu)
-            torch._check_value(
+            check_value(
                 m >= longest,
                 lambda: f"{_OP}: {name} must be at least the longest document's length {longest}, got {m}",
             )
     if scale is not None:
-        torch._check_value(
+        check_value(
             math.isfinite(scale) and scale > 0, lambda: f"{_OP}: scale must be a finite number > 0, got {scale}"
         )
 

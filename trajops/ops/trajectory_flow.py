@@ -23,6 +23,7 @@ from .. import reference
 from .._library import register_kernels
 from ..reference._common import compute_dtype
 from ..varlen import check_cu_seqlens, cu_seqlens_invalid
+from ._checks import check, check_type, check_value
 
 __all__ = ["trajectory_flow"]
 
@@ -31,16 +32,16 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _check(x: Tensor, window: int, eps: float) -> None:
     # Messages match csrc/cpu/trajectory_flow.cpp so every backend fails the same way.
-    torch._check_value(
+    check_value(
         x.dim() in (2, 3),
         lambda: f"trajectory_flow: x must have shape (B, T, D) or (T, D), got shape {list(x.shape)}",
     )
-    torch._check_type(
+    check_type(
         x.dtype in _DTYPES,
         lambda: f"trajectory_flow: x must be float32, float64, float16 or bfloat16, got {x.dtype}",
     )
-    torch._check_value(window >= 1, lambda: f"trajectory_flow: window must be >= 1, got {window}")
-    torch._check_value(
+    check_value(window >= 1, lambda: f"trajectory_flow: window must be >= 1, got {window}")
+    check_value(
         math.isfinite(eps) and eps >= 0.0,
         lambda: f"trajectory_flow: eps must be a finite number >= 0, got {eps}",
     )
@@ -50,7 +51,7 @@ def _check_packed(op: str, x: Tensor, cu_seqlens: Optional[Tensor]) -> None:
     """x (total, D) or (1, total, D) and valid offsets (values on CPU only; C++: segments_of)."""
     if cu_seqlens is None:
         return
-    torch._check_value(
+    check_value(
         x.dim() == 2 or x.shape[0] == 1,
         lambda: f"{op}: x must have shape (total, D) or (1, total, D) when cu_seqlens is given, "
         f"got shape {list(x.shape)}",
@@ -72,7 +73,7 @@ def _check_stats(x: Tensor, stats: Optional[Tensor]) -> None:
     if stats is None:
         return
     want, cdt = _stats_shape(x), compute_dtype(x.dtype)
-    torch._check_value(
+    check_value(
         list(stats.shape) == want and stats.dtype == cdt and stats.device == x.device,
         lambda: f"trajectory_flow_backward: stats must be a {cdt} tensor of shape "
         f"{want} on x's device ({x.device}), got {stats.dtype} {list(stats.shape)} on {stats.device}",
@@ -81,16 +82,16 @@ def _check_stats(x: Tensor, stats: Optional[Tensor]) -> None:
 
 def _check_backward(grad_out: Tensor, x: Tensor, window: int, eps: float) -> None:
     _check(x, window, eps)
-    torch._check_value(
+    check_value(
         grad_out.shape == x.shape,
         lambda: f"trajectory_flow_backward: grad_out must have the shape of x {list(x.shape)}, "
         f"got {list(grad_out.shape)}",
     )
-    torch._check_type(
+    check_type(
         grad_out.dtype == x.dtype,
         lambda: f"trajectory_flow_backward: grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}",
     )
-    torch._check(
+    check(
         grad_out.device == x.device,
         lambda: f"trajectory_flow_backward: grad_out and x must be on one device, got {grad_out.device} and {x.device}",
     )
