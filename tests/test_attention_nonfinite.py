@@ -201,7 +201,31 @@ def test_attention_nonfinite_fuzz(spots, causal, masked, gqa, dtype, seed):
     """NaN/±Inf at random places of any input: NaNs exactly where the rule puts them, on the backend
     under test and on the reference, and the rest bit for bit a clean run's."""
     clean = attention_inputs(dtype, Hq=4 if gqa else 2, causal=causal, masked=masked, seed=seed)
-    x = {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in clean.items()}
+    _check_spots(clean, spots)
+
+
+@settings(max_examples=8 if INTERPRETER else 30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spots=st.lists(_SPOTS, min_size=1, max_size=3), padded=st.booleans(), gqa=st.booleans(),
+       dtype=st.sampled_from(FLOATS), seed=st.integers(0, 3))
+def test_decode_step_nonfinite_fuzz(spots, padded, gqa, dtype, seed):
+    """A decode step (Tq = 1, no mask or a key-padding mask): on the Triton backend it runs through the
+    paged kernels (triton_kernels/temperature_attention_decode.py); the rule holds there too."""
+    Hq = 4 if gqa else 2
+    clean = attention_inputs(dtype, Hq=Hq, Tq=1, masked=False, seed=seed)
+    if padded:
+        keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        keep[0, ..., 5:] = False  # row 0: two padded keys
+        keep[1, ..., seed] = False
+        clean["mask"] = keep.expand(2, Hq, 1, 7)
+    _check_spots(clean, spots)
+
+
+def _check_spots(clean, spots):
+    """NaN/Inf written at ``spots`` of the clean inputs: the rule's NaNs on the backend and the reference."""
+    causal, dtype = clean["causal"], clean["q"].dtype
+    # (the mask is shared, not cloned: a clone of an expanded key-padding mask would be a per-head mask,
+    # which a decode step serves with another kernel, and the finite parts are compared bit for bit)
+    x = {n: (t.clone() if isinstance(t, torch.Tensor) and n != "mask" else t) for n, t in clean.items()}
     for name, at, value in spots:
         flat = x[name].view(-1)
         flat[at % flat.numel()] = value

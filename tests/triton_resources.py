@@ -57,6 +57,8 @@ def _attention(dtype, D, Dv, mask_kind, causal, Tq=1024, Tk=1024, Hq=4, Hkv=1, b
             mask = torch.ones(1, Tk, dtype=torch.bool)[:, None, None, :].expand(1, Hq, Tq, Tk)
         elif mask_kind == 2:
             mask = torch.ones(Tq, Tk, dtype=torch.bool)[None, None].expand(1, Hq, Tq, Tk)
+        elif mask_kind == 3:  # a mask per head: decode steps keep the dense kernel (not the paged route)
+            mask = torch.ones(1, Hq, Tq, Tk, dtype=torch.bool)
         out, lse = attn.attention_fwd(q, k, v, tau, D ** -0.5, mask, causal)
         if backward:
             attn.attention_bwd(torch.empty_like(out), None, q, k, v, tau, D ** -0.5, mask, causal, out, lse)
@@ -226,7 +228,11 @@ def variants(full: bool = False):
         out.append((f"attn bf16 D={D} keypad causal", _attention("bf16", D, D, 1, True, tma=True)))
         out.append((f"attn bf16 D={D} fullmask causal", _attention("bf16", D, D, 2, True, tma=True)))
     out.append(("attn bf16 D=128 decode fullmask", _attention("bf16", 128, 128, 2, False, Tq=1, backward=False,
+                                                              tma=True)))  # (the paged route: per-key mask)
+    out.append(("attn bf16 D=128 decode headmask", _attention("bf16", 128, 128, 3, False, Tq=1, backward=False,
                                                               tma=True)))
+    out.append(("attn fp32 D=256 decode keypad", _attention("fp32", 256, 256, 1, False, Tq=1, Hq=32, Hkv=4,
+                                                            backward=False)))
     out.append(("attn bf16 D=80 Dv=40 keypad", _attention("bf16", 80, 40, 1, False, tma=True)))
     out.append(("attn bf16 D=128 keypad causal atomic-dq", _attention("bf16", 128, 128, 1, True, tma=True,
                                                                       atomic=True)))

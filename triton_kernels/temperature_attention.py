@@ -79,6 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import temperature_attention_decode as _decode
 from ._common import INTERPRET, _capturing, cdiv, device_spec, launch, next_power_of_2
 from .temperature_attention_nonfinite import (_doc_span, _key_bad, _key_bias, _nan_on_bad_q, _serves, any_hostile,
                                               key_flags)
@@ -452,6 +453,8 @@ def attention_fwd(q, k, v, tau, scale: float, mask, causal: bool) -> Tuple[torch
         return out, lse
     if Tk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    if Tq == 1 and _decode.ENABLED and _decode.per_key(mask):  # flash-decoding through the paged kernels
+        return _decode.attention(q, k, v, tau, scale, mask)
     tau = tau.expand(B, Hq, Tq)
     m8, ms, mk = _mask_args(mask, q)
     kf, first = key_flags(k, v)
