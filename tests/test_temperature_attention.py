@@ -467,6 +467,9 @@ GRADCHECK_CASES = [  # B, Hq, Hkv, Tq, Tk, D, Dv, causal, mask kind, tau kind, s
     pytest.param(1, 4, 1, 4, 4, 3, 2, False, None, "h1", None, id="gqa4-headtau"),
     pytest.param(2, 2, 2, 4, 2, 3, 3, True, None, "0d", 1.0, id="causal-Tq>Tk"),
     pytest.param(2, 2, 1, 1, 5, 2, 4, True, "4d", "b1q", 0.7, id="decode-4dmask"),
+    # decode steps with no mask / key padding: the Triton path runs the paged kernels (temperature_attention_decode)
+    pytest.param(2, 4, 2, 1, 6, 3, 2, True, "pad", "bhq", None, id="decode-pad-paged-route"),
+    pytest.param(1, 2, 2, 1, 5, 4, 4, False, None, "0d", 0.7, id="decode-nomask-paged-route"),
 ]
 
 
@@ -485,13 +488,13 @@ def test_gradcheck(B, Hq, Hkv, Tq, Tk, D, Dv, causal, mask_kind, tau_kind, scale
     assert torch.autograd.gradcheck(f, inputs, fast_mode=INTERPRETER)
 
 
-@pytest.mark.parametrize("case", ["plain", "gqa-causal-mask", "empty-rows"])
+@pytest.mark.parametrize("case", ["plain", "gqa-causal-mask", "empty-rows", "decode"])
 def test_opcheck(case):
     B, Hq, Hkv, Tq, Tk = {"plain": (1, 2, 2, 5, 5), "gqa-causal-mask": (1, 4, 2, 3, 6),
-                          "empty-rows": (2, 2, 1, 6, 3)}[case]
+                          "empty-rows": (2, 2, 1, 6, 3), "decode": (2, 4, 2, 1, 7)}[case]
     q, k, v = make(B, Hq, Hkv, Tq, Tk, 8, 4, dtype=torch.float64)
     tau = make_tau("bhq" if case == "plain" else "h1", B, Hq, Tq, dtype=torch.float64)
-    mask = None if case == "plain" else as_4d(make_mask("b1qk", B, Hq, Tq, Tk))
+    mask = None if case == "plain" else as_4d(make_mask("pad" if case == "decode" else "b1qk", B, Hq, Tq, Tk))
     causal, scale = case != "plain", None if case == "plain" else 0.5
     torch.library.opcheck(op.default, (q, k, v, tau, mask, causal, scale))
     leaves = tuple(x.clone().requires_grad_() for x in (q, k, v, tau))
@@ -502,10 +505,11 @@ def test_opcheck(case):
         torch.library.opcheck(op_backward.default, (g, gl, q, k, v, tau, mask, causal, scale, out, lse))
 
 
+@pytest.mark.parametrize("Tq", [7, 1])  # 1: a decode step (the Triton path runs the paged kernels)
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compile_fullgraph_matches_eager(backend):
+def test_compile_fullgraph_matches_eager(backend, Tq):
     torch._dynamo.reset()
-    B, Hq, Hkv, Tq, Tk = 2, 2, 1, 7, 11
+    B, Hq, Hkv, Tk = 2, 2, 1, 11
     q, k, v = make(B, Hq, Hkv, Tq, Tk, 16, 8, seed=6)
     tau = make_tau("h1", B, Hq, Tq)
     mask = make_mask("pad", B, Hq, Tq, Tk)
