@@ -48,7 +48,7 @@ TORCH_LIBRARY(trajops, m) {
       "kv_evict_append_(Tensor(a!) traj_pool, Tensor(b!) ts_pool, Tensor(c!) live_pool, Tensor(d!) pinned_pool, "
       "Tensor(e!) page_table, Tensor(f!) live_count, Tensor capacity, Tensor(g!) free_pages, Tensor(h!) free_top, "
       "Tensor(i!) evicted_total, Tensor now, Tensor new_traj, Tensor lengths, Tensor? pin, float alpha, "
-      "float decay) -> (Tensor, Tensor, Tensor)");
+      "float decay, Tensor(j!)? pos_pool=None, Tensor(k!)? next_position=None) -> (Tensor, Tensor, Tensor)");
   m.def("kv_write_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor written, Tensor k, Tensor v) -> ()");
   m.def(
       "paged_temperature_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor page_table, Tensor live_pool, "

@@ -18,7 +18,7 @@ from trajops import reference as R
 P, S, DT, MP = 8, 4, 3, 2  # pages, page size, traj_dim, pages per row (capacity 8)
 L = MP * S
 STATE = ("traj_pool", "ts_pool", "live_pool", "pinned_pool", "page_table", "live_count", "capacity", "free_pages",
-         "free_top", "evicted_total", "now")
+         "free_top", "evicted_total", "now", "pos_pool", "next_position")
 ALPHA, DECAY = 0.7, 0.1
 OPS = "torch.ops.trajops."
 

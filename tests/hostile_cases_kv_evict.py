@@ -19,21 +19,23 @@ from trajops import reference as R
 N = 3
 OP = "torch.ops.trajops.kv_evict_append_"
 MUTATED = ("traj_pool", "ts_pool", "live_pool", "pinned_pool", "page_table", "live_count", "free_pages", "free_top",
-           "evicted_total")
+           "evicted_total", "pos_pool", "next_position")
 
 
-def evict(st, new_traj, lengths, pin=None, alpha=0.7, decay=0.1, fn=None):
+def evict(st, new_traj, lengths, pin=None, alpha=0.7, decay=0.1, fn=None, positions=True):
+    """positions: pass the state's pos_pool / next_position (the optional trailing pair), as the store does."""
     fn = fn or torch.ops.trajops.kv_evict_append_
+    pos = (st["pos_pool"], st["next_position"]) if positions else ()
     return fn(st["traj_pool"], st["ts_pool"], st["live_pool"], st["pinned_pool"], st["page_table"], st["live_count"],
               st["capacity"], st["free_pages"], st["free_top"], st["evicted_total"], st["now"], new_traj, lengths,
-              pin, alpha, decay)
+              pin, alpha, decay, *pos)
 
 
-def compare_with_reference(st, new_traj, lengths, pin=None, alpha=0.7, decay=0.1) -> None:
+def compare_with_reference(st, new_traj, lengths, pin=None, alpha=0.7, decay=0.1, positions=True) -> None:
     """Runs the op and the reference on copies of st: same outputs and same state after."""
     a, b = clone(st), clone(st)
-    got = evict(a, new_traj, lengths, pin, alpha, decay)
-    want = evict(b, new_traj, lengths, pin, alpha, decay, fn=R.kv_evict_append_)
+    got = evict(a, new_traj, lengths, pin, alpha, decay, positions=positions)
+    want = evict(b, new_traj, lengths, pin, alpha, decay, fn=R.kv_evict_append_, positions=positions)
     for name, g, w in zip(("evicted", "written", "ok"), got, want):
         same(g, w, f"kv_evict_append_ {name} vs the reference")
     for name in MUTATED:
@@ -56,7 +58,7 @@ def _case(name, mutate, expect, mode=None):
     def fn():
         st = state()
         args = {"new_traj": torch.randn(2, N, DT), "lengths": torch.full((2,), N), "pin": None,
-                "alpha": 0.7, "decay": 0.1}
+                "alpha": 0.7, "decay": 0.1, "positions": True}
         mutate(st, args)
         if mode == "reference":
             compare_with_reference(st, **args)
@@ -149,6 +151,14 @@ _case("live_pool_int64", rep("live_pool", lambda t: t.long()), raises("live_pool
 _case("pinned_pool_short", rep("pinned_pool", lambda t: t[:-1]), raises("pinned_pool"))
 _case("pinned_pool_narrow", rep("pinned_pool", lambda t: t[:, :1]), raises("pinned_pool"))
 _case("pinned_pool_uint8", rep("pinned_pool", lambda t: t.to(torch.uint8)), raises("pinned_pool"))
+_case("pos_pool_without_next_position", lambda st, a: st.__setitem__("next_position", None),
+      raises("pos_pool", "next_position"))
+_case("pos_pool_int32", rep("pos_pool", lambda t: t.int()), raises("pos_pool"))
+_case("pos_pool_short", rep("pos_pool", lambda t: t[:-1]), raises("pos_pool"))
+_case("next_position_short", rep("next_position", lambda t: t[:1]), raises("next_position"))
+_case("next_position_float", rep("next_position", lambda t: t.double()), raises("next_position"))
+_case("pos_pool_noncontiguous", rep("pos_pool", lambda t: t.t().contiguous().t()),
+      raises("contiguous", types=ANY_ERROR))
 _case("page_shared_by_two_rows", lambda st, a: st["page_table"].__setitem__((1, 0), int(st["page_table"][0, 0])),
       either("page_table"), "invariants")
 _case("page_both_owned_and_free", lambda st, a: st["free_pages"].__setitem__(int(st["free_top"]) - 1,
@@ -174,6 +184,11 @@ _case("lengths_zero", arg("lengths", lambda t: torch.zeros_like(t)), RESULT, "re
 _case("capacity_zero", rep("capacity", lambda t: torch.zeros_like(t)), either("capacity"), "reference")
 _case("alpha_nan", lambda st, a: a.update(alpha=math.nan, lengths=torch.full((2,), N)), either("alpha"), "reference")
 _case("decay_inf", lambda st, a: a.update(decay=math.inf), either("decay"), "reference")
+_case("positions_absent", lambda st, a: a.update(positions=False), RESULT, "reference")
+_case("next_position_near_int64_max", rep("next_position", lambda t: torch.full_like(t, 2**63 - 1 - N)), RESULT,
+      "reference")
+_case("next_position_int64_max", rep("next_position", lambda t: torch.full_like(t, 2**63 - 1)), RESULT,
+      "reference")  # positions wrap as int64 arithmetic does (C++ is built with -fwrapv): no crash, no access
 _case("now_int64_max", rep("now", lambda t: torch.full_like(t, 2**63 - 1)), either("now"), "invariants")
 
 

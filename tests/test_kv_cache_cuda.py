@@ -17,12 +17,12 @@ from trajops.kv_cache import PagedTrajectoryKVCache
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 STATE = ("traj_pool", "ts_pool", "live_pool", "pinned_pool", "page_table", "live_count", "free_pages", "free_top",
-         "evicted_total")
+         "evicted_total", "pos_pool", "next_position")
 
 
 def _evict_args(c, traj, lengths, pin):
     st = [getattr(c, name) for name in STATE]
-    return (*st[:6], c.capacity, *st[6:], c.now, traj, lengths, pin, c.alpha, c.decay)
+    return (*st[:6], c.capacity, *st[6:9], c.now, traj, lengths, pin, c.alpha, c.decay, *st[9:])
 
 
 def _cpu_state(c):

@@ -15,15 +15,16 @@ from trajops import reference as R
 from trajops.kv_cache import PagedTrajectoryKVCache
 
 STATE = ("traj_pool", "ts_pool", "live_pool", "pinned_pool", "page_table", "live_count", "free_pages", "free_top",
-         "evicted_total")
+         "evicted_total", "pos_pool", "next_position")
 
 
 def _states(c):
     return [getattr(c, name).clone() for name in STATE]
 
 
-def _evict_args(st, c, traj, lengths, pin):
-    return (*st[:6], c.capacity, *st[6:], c.now, traj, lengths, pin, c.alpha, c.decay)
+def _evict_args(st, c, traj, lengths, pin, positions=True):
+    """The op's arguments on the state st (STATE order); positions: the optional trailing pos_pool, next_position."""
+    return (*st[:6], c.capacity, *st[6:9], c.now, traj, lengths, pin, c.alpha, c.decay, *(st[9:] if positions else ()))
 
 
 def _bank(gen, Dt, near_ties):
@@ -90,9 +91,9 @@ def test_opcheck():
     pool = (c.traj_pool, c.ts_pool, c.live_pool, c.page_table, q, c.now, 0.7, 0.1)
     torch.library.opcheck(torch.ops.trajops.kv_relevance.default, pool)
     torch.library.opcheck(torch.ops.trajops.kv_topk.default, (*pool, 5))
-    st = _states(c)
-    args = _evict_args(st, c, torch.randn(2, 3, 5), torch.tensor([3, 1]), None)
-    torch.library.opcheck(torch.ops.trajops.kv_evict_append_.default, args)
+    for positions in (True, False):
+        args = _evict_args(_states(c), c, torch.randn(2, 3, 5), torch.tensor([3, 1]), None, positions)
+        torch.library.opcheck(torch.ops.trajops.kv_evict_append_.default, args)
     written = torch.tensor([[3, -1, 9], [-1, -1, 0]])
     kv = torch.randn(2, 2, 3, 8)
     torch.library.opcheck(torch.ops.trajops.kv_write_.default, (c.k_pool[0].clone(), c.v_pool[0].clone(), written,

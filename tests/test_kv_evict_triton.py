@@ -39,16 +39,17 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _compare(state: list, traj, lengths, pin, alpha=0.7, decay=0.1, what=""):
-    """Runs the reference and the fused kernel on copies of ``state``; asserts equal outputs and state."""
-    ref = [t.clone() for t in state]
-    fused = [t.clone() for t in state]
-    want = R.kv_evict_append_(*ref, traj, lengths, pin, alpha, decay)
-    got = _kernel().kv_evict_append_decode(*fused, traj, lengths, pin, alpha, decay)
+def _compare(state: list, traj, lengths, pin, alpha=0.7, decay=0.1, what="", positions=()):
+    """Runs the reference and the fused kernel on copies of ``state``; asserts equal outputs and state.
+    positions: () or (pos_pool, next_position), the op's optional trailing pair (compared too)."""
+    ref, ref_pos = [t.clone() for t in state], [t.clone() for t in positions]
+    fused, fused_pos = [t.clone() for t in state], [t.clone() for t in positions]
+    want = R.kv_evict_append_(*ref, traj, lengths, pin, alpha, decay, *ref_pos)
+    got = _kernel().kv_evict_append_decode(*fused, traj, lengths, pin, alpha, decay, *fused_pos)
     assert got is not None, f"{what}: the fused path declined"
     for name, a, b in zip(("evicted", "written", "ok"), want, got):
         assert torch.equal(a, b), f"{what}: {name} {a.tolist()} != {b.tolist()}"
-    for name, a, b in zip(NAMES, ref, fused):
+    for name, a, b in zip(NAMES + ["pos_pool", "next_position"], ref + ref_pos, fused + fused_pos):
         assert _same(a, b), f"{what}: state {name} differs"
     return want
 
@@ -70,8 +71,9 @@ def test_decode_stream_with_pins_empty_rows_and_nan():
         if step % 6 == 4:
             traj[2] = traj[0]  # equal trajectories: score ties, broken by age then slot
         pin = (torch.rand(3, n, generator=gen) < 0.2) if step % 3 == 0 else None
-        if n == 1:
-            _compare(_state(c), traj, lengths, pin, what=f"step {step}")
+        if n == 1:  # with the positions on odd steps (as the store calls it), without on even ones
+            pos = (c.pos_pool, c.next_position) if step % 2 else ()
+            _compare(_state(c), traj, lengths, pin, what=f"step {step}", positions=pos)
         c.append(0, torch.zeros(3, 1, n, 2), torch.zeros(3, 1, n, 2), traj, lengths=lengths, pin=pin)
         c.step()
 

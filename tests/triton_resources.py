@@ -121,8 +121,9 @@ def _kv(k, L=32768, B=8, Dt=64, S=16):
     return run
 
 
-def _kv_evict(L, B=8, Dt=64, S=16, pin=False):
-    """The decode step's fused eviction (triton_kernels/kv_evict.py): relevance + bookkeeping program."""
+def _kv_evict(L, B=8, Dt=64, S=16, pin=False, pos=True):
+    """The decode step's fused eviction (triton_kernels/kv_evict.py): relevance + bookkeeping program (with the
+    positions, as the store launches it, unless pos=False)."""
     def run():
         from trajops.triton_kernels import kv_evict
 
@@ -133,7 +134,7 @@ def _kv_evict(L, B=8, Dt=64, S=16, pin=False):
             torch.empty(P, S, Dt), ints(P, S), torch.zeros(P, S, dtype=torch.bool),
             torch.zeros(P, S, dtype=torch.bool), ints(B, MP), ints(B), ints(B), ints(P), torch.tensor(P),
             ints(B), torch.tensor(0), torch.empty(B, 1, Dt), torch.ones(B, dtype=torch.int64),
-            torch.zeros(B, 1, dtype=torch.bool) if pin else None, 0.7, 0.1)
+            torch.zeros(B, 1, dtype=torch.bool) if pin else None, 0.7, 0.1, *((ints(P, S), ints(B)) if pos else ()))
         assert out is not None, "the fused path declined the variant"
     return run
 
@@ -141,7 +142,7 @@ def _kv_evict(L, B=8, Dt=64, S=16, pin=False):
 def _kv_variants(full: bool = False):
     out = [("kv_topk k=64 N=32768", _kv(64)), ("kv_topk k=128 N=32768", _kv(128)),
            ("kv_topk k=8 N=32 (counting)", _kv(8, L=32)), ("kv_relevance N=32768", _kv(0)),
-           ("kv_evict decode L=2048", _kv_evict(2048)), ("kv_evict decode L=256 pin", _kv_evict(256, pin=True))]
+           ("kv_evict decode L=2048", _kv_evict(2048)), ("kv_evict decode L=256 pin", _kv_evict(256, pin=True, pos=False))]
     if full:
         out.append(("kv_topk k=1 N=32768 (full)", _kv(1)))
     return out

@@ -153,6 +153,8 @@ class TrajectoryEvictionCache(ForwardKVCache, Cache):
             layer.is_initialized = False
 
     def _lazy_init(self, key_states: Tensor) -> None:
+        if self.store is not None:  # runs at every forward: the per-layer flags are set once
+            return
         super()._lazy_init(key_states)
         for layer in self.layers:
             layer.is_initialized = True

@@ -44,8 +44,8 @@ _TAG = "_trajops_paged_cache"
 def tag_keys(cache, key_states: Tensor) -> Tensor:
     """A view of the staged keys that carries the cache to the attention function (transformers passes only
     ``module, query, key, value, mask`` through; the cache object itself does not reach the attention)."""
-    tagged = key_states.view(key_states.shape)
-    setattr(tagged, _TAG, cache)
+    tagged = key_states.detach()  # a new tensor object on the same data (5x cheaper than a view by shape); the
+    setattr(tagged, _TAG, cache)  # paged path is inference only, so dropping the (absent) autograd edge changes nothing
     return tagged
 
 

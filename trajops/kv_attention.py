@@ -68,20 +68,25 @@ def attend_old_and_new(query: Tensor, store, layer: int, page_table: Tensor, vis
     if new_causal is None:
         new_causal = causal_new_keys(new_mask, n, query.device)
     k_pool, v_pool = store.layer_pools(layer)
+    dt = store.dtype  # the paged op reads the pools in their dtype; casts only when the model's differs (each
+    same = query.dtype == dt  # no-op .to() is still a dispatch, and a decode step makes four per layer)
     if has_old and new_causal:
         # one op: the pools and the new tokens (k_new / v_new, causal) in a single softmax, no merge
-        q = query.to(store.dtype)  # the paged op reads the pools in their dtype
+        q = query if same else query.to(dt)
         out, _ = torch.ops.trajops.paged_temperature_attention(
-            q, k_pool, v_pool, page_table, visible, _unit_tau(q), None, scale, keys.to(store.dtype),
-            values.to(store.dtype))
-        return out.to(query.dtype)
+            q, k_pool, v_pool, page_table, visible, _unit_tau(q), None, scale, _cast(keys, dt), _cast(values, dt))
+        return out if same else out.to(query.dtype)
     out_new, lse_new = _attend_new(query, keys, values, scale, new_mask)
     if not has_old:
-        return out_new.to(query.dtype)
-    q = query.to(store.dtype)
+        return _cast(out_new, query.dtype)
+    q = query if same else query.to(dt)
     out_old, lse_old = torch.ops.trajops.paged_temperature_attention(
         q, k_pool, v_pool, page_table, visible, _unit_tau(q), None, scale)
-    return merge_by_lse(out_old, lse_old, out_new, lse_new)[0].to(query.dtype)
+    return _cast(merge_by_lse(out_old, lse_old, out_new, lse_new)[0], query.dtype)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 _UNIT_TAU: dict = {}

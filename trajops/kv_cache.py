@@ -119,11 +119,8 @@ class PagedTrajectoryKVCache:
         self.free_top = torch.tensor(P, dtype=torch.long, device=dev)
         self.evicted_total = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.now = torch.zeros((), dtype=torch.long, device=dev)
-        # positions: a spare element in front takes the writes of tokens that got no slot (written = -1 -> index 0),
-        # so recording them needs neither a mask nor a host sync
-        self._pos_flat = torch.full((P * S + 1,), -1, dtype=torch.long, device=dev)
-        self.pos_pool = self._pos_flat[1:].view(P, S)
-        self._aranges: Dict[int, Tensor] = {}  # reused arange(n) per n
+        # positions: kv_evict_append_ records them with the slots (no extra ops per step)
+        self.pos_pool = torch.full((P, S), -1, dtype=torch.long, device=dev)
         self.next_position = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._written: Optional[Tensor] = None  # physical slots of the current step's tokens
         self._full_lengths: Dict[Tuple[int, int], Tensor] = {}  # reused default `lengths` per (B, n)
@@ -210,10 +207,11 @@ class PagedTrajectoryKVCache:
             )
         if given_lengths and lengths.device.type == "cpu" and bool(((lengths < 0) | (lengths > n)).any()):
             raise ValueError(f"PagedTrajectoryKVCache.append: lengths must be in [0, {n}], got {lengths.tolist()}")
+        # the op records each written token's position (its index in the row's stream of valid tokens) too
         evicted, written, ok = torch.ops.trajops.kv_evict_append_(
             self.traj_pool, self.ts_pool, self.live_pool, self.pinned_pool, self.page_table, self.live_count,
             self.capacity, self.free_pages, self.free_top, self.evicted_total, self.now, trajectory, lengths,
-            pin, self.alpha, self.decay,
+            pin, self.alpha, self.decay, self.pos_pool, self.next_position,
         )
         if self.overcommitted and not bool(ok):
             raise RuntimeError(
@@ -221,15 +219,6 @@ class PagedTrajectoryKVCache:
                 f"{self.num_pages}); the cache was left unchanged"
             )
         self._written, self._evicted = written, evicted
-        # record each written token's position (its index in the row's stream of valid tokens)
-        ar = self._aranges.get(n)
-        if ar is None:
-            ar = self._aranges[n] = torch.arange(n, device=self.device)
-        rows = self.next_position[:B]
-        self._pos_flat.index_put_((written + 1,), torch.add(rows.unsqueeze(1), ar))
-        # ok False (nothing was appended) reaches here only on CUDA: on CPU the op raises on corrupt state and an
-        # exhausted pool raised above
-        rows.add_(lengths if self.device.type == "cpu" else lengths * ok)
         return evicted
 
     def _write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:

@@ -37,6 +37,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import kv_attention as _attn  # the attention math lives next door (module attributes: tests patch them)
 from .kv_cache import PagedTrajectoryKVCache
 
 __all__ = ["ForwardKVCache"]
@@ -120,8 +121,9 @@ class ForwardKVCache:
         self._paged = False  # this forward uses stage + attend
         self._staged: Optional[Tuple[int, Tensor, Tensor]] = None  # (layer, keys, values) awaiting attend
         self._paged_view: Optional[Tuple[Tensor, Tensor]] = None  # (page_table, live) before this forward
-        self._causal_seen: tuple = (None, True)  # (the mask of the last attend, whether its new keys are causal)
-        self._hidden_pins: Optional[Tuple[Tensor, Tensor]] = None  # (hidden (B, live), their slots' flags)
+        self._causal_seen: tuple = (None, True, None)  # (last attend's mask, new keys causal?, its new-key part)
+        self._hidden_pins: Optional[Tuple[Tensor, Tensor]] = None  # (shown (B, live), live flags that hide them)
+        self._views: Optional[tuple] = None  # see _row_views
 
     def _lazy_init(self, key_states: Tensor) -> None:
         if self.store is not None:
@@ -212,33 +214,33 @@ class ForwardKVCache:
             one host read per prefill; a decode step's (B, 1, 1, live + 1) mask has nothing to compare).
         Returns (B, Hq, n, head_dim) in query's dtype. Inference only (the paged op has no backward).
         """
-        from .kv_attention import attend_old_and_new, causal_new_keys  # the attention math lives next door
-
-        name = f"{type(self).__name__}.attend"
-        if self._staged is None or self._staged[0] != layer_idx:
+        # a decode step runs this once per layer: the checks index shapes directly (tuple building and slicing
+        # cost microseconds each, which add up over 30 layers per token)
+        name, staged = f"{type(self).__name__}.attend", self._staged
+        if staged is None or staged[0] != layer_idx:
             raise RuntimeError(f"{name}: layer {layer_idx} was not staged (call stage(k, v, {layer_idx}) first)")
-        _, keys, values = self._staged
-        if query.dim() != 4 or query.shape[0] != keys.shape[0] or query.shape[2] != keys.shape[2] \
-                or query.shape[3] != keys.shape[3] or query.shape[1] % keys.shape[1]:
-            raise ValueError(f"{name}: query must be (B, Hq, n, head_dim) = ({keys.shape[0]}, a multiple of "
-                             f"{keys.shape[1]}, {keys.shape[2]}, {keys.shape[3]}), got {list(query.shape)}")
-        if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or tuple(
-                attn_mask.shape[::2]) != (keys.shape[0], keys.shape[2]) or attn_mask.shape[1] not in (1, query.shape[1])
-                or attn_mask.shape[3] != self._live + keys.shape[2]):
-            raise ValueError(f"{name}: attn_mask must be bool (B, 1 or Hq, n, live + n) = ({keys.shape[0]}, 1 or "
-                             f"{query.shape[1]}, {keys.shape[2]}, {self._live + keys.shape[2]}), got "
-                             f"{getattr(attn_mask, 'dtype', None)} {list(attn_mask.shape)}")
-        new_mask = None if attn_mask is None else attn_mask[..., self._live:]
+        _, keys, values = staged
+        qs, ks, live = query.shape, keys.shape, self._live
+        if query.dim() != 4 or qs[0] != ks[0] or qs[2] != ks[2] or qs[3] != ks[3] or qs[1] % ks[1]:
+            raise ValueError(f"{name}: query must be (B, Hq, n, head_dim) = ({ks[0]}, a multiple of {ks[1]}, "
+                             f"{ks[2]}, {ks[3]}), got {list(qs)}")
+        if attn_mask is not None:
+            ms = attn_mask.shape
+            if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or ms[0] != ks[0] or ms[2] != ks[2] \
+                    or ms[1] not in (1, qs[1]) or ms[3] != live + ks[2]:
+                raise ValueError(f"{name}: attn_mask must be bool (B, 1 or Hq, n, live + n) = ({ks[0]}, 1 or {qs[1]}, "
+                                 f"{ks[2]}, {live + ks[2]}), got {attn_mask.dtype} {list(ms)}")
         if layer_idx == 0:  # what every layer of this forward may read: the store before layer 0's write
             self._paged_view = self._visible_before(attn_mask)
         page_table, visible = self._paged_view
-        # whether the new keys are causal: transformers hands every layer of a forward the same mask object, so
-        # the host read is made once per forward (again for a layer given another mask)
-        if layer_idx == 0 or attn_mask is not self._causal_seen[0]:
-            self._causal_seen = (attn_mask, causal_new_keys(new_mask, keys.shape[2], query.device))
-        new_causal = self._causal_seen[1]
-        out = attend_old_and_new(query, self.store, layer_idx, page_table, visible, keys, values,
-                                 has_old=self._live > 0, scale=scale, new_mask=new_mask, new_causal=new_causal)
+        # the mask over the new keys and whether they are causal: transformers hands every layer of a forward the
+        # same mask object, so the slice and the host read are made once per forward (again for another mask)
+        seen = self._causal_seen
+        if layer_idx == 0 or attn_mask is not seen[0]:
+            new_mask = None if attn_mask is None else attn_mask[..., live:]
+            seen = self._causal_seen = (attn_mask, _attn.causal_new_keys(new_mask, ks[2], query.device), new_mask)
+        out = _attn.attend_old_and_new(query, self.store, layer_idx, page_table, visible, keys, values,
+                                       has_old=live > 0, scale=scale, new_mask=seen[2], new_causal=seen[1])
         self._staged = None
         self._write_layer(layer_idx, keys, values)
         return out
@@ -247,31 +249,33 @@ class ForwardKVCache:
         """(page_table (B, MP), live (P, S) bool): the pages and live entries before this forward, the old keys the
         mask hides removed. Copies: layer 0's append may evict, free and reuse pages before the later layers read."""
         store, B, live = self.store, self._rows, self._live
-        visible = store.live_pool.clone()
-        if attn_mask is not None and live:
+        table = self._row_views(B)[1].clone()
+        if attn_mask is None or not live:
+            return table, store.live_pool.clone()
+        if attn_mask.shape[1] > 1 or attn_mask.shape[2] > 1:
             part = attn_mask[..., :live]
             # the paged op masks per key: refuse a mask it would silently read from one query row only
-            if (part.shape[1] > 1 or part.shape[2] > 1) and not bool((part == part[:, :1, -1:]).all()):
+            if not bool((part == part[:, :1, -1:]).all()):
                 raise NotImplementedError(
                     f"{type(self).__name__}.attend: attn_mask differs between queries or heads over the old entries; "
                     "the paged path masks old entries per key only (key padding). Use update() (the gather path) or "
                     "another attention implementation for such masks")
-            hidden = ~part[:, 0, -1]
-            cpu = store.device.type == "cpu"  # host reads are free there (on CUDA they would sync the step)
-            if cpu and not bool(hidden.any()):  # nothing hidden (no padding): no mapping
-                return store.page_table[:B].clone(), visible
-            cached = self._hidden_pins
-            if cpu and cached is not None and cached[0].shape == hidden.shape and torch.equal(cached[0], hidden):
-                visible &= cached[1]
-                return store.page_table[:B].clone(), visible
-            old = store.live_entries(B, live)[0]  # (B, live) physical slots in the mask's key order
-            flat = torch.ones(visible.numel() + 1, dtype=torch.bool, device=store.device)  # [0]: spare, for no-ops
-            flat[torch.where(hidden & (old >= 0), old + 1, 0)] = False
-            keep = flat[1:].view_as(visible)
-            visible &= keep
-            if cpu:  # reusable while the mask hides the same ranks, if those are pinned (see _pinned_prefix)
-                self._hidden_pins = (hidden.clone(), keep) if self._pinned_prefix(hidden, old) else None
-        return store.page_table[:B].clone(), visible
+        shown = attn_mask[:, 0, -1, :live]  # (B, live): the old keys the (last) query may see
+        cpu = store.device.type == "cpu"  # host reads are free there (on CUDA they would sync the step)
+        cached = self._hidden_pins
+        if cpu and cached is not None and cached[0].shape == shown.shape and torch.equal(cached[0], shown):
+            # every decode step of a left-padded batch: the same ranks hidden, the same (pinned) slots
+            return table, torch.bitwise_and(store.live_pool, cached[1])
+        hidden = ~shown
+        if cpu and not bool(hidden.any()):  # nothing hidden (no padding): no mapping
+            return table, store.live_pool.clone()
+        old = store.live_entries(B, live)[0]  # (B, live) physical slots in the mask's key order
+        flat = torch.ones(store.live_pool.numel() + 1, dtype=torch.bool, device=store.device)  # [0]: spare, no-ops
+        flat[torch.where(hidden & (old >= 0), old + 1, 0)] = False
+        keep = flat[1:].view_as(store.live_pool)
+        if cpu:  # reusable while the mask hides the same ranks, if those are pinned (see _pinned_prefix)
+            self._hidden_pins = (shown.clone(), keep) if self._pinned_prefix(hidden, old) else None
+        return table, torch.bitwise_and(store.live_pool, keep)
 
     def _pinned_prefix(self, hidden: Tensor, old: Tensor) -> bool:
         """Whether every hidden rank of each row lies in the row's leading run of pinned entries (old: the live
@@ -314,7 +318,7 @@ class ForwardKVCache:
             self._live = min(self._live + self._n, self.capacity)
             self.store.step()
             self._next_layer = 0
-            self._paged_view, self._causal_seen = None, (None, True)
+            self._paged_view, self._causal_seen = None, (None, True, None)
 
     def _begin_forward(self, keys: Tensor, values: Tensor, paged: bool) -> None:
         self._lazy_init(keys)
@@ -335,13 +339,15 @@ class ForwardKVCache:
         if not isinstance(feat, Tensor) or tuple(feat.shape) != (B, n, self.traj_dim):
             raise ValueError(f"{type(self).__name__}: trajectory_fn must return (B, n, traj_dim) = ({B}, {n}, "
                              f"{self.traj_dim}), got {getattr(feat, 'shape', type(feat))}")
-        feat = feat.to(device=store.device, dtype=torch.float32)
-        last = self._last_feat[:B]
-        if n == 1:  # a decode step: one step per row, from the row's last feature (no cat: fewer ops per token)
-            traj = feat - last.unsqueeze(1)
+        if feat.dtype != torch.float32 or feat.device != store.device:
+            feat = feat.to(device=store.device, dtype=torch.float32)
+        last = self._row_views(B)[0]  # (B, 1, traj_dim)
+        if n == 1:  # a decode step: one step per row, from the row's last feature (no cat, no slicing)
+            traj = feat - last
+            last.copy_(feat)
         else:
-            traj = feat - torch.cat([last.unsqueeze(1), feat[:, :-1]], dim=1)
-        last.copy_(feat[:, -1])
+            traj = feat - torch.cat([last, feat[:, :-1]], dim=1)
+            last.copy_(feat[:, -1:])
         if self._pending_traj is not None:
             given, self._pending_traj = self._pending_traj, None
             if tuple(given.shape) != (B, n, self.traj_dim):
@@ -352,6 +358,16 @@ class ForwardKVCache:
         # every row has exactly `live` entries: no sync; the paged path reads the pools instead
         self._old = None if paged else store.live_entries(B, self._live)[0]
         self._traj, self._n, self._rows, self._paged = traj, n, B, paged
+
+    def _row_views(self, B: int) -> Tuple[Tensor, Tensor]:
+        """(last features (B, 1, traj_dim), page_table[:B]): views of the first B rows, made once per (B, tensors).
+
+        A decode step reads both every token; slicing them anew costs a dispatch each. Rebuilt when B changes or
+        the tensors were replaced (select_rows replaces the features; the store modifies its table in place)."""
+        v, last, table = self._views, self._last_feat, self.store.page_table
+        if v is None or v[0] != B or v[1] is not last or v[2] is not table:
+            v = self._views = (B, last, table, last[:B].unsqueeze(1), table[:B])
+        return v[3], v[4]
 
     def _prefill_pin(self, B: int, n: int) -> Optional[Tensor]:
         """(B, n) bool: the prefill's padding and its first ``sinks`` real tokens per row (None if nothing to pin)."""

@@ -138,7 +138,8 @@ def _pages_live(live_now, scr_live_ptr, S, MP, BLOCK_L: tl.constexpr, BLOCK_MP: 
 @triton.jit(do_not_specialize=["eps_bits"])
 def _evict_decode_kernel(sc_ptr, traj_ptr, ts_ptr, live_ptr, pin_ptr, pt_ptr, cnt_ptr, cap_ptr, free_ptr,
                          top_ptr, tot_ptr, now_ptr, q_ptr, len_ptr, newpin_ptr, ev_ptr, wr_ptr, ok_ptr, hist_ptr,
-                         scr_pt_ptr, scr_live_ptr, B, P, S, MP, L, Dt, eps_bits, HAS_PIN: tl.constexpr,
+                         scr_pt_ptr, scr_live_ptr, pos_ptr, next_ptr, B, P, S, MP, L, Dt, eps_bits,
+                         HAS_PIN: tl.constexpr, HAS_POS: tl.constexpr,
                          BLOCK_L: tl.constexpr, BLOCK_MP: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     # ---- checks (the reference's ok conditions)
@@ -210,6 +211,8 @@ def _evict_decode_kernel(sc_ptr, traj_ptr, ts_ptr, live_ptr, pin_ptr, pt_ptr, cn
                 if HAS_PIN:
                     pin = tl.load(newpin_ptr + b)
                 tl.store(pin_ptr + slot, pin)
+                if HAS_POS:  # the token's position: the row's count of valid tokens so far (n = 1: t = 0)
+                    tl.store(pos_ptr + slot, tl.load(next_ptr + b))
                 # the stored unit trajectory, as the reference's kv_unit: a NaN component makes the norm and so
                 # every component NaN (_query_norm's max(norm, eps) would drop a NaN norm)
                 nrm = _topk._query_norm(q_ptr + b * Dt, Dt, eps_bits, BLOCK_D)
@@ -234,16 +237,20 @@ def _evict_decode_kernel(sc_ptr, traj_ptr, ts_ptr, live_ptr, pin_ptr, pt_ptr, cn
             live_b = tl.load(cnt_ptr + b)
             tl.store(cnt_ptr + b, live_b - e + n_write)
             tl.store(tot_ptr + b, tl.load(tot_ptr + b) + e + (m - n_write))
+            if HAS_POS:
+                tl.store(next_ptr + b, tl.load(next_ptr + b) + m)
             tl.debug_barrier()  # the next row's plan reads this row's stack writes
     if ok:
         tl.store(top_ptr, top)
 
 
 def kv_evict_append_decode(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                           free_top, evicted_total, now, new_traj, lengths, pin, alpha: float,
-                           decay: float) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                           free_top, evicted_total, now, new_traj, lengths, pin, alpha: float, decay: float,
+                           pos_pool=None, next_position=None) -> Optional[Tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]]:
     """The op on a decode step (new_traj (B, 1, Dt)), in place; None when n != 1 or a row has more than
-    MAX_SLOTS logical slots (the caller runs the unfused path). Every state tensor must be contiguous."""
+    MAX_SLOTS logical slots (the caller runs the unfused path). Every state tensor must be contiguous.
+    pos_pool / next_position (optional, together): the token's position is recorded in the same program."""
     P, S, Dt = traj_pool.shape
     B, n = new_traj.shape[0], new_traj.shape[1]
     MP = page_table.shape[1]
@@ -264,10 +271,12 @@ def kv_evict_append_decode(traj_pool, ts_pool, live_pool, pinned_pool, page_tabl
     ok = torch.empty((), dtype=torch.bool, device=dev)
     ok8 = ok.view(torch.uint8)
     newpin = pin.reshape(B).contiguous().view(torch.uint8) if pin is not None else ok8
+    has_pos = pos_pool is not None
     _evict_decode_kernel[(1,)](
         scores, traj_pool, ts_pool, live_pool.view(torch.uint8), pinned_pool.view(torch.uint8), page_table,
         live_count, capacity, free_pages, free_top, evicted_total, now, q, lengths, newpin, evicted, written, ok8,
-        hist, scr_pt, scr_live, B, P, S, MP, L, Dt, _topk._EPS_BITS, HAS_PIN=pin is not None,
+        hist, scr_pt, scr_live, pos_pool if has_pos else evicted, next_position if has_pos else evicted, B, P, S, MP,
+        L, Dt, _topk._EPS_BITS, HAS_PIN=pin is not None, HAS_POS=has_pos,
         BLOCK_L=next_power_of_2(L), BLOCK_MP=next_power_of_2(MP), BLOCK_S=next_power_of_2(S),
         BLOCK_P=min(1024, next_power_of_2(P)), BLOCK_D=_topk._block_d(Dt),
         num_warps=8 if L >= 1024 else 4, **_topk._FLAGS)

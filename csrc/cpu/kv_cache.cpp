@@ -45,6 +45,7 @@ using kv_rank::make_scorer;
 using kv_rank::row_phys;
 using kv_rank::select_ranked;
 using kv_rank::unit;
+using kv_rank::unit_rows;
 
 // ---------------------------------------------------------------- kv_relevance / kv_topk
 Tensor kv_relevance_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Tensor& live_pool,
@@ -120,16 +121,18 @@ struct RowPlan {
 std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
     Tensor& traj_pool, Tensor& ts_pool, Tensor& live_pool, Tensor& pinned_pool, Tensor& page_table, Tensor& live_count,
     const Tensor& capacity, Tensor& free_pages, Tensor& free_top, Tensor& evicted_total, const Tensor& now,
-    const Tensor& new_traj, const Tensor& lengths, const c10::optional<Tensor>& pin, double alpha, double decay) {
+    const Tensor& new_traj, const Tensor& lengths, const c10::optional<Tensor>& pin, double alpha, double decay,
+    const c10::optional<Tensor>& pos_pool, const c10::optional<Tensor>& next_position) {
   check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top,
-              evicted_total, now, new_traj, lengths, pin, alpha, decay);
+              evicted_total, now, new_traj, lengths, pin, alpha, decay, pos_pool, next_position);
   const auto P = traj_pool.size(0), S = traj_pool.size(1), Dt = traj_pool.size(2), MP = page_table.size(1);
   const auto L = MP * S, B = new_traj.size(0), n = new_traj.size(1);
   const int64_t* ptp = page_table.data_ptr<int64_t>();
-  int64_t top = free_top.item<int64_t>();
+  // CPU scalars read in place (item() is a dispatch each; a decode step calls this op once per token)
+  int64_t top = *free_top.data_ptr<int64_t>();
   auto lens = lengths.contiguous(), caps = capacity.contiguous();
-  const int64_t tnow = now.item<int64_t>();
-  auto units = unit(new_traj).contiguous();
+  const int64_t tnow = *now.data_ptr<int64_t>();
+  const std::vector<float> units = unit_rows(new_traj);
   c10::optional<Tensor> pins;
   if (pin.has_value()) pins = pin->contiguous();
 
@@ -162,7 +165,7 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
     p.n_write = std::max<int64_t>(std::min(keep, cap - (live_b - p.e)), 0);
     if (p.e > 0) {
       // the newest valid token's trajectory; a row without one (m = 0) scores by recency alone
-      const float* q = m > 0 ? units.data_ptr<float>() + (b * n + m - 1) * Dt : zeros.data();
+      const float* q = m > 0 ? units.data() + (b * n + m - 1) * Dt : zeros.data();
       select_ranked(cand, p.e, false, phys, q, score, sc, tsl);
       p.evict.assign(cand.begin(), cand.begin() + p.e);
       for (int64_t j : p.evict) {
@@ -214,6 +217,9 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
   const bool* pinsrc = pins.has_value() ? pins->data_ptr<bool>() : nullptr;
   int64_t* ev_out = evicted.data_ptr<int64_t>();
   int64_t* wr_out = written.data_ptr<int64_t>();
+  // positions (optional): token t of row b is the row's next_position[b] + t-th valid token
+  int64_t* pos_w = pos_pool.has_value() ? pos_pool->data_ptr<int64_t>() : nullptr;
+  int64_t* next_w = pos_w != nullptr ? next_position->data_ptr<int64_t>() : nullptr;
   for (int64_t b = 0; b < B; ++b) {
     const RowPlan& p = plans[b];
     for (int64_t r = 0; r < p.e && r < n; ++r) ev_out[b * n + r] = p.evict[r];
@@ -225,14 +231,16 @@ std::tuple<Tensor, Tensor, Tensor> kv_evict_append_cpu(
       live_w[ph] = true;
       ts_w[ph] = tnow;
       pin_w[ph] = pinsrc != nullptr && pinsrc[b * n + t];
-      std::copy_n(units.data_ptr<float>() + (b * n + t) * Dt, Dt, traj_w + ph * Dt);
+      if (pos_w != nullptr) pos_w[ph] = next_w[b] + t;
+      std::copy_n(units.data() + (b * n + t) * Dt, Dt, traj_w + ph * Dt);
     }
     std::copy(p.new_pt.begin(), p.new_pt.end(), pt_w + b * MP);
     live_count.data_ptr<int64_t>()[b] += p.n_write - p.e;
     evicted_total.data_ptr<int64_t>()[b] += p.e + (p.m - p.n_write);
+    if (next_w != nullptr) next_w[b] += p.m;
   }
   std::copy(stack.begin(), stack.end(), free_pages.data_ptr<int64_t>());
-  free_top.fill_(top);
+  *free_top.data_ptr<int64_t>() = top;
   return {evicted, written, at::scalar_tensor(true, lengths.options().dtype(at::kBool))};
 }
 

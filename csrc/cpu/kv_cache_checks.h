@@ -87,7 +87,8 @@ inline void check_evict(const Tensor& traj_pool, const Tensor& ts_pool, const Te
                         const Tensor& pinned_pool, const Tensor& page_table, const Tensor& live_count,
                         const Tensor& capacity, const Tensor& free_pages, const Tensor& free_top,
                         const Tensor& evicted_total, const Tensor& now, const Tensor& new_traj, const Tensor& lengths,
-                        const c10::optional<Tensor>& pin, double alpha, double decay) {
+                        const c10::optional<Tensor>& pin, double alpha, double decay,
+                        const c10::optional<Tensor>& pos_pool, const c10::optional<Tensor>& next_position) {
   check_pool(traj_pool, ts_pool, live_pool, page_table);
   check_trajectories("new_traj", new_traj, 3, traj_pool, page_table);
   const auto P = traj_pool.size(0), S = traj_pool.size(1), MP = page_table.size(1);
@@ -107,14 +108,23 @@ inline void check_evict(const Tensor& traj_pool, const Tensor& ts_pool, const Te
     TORCH_CHECK_VALUE(pin->dim() == 2 && pin->size(0) == B && pin->size(1) == n && pin->scalar_type() == at::kBool,
                       kOp, ": pin must be bool (", B, ", ", n, "), got ", py_dtype(pin->scalar_type()), " ",
                       pin->sizes());
+  TORCH_CHECK_VALUE(pos_pool.has_value() == next_position.has_value(), kOp,
+                    ": pos_pool and next_position must be given together (or neither)");
+  if (pos_pool.has_value()) {
+    check_int("pos_pool", *pos_pool, {P, S}, "(" + std::to_string(P) + ", " + std::to_string(S) + ")");
+    check_int("next_position", *next_position, {MB}, dims_str(MB));
+  }
   for (const Tensor* t : {&traj_pool, &ts_pool, &live_pool, &pinned_pool, &page_table, &live_count, &free_pages,
                           &evicted_total})
     TORCH_CHECK(t->is_contiguous(), kOp, ": the cache state tensors must be contiguous");
+  if (pos_pool.has_value())
+    TORCH_CHECK(pos_pool->is_contiguous() && next_position->is_contiguous(), kOp,
+                ": the cache state tensors must be contiguous");
   check_weights(alpha, decay);
   // values, before any access (same order as the Python checks)
   const int64_t* ptp = page_table.data_ptr<int64_t>();
   check_page_table_values(ptp, B, MP, P);
-  int64_t top = free_top.item<int64_t>();
+  const int64_t top = *free_top.data_ptr<int64_t>();  // CPU: read in place
   TORCH_CHECK_INDEX(top >= 0 && top <= P, kOp, ": free_top must be in [0, ", P, "], got ", top);
   for (int64_t i = 0; i < top; ++i) {
     const int64_t page = free_pages.data_ptr<int64_t>()[i];

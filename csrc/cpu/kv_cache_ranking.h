@@ -30,6 +30,28 @@ inline Tensor unit(const Tensor& t) {
   return (d / d.norm(2, {-1}, true).clamp_min(kKvEps)).to(at::kFloat);
 }
 
+// unit() of each row of t (..., Dt), flat fp32, with plain loops: a decode step's eviction normalizes B short
+// vectors, where unit()'s five tensor ops cost more than the arithmetic. The sum of squares is fp64 in index order
+// (ATen's norm may add in another order): the fp32 results can differ from the reference's only when an fp64
+// quotient lies within an fp64 ulp of an fp32 rounding boundary (about 2^-29 per element), as across devices.
+inline std::vector<float> unit_rows(const Tensor& t) {
+  const int64_t Dt = t.size(-1);
+  const bool native = t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat;
+  const Tensor c = native ? t.contiguous() : t.to(at::kFloat).contiguous();  // half/bf16 -> fp32 is exact
+  std::vector<float> out(c.numel());
+  const int64_t rows = Dt > 0 ? c.numel() / Dt : 0;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "unit_rows", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      double ss = 0.0;
+      for (int64_t d = 0; d < Dt; ++d) ss += static_cast<double>(p[r * Dt + d]) * static_cast<double>(p[r * Dt + d]);
+      const double norm = std::max(std::sqrt(ss), kKvEps);
+      for (int64_t d = 0; d < Dt; ++d) out[r * Dt + d] = static_cast<float>(static_cast<double>(p[r * Dt + d]) / norm);
+    }
+  });
+  return out;
+}
+
 // Scores of the slots of one row. phys[j] = physical slot of logical slot j or -1; rows of traj
 // are contiguous (the pools are made contiguous by the callers).
 // The score is computed in double and rounded once to float, as the reference does, so that the

@@ -6,7 +6,9 @@ them); the roles of the other KV-cache modules are listed in trajops/kv_cache.py
 This module registers the ops' fake impls and kernels. Semantics: trajops/reference/kv_cache.py; the
 state they read and mutate is described in trajops/kv_cache.py (PagedTrajectoryKVCache).
 kv_evict_append_ mutates the cache state in place (declared with Tensor(a!) in its schema) and
-returns new tensors (evicted, written, ok), never aliases.
+returns new tensors (evicted, written, ok), never aliases. Its optional trailing pos_pool / next_position
+(given together) record each written token's position in the same pass: the store's bookkeeping costs no
+extra ops per decode step (on a GPU, no extra launches).
 
 Backends: C++ on CPU (csrc/cpu/kv_cache.cpp, registered by trajops._C). On CUDA (and on CPU tensors
 under TRAJOPS_BACKEND=triton TRITON_INTERPRET=1): kv_relevance and kv_topk (k <= 128) are fused
@@ -82,7 +84,7 @@ def _check_int(name: str, t: Tensor, shape: tuple, what: str) -> None:
 
 
 def _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top, evicted_total, now,
-                 new_traj, lengths, pin) -> None:
+                 new_traj, lengths, pin, pos_pool=None, next_position=None) -> None:
     """Shapes and dtypes of kv_evict_append_'s state and per-call arguments (C++: the same checks, same order)."""
     P, S = traj_pool.shape[0], traj_pool.shape[1]
     MB = page_table.shape[0]
@@ -103,6 +105,11 @@ def _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_
             tuple(pin.shape) == (B, n) and pin.dtype == torch.bool,
             lambda: f"{_OP}: pin must be bool ({B}, {n}), got {pin.dtype} {list(pin.shape)}",
         )
+    check_value((pos_pool is None) == (next_position is None),
+                lambda: f"{_OP}: pos_pool and next_position must be given together (or neither)")
+    if pos_pool is not None:
+        _check_int("pos_pool", pos_pool, (P, S), f"({P}, {S})")
+        _check_int("next_position", next_position, (MB,), f"({MB},)")
 
 
 def _check_k(k: int) -> None:
@@ -197,24 +204,28 @@ def _topk_fake(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, dec
 
 
 def _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                 free_top, evicted_total, now, new_traj, lengths, pin) -> None:
+                 free_top, evicted_total, now, new_traj, lengths, pin, pos_pool=None, next_position=None) -> None:
     _check_pool(traj_pool, ts_pool, live_pool, page_table)
     _check_trajectories("new_traj", new_traj, 3, traj_pool, page_table)
     _check_state(traj_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top, evicted_total, now,
-                 new_traj, lengths, pin)
-    for t in (traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, free_pages, evicted_total):
-        check(t.is_contiguous(), lambda: f"{_OP}: the cache state tensors must be contiguous")
+                 new_traj, lengths, pin, pos_pool, next_position)
+    for t in (traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, free_pages, evicted_total,
+              pos_pool, next_position):
+        if t is not None:
+            check(t.is_contiguous(), lambda: f"{_OP}: the cache state tensors must be contiguous")
     _check_devices({"traj_pool": traj_pool, "ts_pool": ts_pool, "live_pool": live_pool, "pinned_pool": pinned_pool,
                     "page_table": page_table, "live_count": live_count, "capacity": capacity,
                     "free_pages": free_pages, "free_top": free_top, "evicted_total": evicted_total, "now": now,
-                    "new_traj": new_traj, "lengths": lengths, "pin": pin})
+                    "new_traj": new_traj, "lengths": lengths, "pin": pin, "pos_pool": pos_pool,
+                    "next_position": next_position})
 
 
 @torch.library.register_fake("trajops::kv_evict_append_")
 def _evict_append_fake(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                       free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay):
+                       free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay, pos_pool=None,
+                       next_position=None):
     _check_evict(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                 free_top, evicted_total, now, new_traj, lengths, pin)
+                 free_top, evicted_total, now, new_traj, lengths, pin, pos_pool, next_position)
     _check_weights(alpha, decay)
     B, n = new_traj.shape[0], new_traj.shape[1]
     return (new_traj.new_empty((B, n), dtype=torch.long), new_traj.new_empty((B, n), dtype=torch.long),
@@ -276,17 +287,18 @@ def _topk_triton(traj_pool, ts_pool, live_pool, page_table, query, now, alpha, d
 
 
 def _checked_evict_args(traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages,
-                        free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay) -> tuple:
+                        free_top, evicted_total, now, new_traj, lengths, pin, alpha, decay, pos_pool=None,
+                        next_position=None) -> tuple:
     """Checks of kv_evict_append_ (values too on CPU, where reading them costs no sync); the op's arguments."""
     args = (traj_pool, ts_pool, live_pool, pinned_pool, page_table, live_count, capacity, free_pages, free_top,
             evicted_total, now, new_traj, lengths, pin)
-    _check_evict(*args)
+    _check_evict(*args, pos_pool, next_position)
     _check_weights(alpha, decay)
     if page_table.device.type == "cpu":
         P, S = traj_pool.shape[0], traj_pool.shape[1]
         _check_state_values(P, page_table.shape[1] * S, page_table, live_count, capacity, free_pages, free_top,
                             new_traj, lengths)
-    return args + (alpha, decay)
+    return args + (alpha, decay, pos_pool, next_position)
 
 
 def _evict_append(*args):

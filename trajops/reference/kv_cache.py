@@ -183,7 +183,7 @@ def kv_evict_append_(
     traj_pool: Tensor, ts_pool: Tensor, live_pool: Tensor, pinned_pool: Tensor, page_table: Tensor,
     live_count: Tensor, capacity: Tensor, free_pages: Tensor, free_top: Tensor, evicted_total: Tensor,
     now: Tensor, new_traj: Tensor, lengths: Tensor, pin: Optional[Tensor], alpha: float, decay: float,
-    *, scorer: Optional[Scorer] = None,
+    pos_pool: Optional[Tensor] = None, next_position: Optional[Tensor] = None, *, scorer: Optional[Scorer] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Evict, allocate and write the metadata of n new tokens per sequence, in place.
 
@@ -194,6 +194,10 @@ def kv_evict_append_(
     alone when the row has none; ties: older, then lower slot); the kept tokens take free slots in ascending logical order (owned pages first, then
     pages popped from the free stack into the lowest empty page-table entries); pages left with no
     live slot return to the stack.
+
+    Positions (optional; pos_pool (P, S) and next_position (max_batch,) int64, given together): a
+    written token t of row b records pos_pool[slot] = next_position[b] + t (its index in the row's
+    stream of valid tokens), then next_position[b] += m.
 
     Returns (evicted (B, n) logical slots, -1 padded; written (B, n) physical slots per new token,
     -1 for tokens not written; ok 0-d bool). When ok is False (the free-page stack ran out, or the
@@ -211,6 +215,8 @@ def kv_evict_append_(
     # Work on copies; commit them only if every sequence fits in the pool.
     traj_w, ts_w, live_w, pinned_w = traj_pool.clone(), ts_pool.clone(), live_pool.clone(), pinned_pool.clone()
     pt_w, cnt_w, free_w, tot_w = page_table.clone(), live_count.clone(), free_pages.clone(), evicted_total.clone()
+    has_pos = pos_pool is not None
+    pos_w, next_w = (pos_pool.clone(), next_position.clone()) if has_pos else (None, None)
     # Corrupt state flags ok False (nothing is then committed); sanitized copies keep every index
     # inside its tensor meanwhile. Valid state passes through unchanged.
     pt_w[:B], rows_ok = _sanitize_pages(page_table[:B], P)
@@ -285,6 +291,9 @@ def kv_evict_append_(
         _scatter_rows_(traj_w.view(P * S, Dt), tok_phys, units[b])
         _scatter_rows_(pinned_w.view(-1), tok_phys,
                        pin[b].to(torch.bool) if pin is not None else torch.zeros_like(tok_phys, dtype=torch.bool))
+        if has_pos:
+            _scatter_rows_(pos_w.view(-1), tok_phys, next_w[b] + ar_n)
+            next_w[b] = next_w[b] + m
         # release pages with no live slot
         live_now = has_page & live_w.reshape(-1)[idx]
         page_live = live_now.view(MP, S).any(1)
@@ -300,7 +309,7 @@ def kv_evict_append_(
         tot_w[b] = tot_w[b] + e + (m - n_write)
     for dst, src in ((traj_pool, traj_w), (ts_pool, ts_w), (live_pool, live_w), (pinned_pool, pinned_w),
                      (page_table, pt_w), (live_count, cnt_w), (free_pages, free_w), (free_top, top_w),
-                     (evicted_total, tot_w)):
+                     (evicted_total, tot_w)) + (((pos_pool, pos_w), (next_position, next_w)) if has_pos else ()):
         dst.copy_(torch.where(ok, src, dst))
     none = torch.full_like(written, -1)
     return torch.where(ok, evicted, none), torch.where(ok, written, none), ok
