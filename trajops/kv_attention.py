@@ -28,7 +28,7 @@ from .ops.temperature_attention import temperature_attention
 from .reference._common import compute_dtype as _compute_dtype
 from .reference._common import merge_by_lse
 
-__all__ = ["attend_old_and_new", "causal_new_keys", "merge_by_lse"]
+__all__ = ["attend_old_and_new", "causal_new_keys", "host_reads_allowed", "merge_by_lse"]
 
 
 def _attend_new(query: Tensor, keys: Tensor, values: Tensor, scale: float,
@@ -106,6 +106,16 @@ def _unit_tau(q: Tensor) -> Tensor:
 _MAX_FUSED_NEW = 16
 
 
+def host_reads_allowed(device: torch.device) -> bool:
+    """Whether the once-per-forward host reads of a mask (ForwardKVCache) may be made on ``device``: on CPU (free),
+    on CUDA outside a CUDA-graph capture (a read cannot be captured; transformers syncs each step anyway, so the
+    first read of a forward waits for work that was already due and later ones cost a round trip). Never on other
+    devices (their cost is unknown): the paths that need no read run there."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
 def causal_new_keys(new_mask: Optional[Tensor], n: int, device: torch.device) -> bool:
     """Whether the new keys are seen causally (query i: new keys 0..i), what the paged op's k_new/v_new compute.
 
@@ -117,10 +127,7 @@ def causal_new_keys(new_mask: Optional[Tensor], n: int, device: torch.device) ->
         return False
     if new_mask is None:
         return True
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return False
-    elif device.type != "cpu":
+    if not host_reads_allowed(device):
         return False
     if n == 1:  # a decode step: its one query sees its own token
         return bool(new_mask.all())
