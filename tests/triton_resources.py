@@ -139,10 +139,23 @@ def _kv_evict(L, B=8, Dt=64, S=16, pin=False, pos=True):
     return run
 
 
+def _kv_write(H=8, D=128, dtype=torch.bfloat16, B=8, P=64, S=16):
+    """The decode step's K/V write (triton_kernels/kv_cache.py): one launch for both pools."""
+    def run():
+        from trajops.triton_kernels import kv_cache as kernels
+
+        pool = torch.empty(P, S, H, D, dtype=dtype)
+        kv = torch.empty(B, H, 1, D, dtype=dtype)
+        kernels.kv_write(pool, pool.clone(), torch.zeros(B, 1, dtype=torch.int64), kv, kv.clone())
+    return run
+
+
 def _kv_variants(full: bool = False):
     out = [("kv_topk k=64 N=32768", _kv(64)), ("kv_topk k=128 N=32768", _kv(128)),
            ("kv_topk k=8 N=32 (counting)", _kv(8, L=32)), ("kv_relevance N=32768", _kv(0)),
-           ("kv_evict decode L=2048", _kv_evict(2048)), ("kv_evict decode L=256 pin", _kv_evict(256, pin=True, pos=False))]
+           ("kv_evict decode L=2048", _kv_evict(2048)),
+           ("kv_evict decode L=256 pin", _kv_evict(256, pin=True, pos=False)),
+           ("kv_write bf16 H=8 D=128", _kv_write()), ("kv_write fp32 H=3 D=64", _kv_write(3, 64, torch.float32))]
     if full:
         out.append(("kv_topk k=1 N=32768 (full)", _kv(1)))
     return out

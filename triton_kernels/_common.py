@@ -27,9 +27,10 @@ import functools
 import os
 import threading
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import triton
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["INTERPRET", "cdiv", "next_power_of_2", "compute_dtypes", "Config", "DeviceSpec", "SMEM_LIMITS", "launch", "capture", "aot_compile",
            "resource_usage", "device_spec", "plan", "Captured"]
@@ -91,14 +92,19 @@ class Config:
     def make(smem: int = 0, num_warps: int = 4, num_stages: int = 1, regs: int = 0, **tiles) -> "Config":
         return Config(tuple(sorted(tiles.items())), num_warps, num_stages, smem, regs)
 
-    @property
+    # made once per Config (launchers read them at every launch: a decode step is host-bound); read-only use
+    @functools.cached_property
     def kwargs(self) -> dict:
         if INTERPRET:
             return dict(self.tiles)
         return dict(self.tiles, num_warps=self.num_warps, num_stages=self.num_stages)
 
+    @functools.cached_property
+    def _tile_map(self) -> dict:
+        return dict(self.tiles)
+
     def __getitem__(self, name: str) -> int:
-        return dict(self.tiles)[name]
+        return self._tile_map[name]
 
 
 @dataclasses.dataclass
@@ -151,31 +157,49 @@ def _cuda_spec(index: int) -> DeviceSpec:
     return DeviceSpec((p.major, p.minor), int(smem), int(p.multi_processor_count))
 
 
+_INTERPRETER_SPEC = DeviceSpec((9, 0), SMEM_LIMITS[9], 8)  # interpreter: any plan works, few programs
+
+
 def device_spec(device) -> DeviceSpec:
     """The DeviceSpec launches on ``device`` are planned for (the captured target while capturing)."""
     cap = _capturing()
     if cap is not None:
         return cap[0]
     if getattr(device, "type", "cuda") != "cuda" or INTERPRET:
-        return DeviceSpec((9, 0), SMEM_LIMITS[9], 8)  # interpreter: any plan works, few programs
+        return _INTERPRETER_SPEC
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_spec(index)
 
 
+_NAMES: Dict[int, str] = {}  # id(kernel) -> name (kernels are module-level objects that live as long as we do)
+
+
 def _name(kernel) -> str:
-    fn = getattr(kernel, "fn", kernel)
-    return getattr(fn, "__qualname__", repr(fn))
+    name = _NAMES.get(id(kernel))
+    if name is None:
+        fn = getattr(kernel, "fn", kernel)
+        name = _NAMES[id(kernel)] = getattr(fn, "__qualname__", repr(fn))
+    return name
 
 
-def plan(kernel, candidates: Sequence[Config], key: tuple, device, what: str) -> Config:
+# ``what`` names the case in errors and warnings only: launchers on the decode path pass a callable so that the
+# message (device and dtype reprs, ~3 us) is formatted only when needed
+What = Union[str, Callable[[], str]]
+
+
+def _text(what: What) -> str:
+    return what() if callable(what) else what
+
+
+def plan(kernel, candidates: Sequence[Config], key: tuple, device, what: What) -> Config:
     """The config :func:`launch` will try first for this variant (for launchers whose scratch or grid
     depends on the tiles: size them from this, then launch with the same candidates)."""
     return candidates[_first(kernel, candidates, key, device_spec(device), what)]
 
 
-def _first(kernel, candidates, key, spec: DeviceSpec, what: str) -> int:
+def _first(kernel, candidates, key, spec: DeviceSpec, what: What) -> int:
     budget = int(spec.smem * _ESTIMATE_MARGIN)
     start = _chosen.get((_name(kernel), key, spec.smem))
     # The first candidate is the measured-fastest tiles: taken whenever it fits shared memory, even if
@@ -188,13 +212,13 @@ def _first(kernel, candidates, key, spec: DeviceSpec, what: str) -> int:
         start = next((i for i, c in enumerate(candidates) if c.smem <= budget), None)
     if start is None:
         raise ValueError(
-            f"{what}: no kernel configuration fits this GPU's shared memory ({spec.smem} bytes per block); "
+            f"{_text(what)}: no kernel configuration fits this GPU's shared memory ({spec.smem} bytes per block); "
             f"the smallest needs about {min(c.smem for c in candidates)} bytes")
     return start
 
 
 def launch(kernel, grid: Callable[[Config], tuple], args, candidates: Sequence[Config], key: tuple,
-           device, what: str, **flags) -> Config:
+           device, what: What, **flags) -> Config:
     """Launch ``kernel[grid(cfg)](*args, **flags, **cfg.kwargs)`` with the first candidate that fits.
     ``args`` may be a callable cfg -> args (TMA descriptors carry the tile shape).
 
@@ -212,21 +236,19 @@ def launch(kernel, grid: Callable[[Config], tuple], args, candidates: Sequence[C
         cfg = candidates[start]
         kernel[grid(cfg)](*argf(cfg), **flags, **cfg.kwargs)
         return cfg
-    from triton.runtime.errors import OutOfResources
-
     for i in range(start, len(candidates)):
         cfg = candidates[i]
         try:
             kernel[grid(cfg)](*argf(cfg), **flags, **cfg.kwargs)
         except OutOfResources as e:
             if i + 1 == len(candidates):
-                raise ValueError(f"{what}: no kernel configuration fits this GPU ({e})") from None
+                raise ValueError(f"{_text(what)}: no kernel configuration fits this GPU ({e})") from None
             continue
         if i != start or mem_key not in _chosen:
             with _lock:
                 _chosen[mem_key] = i
             if i != start:
-                warnings.warn(f"{what}: the planned tiles ran out of resources on this GPU; using smaller ones "
+                warnings.warn(f"{_text(what)}: the planned tiles ran out of resources on this GPU; using smaller ones "
                               f"({dict(cfg.tiles)}, {cfg.num_stages} stages) for this variant from now on",
                               RuntimeWarning, stacklevel=3)
         return cfg

@@ -82,8 +82,9 @@ def _split(x: float) -> tuple:
 
 
 @triton.jit
-def _write_kernel(pool_ptr, src_ptr, written_ptr, n, slots, H, D, s_b, s_h, s_t, s_d,
+def _write_kernel(k_pool_ptr, v_pool_ptr, k_ptr, v_ptr, written_ptr, n, slots, H, D, kb, kh, kt, kd, vb, vh, vt, vd,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one launch writes K and V (two launches cost a decode step one more host-side launch per layer)
     tok = tl.program_id(0)  # b * n + t
     b = tok // n
     t = tok % n
@@ -95,9 +96,11 @@ def _write_kernel(pool_ptr, src_ptr, written_ptr, n, slots, H, D, s_b, s_h, s_t,
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = (heads[:, None] < h_end) & (cols[None, :] < D)
-        x = tl.load(src_ptr + b * s_b + heads[:, None] * s_h + t * s_t + cols[None, :] * s_d, mask=m)
-        dst = pool_ptr + (tl.where(ph >= 0, ph, 0) * H + heads[:, None]) * D + cols[None, :]
-        tl.store(dst, x, mask=m)
+        dst = (tl.where(ph >= 0, ph, 0) * H + heads[:, None]) * D + cols[None, :]
+        x = tl.load(k_ptr + b * kb + heads[:, None] * kh + t * kt + cols[None, :] * kd, mask=m)
+        tl.store(k_pool_ptr + dst, x, mask=m)
+        y = tl.load(v_ptr + b * vb + heads[:, None] * vh + t * vt + cols[None, :] * vd, mask=m)
+        tl.store(v_pool_ptr + dst, y, mask=m)
 
 
 def kv_write(k_pool: torch.Tensor, v_pool: torch.Tensor, written: torch.Tensor, k: torch.Tensor,
@@ -110,7 +113,9 @@ def kv_write(k_pool: torch.Tensor, v_pool: torch.Tensor, written: torch.Tensor, 
     BLOCK_H = min(16, next_power_of_2(H))
     BLOCK_D = min(128, next_power_of_2(D))
     w = written.contiguous()
-    for pool, src in ((k_pool, k), (v_pool, v)):
-        src = src.to(pool.dtype)  # torch's rounding (the interpreter's bf16 cast truncates); new tokens only
-        _write_kernel[(B * n, cdiv(H, BLOCK_H))](pool, src, w, n, k_pool.shape[0] * k_pool.shape[1], H, D, *src.stride(),
-                                                         BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D)
+    dt = k_pool.dtype  # (v_pool's too: checked by the op)
+    # torch's rounding (the interpreter's bf16 cast truncates); new tokens only, no copy when the dtypes agree
+    ks = k if k.dtype == dt else k.to(dt)
+    vs = v if v.dtype == dt else v.to(dt)
+    _write_kernel[(B * n, cdiv(H, BLOCK_H))](k_pool, v_pool, ks, vs, w, n, k_pool.shape[0] * k_pool.shape[1], H, D,
+                                             *ks.stride(), *vs.stride(), BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D)

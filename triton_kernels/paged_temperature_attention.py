@@ -335,6 +335,14 @@ def _config(dtype: torch.dtype, R: int, D: int, Dv: int) -> dict:
     return dict(cfg, BLOCK_N=bn, num_warps=4, num_stages=stages)
 
 
+@functools.lru_cache(maxsize=64)
+def _split_scale(scale: float) -> Tuple[float, float]:
+    """(hi, lo): scale rounded to fp32 and the remainder (kernel float arguments are fp32 on the GPU; fp64
+    rows add lo back). Cached: a model calls with one scale, at every layer of every step."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, scale - hi
+
+
 def _num_splits(device: torch.device, programs: int, L: int, block_n: int) -> Tuple[int, int]:
     """(num_splits, chunk): chunk a multiple of block_n, every split non-empty."""
     blocks = cdiv(L, block_n)
@@ -373,8 +381,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if L == 0 and not has_new:
         return out.zero_(), lse.fill_(float("-inf"))
     tau = tau.expand(B, Hq, n)  # a view: stride 0 on the broadcast dimensions
-    scale_hi = struct.unpack("f", struct.pack("f", scale))[0]
-    scale_lo = scale - scale_hi
+    scale_hi, scale_lo = _split_scale(scale)
     G = Hq // Hkv
     R = G * n
     rows = B * Hq * n
@@ -384,7 +391,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     else:
         cands = _candidates(q.dtype, R, D, Dv)
         key = (q.dtype, cands[0]["BLOCK_M"], cands[0]["BLOCK_D"], cands[0]["BLOCK_DV"], slots is not None)
-        what = f"paged_temperature_attention on {q.device} ({q.dtype}, D={D}, Dv={Dv}, {G * n} rows per kv head)"
+        def what() -> str:  # formatted only for an error or a fallback warning
+            return f"paged_temperature_attention on {q.device} ({q.dtype}, D={D}, Dv={Dv}, {R} rows per kv head)"
         cfg = plan(_split_kernel, cands, key, q.device, what)
         # chunks are whole planned key blocks; a fallback to a shorter block keeps them whole
         m_blocks = cdiv(R, cfg["BLOCK_M"])

@@ -108,17 +108,23 @@ def _check(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, live_p
             lambda: f"{_OP}: v_new must have shape (B, Hkv, n, Dv) = ({B}, {Hkv}, {n}, {Dv}), got "
             f"{list(v_new.shape)}",
         )
-    devices = (k_pool.device, v_pool.device, page_table.device, live_pool.device, tau.device) + (
-        () if slots is None else (slots.device,)
-    ) + (() if k_new is None else (k_new.device, v_new.device))
+    # one chained comparison (no generator, no tuple): this runs before every launch of a decode step
+    qd = q.device
     check(
-        all(d == q.device for d in devices),
-        lambda: f"{_OP}: every tensor must be on q's device ({q.device}), got {[str(d) for d in devices]}",
+        k_pool.device == qd and v_pool.device == qd and page_table.device == qd and live_pool.device == qd
+        and tau.device == qd and (slots is None or slots.device == qd)
+        and (k_new is None or (k_new.device == qd and v_new.device == qd)),
+        lambda: f"{_OP}: every tensor must be on q's device ({qd}), got "
+        + str(_devices(k_pool, v_pool, page_table, live_pool, tau, slots, k_new, v_new)),
     )
     if scale is not None:
         check_value(
             math.isfinite(scale) and scale > 0, lambda: f"{_OP}: scale must be a finite number > 0, got {scale}"
         )
+
+
+def _devices(*tensors: Optional[Tensor]) -> list:
+    return [str(t.device) for t in tensors if t is not None]
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:
