@@ -109,3 +109,14 @@ def test_naive_baseline_matches_reference():
         for b in range(2):
             got = mod.naive_flow(x, window, 1e-6, b, range(12))
             torch.testing.assert_close(got, want[b])
+
+
+def test_decode_host_probe_runs(tmp_path):
+    """bench/decode_host.py (the host time of a decode step, for GPU sessions) runs end to end on tiny shapes and
+    writes its table with one row per measured piece (its numbers are not checked: tests never assert on time)."""
+    spec = importlib.util.spec_from_file_location("decode_host", os.path.join(BENCH, "decode_host.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.main(["--device", "cpu", "--layers", "2", "--keys", "32", "--calls", "3", "--out", str(tmp_path)])
+    assert (tmp_path / "decode-host-cpu.md").read_text() == text
+    assert text.count("\n| ") == 6  # the header row and five measured rows
