@@ -52,3 +52,44 @@ def test_import_does_not_import_transformers():
     code = "import sys, trajops.kv_forward; assert 'transformers' not in sys.modules"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_later_layers_launch_directly_where_triton_runs(monkeypatch):
+    """stage + attend: layer 0 of a forward goes through the paged op (its checks); the later layers, whose calls
+    match layer 0's in every shape, device and scale, call the Triton launcher directly where the op runs Triton
+    (the interpreter here), and nowhere else. Outputs equal the all-through-the-op run bit for bit."""
+    import trajops
+    import trajops.kv_attention as KA
+
+    triton_cpu = trajops.backends()["cpu"] == "triton-interpreter"
+    assert (KA._direct_launcher(torch.device("cpu")) is not None) == triton_cpu
+    op_calls = []
+    real_op = torch.ops.trajops.paged_temperature_attention
+
+    def spy(*args, **kwargs):
+        op_calls.append(1)
+        return real_op(*args, **kwargs)
+    monkeypatch.setitem(torch.ops.trajops.__dict__, "paged_temperature_attention", spy)
+
+    def run(allow_direct):
+        if not allow_direct:
+            monkeypatch.setattr(KA, "_direct_launcher", lambda device: None)
+        gen = torch.Generator().manual_seed(3)
+        c = ForwardKVCache(3, 6, 4, max_batch_size=2)
+        outs = []
+        with torch.no_grad():
+            for n in (4, 1, 1, 2, 1):  # capacity 6: the last forwards evict
+                for layer in range(3):
+                    k, v = torch.randn(2, 2, n, 4, generator=gen), torch.randn(2, 2, n, 4, generator=gen)
+                    c.stage(k, v, layer)
+                    outs.append(c.attend(torch.randn(2, 4, n, 4, generator=gen), layer, scale=0.5))
+        return outs
+
+    fast = run(True)
+    fast_calls = len(op_calls)
+    slow = run(False)
+    # 4 forwards with old entries: on Triton only their layer 0 goes through the op, elsewhere all 3 layers
+    assert fast_calls == (4 if triton_cpu else 12)
+    assert len(op_calls) - fast_calls == 12
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)

@@ -51,7 +51,8 @@ def _attend_new(query: Tensor, keys: Tensor, values: Tensor, scale: float,
 
 def attend_old_and_new(query: Tensor, store, layer: int, page_table: Tensor, visible: Tensor, keys: Tensor,
                        values: Tensor, *, has_old: bool = True, scale: Optional[float] = None,
-                       new_mask: Optional[Tensor] = None, new_causal: Optional[bool] = None) -> Tensor:
+                       new_mask: Optional[Tensor] = None, new_causal: Optional[bool] = None,
+                       validated: bool = False) -> Tensor:
     """Attention (tau = 1) of ``query`` over the old entries of one layer of ``store`` ++ the new ``keys``/``values``.
 
     query: (B, Hq, n, D). store: a :class:`~trajops.PagedTrajectoryKVCache` whose ``layer`` pools still hold the old
@@ -61,6 +62,9 @@ def attend_old_and_new(query: Tensor, store, layer: int, page_table: Tensor, vis
     the pool read (nothing live before this forward). scale: default 1/sqrt(D). new_mask: None (causal) or bool
     (B, 1 or Hq, n, n), True = attend, over the new keys. new_causal: :func:`causal_new_keys` of new_mask if the
     caller already knows it (the layers of one forward share one mask: ForwardKVCache asks once per forward).
+    validated: a call with the same shapes, devices, scale, page_table and visible already passed the paged op's
+    checks (ForwardKVCache: layer 0 of the same forward); where the op runs Triton, the launcher is then called
+    directly (see :func:`_paged_call`).
     Returns (B, Hq, n, Dv) in query's dtype.
     """
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -73,16 +77,48 @@ def attend_old_and_new(query: Tensor, store, layer: int, page_table: Tensor, vis
     if has_old and new_causal:
         # one op: the pools and the new tokens (k_new / v_new, causal) in a single softmax, no merge
         q = query if same else query.to(dt)
-        out, _ = torch.ops.trajops.paged_temperature_attention(
-            q, k_pool, v_pool, page_table, visible, _unit_tau(q), None, scale, _cast(keys, dt), _cast(values, dt))
+        out = _paged_call(q, k_pool, v_pool, page_table, visible, scale, _cast(keys, dt), _cast(values, dt),
+                          validated=validated)[0]
         return out if same else out.to(query.dtype)
     out_new, lse_new = _attend_new(query, keys, values, scale, new_mask)
     if not has_old:
         return _cast(out_new, query.dtype)
     q = query if same else query.to(dt)
-    out_old, lse_old = torch.ops.trajops.paged_temperature_attention(
-        q, k_pool, v_pool, page_table, visible, _unit_tau(q), None, scale)
+    out_old, lse_old = _paged_call(q, k_pool, v_pool, page_table, visible, scale, validated=validated)
     return _cast(merge_by_lse(out_old, lse_old, out_new, lse_new)[0], query.dtype)
+
+
+_DIRECT: dict = {}  # device type -> the Triton launcher module where the op dispatches there to Triton, else None
+
+
+def _direct_launcher(device: torch.device):
+    kind = device.type
+    if kind not in _DIRECT:
+        from ._library import backends
+        from .ops.paged_temperature_attention import _has_triton_kernels
+
+        backend = backends().get(kind if kind in ("cpu", "cuda") else "other")
+        mod = None
+        if backend in ("triton", "triton-interpreter") and _has_triton_kernels():
+            from .triton_kernels import paged_temperature_attention as mod
+        _DIRECT[kind] = mod
+    return _DIRECT[kind]
+
+
+def _paged_call(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, visible: Tensor, scale: float,
+           k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, *,
+           validated: bool = False) -> Tuple[Tensor, Tensor]:
+    """trajops::paged_temperature_attention (tau = 1) -> (out, lse). ``validated`` (the same call's arguments passed
+    the op's checks earlier in this forward) and a Triton backend on q's device: the launcher directly, which is
+    what the op would run after its checks. On a GPU a decode step is host-bound; the op's Python checks and its
+    dispatch cost about 20 us per layer there (30 layers: ~0.6 ms per token). Inference only (no autograd here;
+    ForwardKVCache refuses inputs that need a gradient)."""
+    tau = _unit_tau(q)
+    mod = _direct_launcher(q.device) if validated else None
+    if mod is not None:
+        return mod.paged_attention(q, k_pool, v_pool, page_table, visible, tau, scale, None, k_new=k_new, v_new=v_new)
+    return torch.ops.trajops.paged_temperature_attention(q, k_pool, v_pool, page_table, visible, tau, None, scale,
+                                                         k_new, v_new)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

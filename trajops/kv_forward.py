@@ -124,6 +124,7 @@ class ForwardKVCache:
         self._causal_seen: tuple = (None, True, None)  # (last attend's mask, new keys causal?, its new-key part)
         self._hidden_pins: Optional[Tuple[Tensor, Tensor]] = None  # (shown (B, live), live flags that hide them)
         self._views: Optional[tuple] = None  # see _row_views
+        self._attend_sig: Optional[tuple] = None  # layer 0's paged-op call in this forward (see attend)
 
     def _lazy_init(self, key_states: Tensor) -> None:
         if self.store is not None:
@@ -231,6 +232,7 @@ class ForwardKVCache:
                 raise ValueError(f"{name}: attn_mask must be bool (B, 1 or Hq, n, live + n) = ({ks[0]}, 1 or {qs[1]}, "
                                  f"{ks[2]}, {live + ks[2]}), got {attn_mask.dtype} {list(ms)}")
         if layer_idx == 0:  # what every layer of this forward may read: the store before layer 0's write
+            self._attend_sig = None
             self._paged_view = self._visible_before(attn_mask)
         page_table, visible = self._paged_view
         # the mask over the new keys and whether they are causal: transformers hands every layer of a forward the
@@ -239,8 +241,15 @@ class ForwardKVCache:
         if layer_idx == 0 or attn_mask is not seen[0]:
             new_mask = None if attn_mask is None else attn_mask[..., live:]
             seen = self._causal_seen = (attn_mask, _attn.causal_new_keys(new_mask, ks[2], query.device), new_mask)
+        # the op's checks run at layer 0; the later layers of the forward, whose calls match it in every shape,
+        # device, scale and in the page view, may skip them (see kv_attention._paged_call)
+        sig = (seen[1], live > 0, qs, ks, values.shape, scale, query.device, keys.device, values.device)
+        validated = layer_idx > 0 and sig == self._attend_sig
         out = _attn.attend_old_and_new(query, self.store, layer_idx, page_table, visible, keys, values,
-                                       has_old=live > 0, scale=scale, new_mask=seen[2], new_causal=seen[1])
+                                       has_old=live > 0, scale=scale, new_mask=seen[2], new_causal=seen[1],
+                                       validated=validated)
+        if layer_idx == 0:
+            self._attend_sig = sig
         self._staged = None
         self._write_layer(layer_idx, keys, values)
         return out
@@ -320,7 +329,7 @@ class ForwardKVCache:
             self._live = min(self._live + self._n, self.capacity)
             self.store.step()
             self._next_layer = 0
-            self._paged_view, self._causal_seen = None, (None, True, None)
+            self._paged_view, self._causal_seen, self._attend_sig = None, (None, True, None), None
 
     def _begin_forward(self, keys: Tensor, values: Tensor, paged: bool) -> None:
         self._lazy_init(keys)
