@@ -20,7 +20,7 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # Op-level tests: they run again on the reference and on the Triton kernels (interpreter).
 OP_TESTS := tests/test_trajectory_flow.py tests/test_stp_loss.py tests/test_nn_stp_loss.py \
             tests/test_adaptive_positional_encoding.py tests/test_nn_positional_encoding.py \
-            tests/test_temperature_attention.py tests/test_temperature_attention_varlen.py tests/test_kv_cache_ops.py tests/test_kv_cache_hostile.py tests/test_kv_topk_triton.py tests/test_kv_evict_triton.py tests/test_paged_temperature_attention.py tests/test_paged_temperature_attention_new_keys.py \
+            tests/test_temperature_attention.py tests/test_temperature_attention_varlen.py tests/test_kv_cache_ops.py tests/test_kv_forward.py tests/test_kv_cache_hostile.py tests/test_kv_topk_triton.py tests/test_kv_evict_triton.py tests/test_paged_temperature_attention.py tests/test_paged_temperature_attention_new_keys.py \
             tests/test_nn_moe_router.py tests/test_nn_multiscale_attention.py tests/test_hostile_inputs.py \
             tests/test_trajectory_flow_nonfinite.py tests/test_stp_loss_nonfinite.py \
             tests/test_adaptive_positional_encoding_nonfinite.py tests/test_hostile_flow_stp_ape.py \

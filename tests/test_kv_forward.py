@@ -93,3 +93,28 @@ def test_later_layers_launch_directly_where_triton_runs(monkeypatch):
     assert len(op_calls) - fast_calls == 12
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+def test_store_writes_directly_where_triton_runs():
+    """PagedTrajectoryKVCache writes K/V with the Triton launcher directly where kv_write_ runs Triton (its append
+    has checked what the op would), the op elsewhere; the pools end equal to an op-only store's bit for bit."""
+    import trajops
+    from trajops.kv_cache import PagedTrajectoryKVCache
+
+    def run(direct):
+        gen = torch.Generator().manual_seed(7)
+        c = PagedTrajectoryKVCache(2, 6, 4, 2, 8, 4, 2, 9)
+        assert (c._direct_write is not None) == (trajops.backends()["cpu"] == "triton-interpreter")
+        if not direct:
+            c._direct_write = None
+        for n in (5, 1, 3, 1, 1, 4):
+            traj = torch.randn(2, n, 4, generator=gen)
+            for layer in range(2):
+                k = torch.randn(2, 2, n, 8, generator=gen)
+                c.append(layer, k, k.transpose(2, 3).contiguous().transpose(2, 3) * 2, traj)  # v: other strides
+            c.step()
+        return c
+
+    a, b = run(True), run(False)
+    assert torch.equal(a.k_pool, b.k_pool) and torch.equal(a.v_pool, b.v_pool)
+    assert torch.equal(a.live_pool, b.live_pool) and torch.equal(a.pos_pool, b.pos_pool)

@@ -109,6 +109,15 @@ def backends() -> Dict[str, str]:
     }
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the ops registered with a Triton kernel dispatch to it on ``device`` (CUDA with Triton; CPU under
+    TRAJOPS_BACKEND=triton TRITON_INTERPRET=1). Internal callers whose arguments were already checked (e.g. the
+    later layers of a decode step) may then call the launcher directly: on a GPU a decode step is host-bound."""
+    kind = device.type if device.type in ("cpu", "cuda") else "other"
+    return backends()[kind] in ("triton", "triton-interpreter") and importlib.util.find_spec(
+        "trajops.triton_kernels") is not None
+
+
 def register_kernels(op: str, reference: Callable, triton: Optional[Callable]) -> None:
     """Registers `reference` for every device without a kernel and `triton` where BACKEND says.
 

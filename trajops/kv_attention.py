@@ -94,12 +94,10 @@ _DIRECT: dict = {}  # device type -> the Triton launcher module where the op dis
 def _direct_launcher(device: torch.device):
     kind = device.type
     if kind not in _DIRECT:
-        from ._library import backends
-        from .ops.paged_temperature_attention import _has_triton_kernels
+        from ._library import triton_runs_on
 
-        backend = backends().get(kind if kind in ("cpu", "cuda") else "other")
         mod = None
-        if backend in ("triton", "triton-interpreter") and _has_triton_kernels():
+        if triton_runs_on(device):
             from .triton_kernels import paged_temperature_attention as mod
         _DIRECT[kind] = mod
     return _DIRECT[kind]

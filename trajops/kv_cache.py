@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _library
 from . import reference as _ref
 from .ops import kv_cache as _ops  # noqa: F401  (registers the trajops::kv_* ops)
 
@@ -125,6 +126,11 @@ class PagedTrajectoryKVCache:
         self._written: Optional[Tensor] = None  # physical slots of the current step's tokens
         self._full_lengths: Dict[Tuple[int, int], Tensor] = {}  # reused default `lengths` per (B, n)
         self._next_layer = 0
+        self._direct_write = None  # the Triton write launcher where kv_write_ dispatches to Triton (see _write_kv)
+        if _library.triton_runs_on(dev):
+            from .triton_kernels import kv_cache as _write_kernels
+
+            self._direct_write = _write_kernels
 
     # ------------------------------------------------------------------ writing
     def _check_rows(self, name: str, B: int) -> None:
@@ -227,7 +233,12 @@ class PagedTrajectoryKVCache:
         k_pool, v_pool = self.layer_pools(layer)
         if k.requires_grad or v.requires_grad:
             k, v = k.detach(), v.detach()
-        torch.ops.trajops.kv_write_(k_pool, v_pool, self._written, k, v)
+        if self._direct_write is not None:
+            # append checked what kv_write_'s checks would (shapes against the pools, devices, written from the
+            # eviction op); where the op runs Triton, its launcher directly: no dispatch and no re-check per layer
+            self._direct_write.kv_write(k_pool, v_pool, self._written, k, v)
+        else:
+            torch.ops.trajops.kv_write_(k_pool, v_pool, self._written, k, v)
 
     def layer_pools(self, layer: int) -> Tuple[Tensor, Tensor]:
         """(k_pool[layer], v_pool[layer]): views (P, S, num_kv_heads, head_dim) of one layer's pools, made once.
