@@ -104,8 +104,8 @@ def _direct_launcher(device: torch.device):
 
 
 def _paged_call(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, visible: Tensor, scale: float,
-           k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, *,
-           validated: bool = False) -> Tuple[Tensor, Tensor]:
+                k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, *,
+                validated: bool = False) -> Tuple[Tensor, Tensor]:
     """trajops::paged_temperature_attention (tau = 1) -> (out, lse). ``validated`` (the same call's arguments passed
     the op's checks earlier in this forward) and a Triton backend on q's device: the launcher directly, which is
     what the op would run after its checks. On a GPU a decode step is host-bound; the op's Python checks and its

@@ -1,7 +1,7 @@
 // CPU kernels of trajops::kv_relevance, trajops::kv_topk, trajops::kv_evict_append_ and trajops::kv_write_.
 //
 // Semantics: trajops/reference/kv_cache.py. Relevance of a live slot for a query trajectory q:
-// alpha * (unit(q) . e) + (1 - alpha) * exp(-decay * (now - ts)), e the slot's stored unit
+// alpha * (unit_rows(q) . e) + (1 - alpha) * exp(-decay * (now - ts)), e the slot's stored unit
 // trajectory; rankings break ties by older timestamp, then lower logical slot.
 //
 // kv_evict_append_ runs in two phases so that an exhausted page pool leaves everything unchanged:
@@ -44,7 +44,6 @@ using kv_rank::Scorer;
 using kv_rank::make_scorer;
 using kv_rank::row_phys;
 using kv_rank::select_ranked;
-using kv_rank::unit;
 using kv_rank::unit_rows;
 
 // ---------------------------------------------------------------- kv_relevance / kv_topk
@@ -56,16 +55,16 @@ Tensor kv_relevance_cpu(const Tensor& traj_pool, const Tensor& ts_pool, const Te
   auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
   auto pt = page_table.contiguous();
   check_page_table_values(pt.data_ptr<int64_t>(), B, MP, traj.size(0));
-  auto q = unit(query).contiguous();
+  const std::vector<float> q = unit_rows(query);
   auto out = at::empty({B, MP * S}, query.options().dtype(at::kFloat));
   const Scorer score = make_scorer(traj, ts, live, now.item<int64_t>(), alpha, decay);
   const int64_t* ptp = pt.data_ptr<int64_t>();
-  const float* qp = q.data_ptr<float>();
+  const float* qp = q.data();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * MP, std::max<int64_t>(1, 16384 / S), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / MP, j = r % MP, page = ptp[b * MP + j];
-      for (int64_t o = 0; o < S; ++o) op[b * MP * S + j * S + o] = score(page >= 0 ? page * S + o : -1, qp + b * q.size(1));
+      for (int64_t o = 0; o < S; ++o) op[b * MP * S + j * S + o] = score(page >= 0 ? page * S + o : -1, qp + b * query.size(1));
     }
   });
   return out;
@@ -82,7 +81,8 @@ std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts
   auto traj = traj_pool.contiguous(), ts = ts_pool.contiguous(), live = live_pool.contiguous();
   auto pt = page_table.contiguous();
   check_page_table_values(pt.data_ptr<int64_t>(), B, MP, traj.size(0));
-  auto q = unit(query).contiguous();
+  const std::vector<float> q = unit_rows(query);
+  const int64_t Dt = query.size(1);
   auto slots = at::full({B, k}, -1, query.options().dtype(at::kLong));
   auto scores = at::full({B, k}, -std::numeric_limits<double>::infinity(), query.options().dtype(at::kFloat));
   const Scorer score = make_scorer(traj, ts, live, now.item<int64_t>(), alpha, decay);
@@ -99,7 +99,7 @@ std::tuple<Tensor, Tensor> kv_topk_cpu(const Tensor& traj_pool, const Tensor& ts
       for (int64_t j = 0; j < L; ++j)
         if (phys[j] >= 0 && livep[phys[j]]) cand.push_back(j);
       const int64_t take = std::min<int64_t>(k, static_cast<int64_t>(cand.size()));
-      select_ranked(cand, take, true, phys, q.data_ptr<float>() + b * q.size(1), score, sc, tsl);
+      select_ranked(cand, take, true, phys, q.data() + b * Dt, score, sc, tsl);
       for (int64_t r = 0; r < take; ++r) {
         slot_out[b * k + r] = cand[r];
         score_out[b * k + r] = sc[cand[r]];

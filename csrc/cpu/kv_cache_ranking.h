@@ -24,16 +24,11 @@ using at::Tensor;
 constexpr double kKvEps = 1e-8;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// t / max(|t|, eps) in fp64 rounded to fp32, exactly as the reference's kv_unit
-inline Tensor unit(const Tensor& t) {
-  auto d = t.to(at::kDouble);
-  return (d / d.norm(2, {-1}, true).clamp_min(kKvEps)).to(at::kFloat);
-}
-
-// unit() of each row of t (..., Dt), flat fp32, with plain loops: a decode step's eviction normalizes B short
-// vectors, where unit()'s five tensor ops cost more than the arithmetic. The sum of squares is fp64 in index order
-// (ATen's norm may add in another order): the fp32 results can differ from the reference's only when an fp64
-// quotient lies within an fp64 ulp of an fp32 rounding boundary (about 2^-29 per element), as across devices.
+// t / max(|t|, eps) of each row of t (..., Dt) in fp64, rounded to fp32, flat: the reference's kv_unit. Plain loops:
+// the ops normalize B short query vectors per call, where five tensor ops cost more than the arithmetic. The sum of
+// squares is fp64 in index order (ATen's norm may add in another order): the fp32 results can differ from the
+// reference's only when an fp64 quotient lies within an fp64 ulp of an fp32 rounding boundary (about 2^-29 per
+// element), as across devices.
 inline std::vector<float> unit_rows(const Tensor& t) {
   const int64_t Dt = t.size(-1);
   const bool native = t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat;
